@@ -1,0 +1,34 @@
+"""`Context`: what the user supplies to a run. Read-only for passes; no global session."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Context:
+    """Calibration batches, example inputs for promise checks, device, seed, progress callback.
+
+    `calibration` is a (batches, seq) int64 tensor of token ids or None. `example_inputs` are the
+    token ids every pass's numerical promise is checked on; by default random ids from `seed`.
+    """
+
+    calibration: torch.Tensor | None = None
+    example_inputs: torch.Tensor | None = None
+    device: str = "cpu"
+    seed: int = 0
+    progress: object | None = field(default=None, compare=False)  # callable(task, done, total)
+
+    def facts(self) -> set[str]:
+        return {"calibration"} if self.calibration is not None else set()
+
+    def examples_for(self, vocab_size: int, *, batch: int = 2, seq: int = 16) -> torch.Tensor:
+        if self.example_inputs is not None:
+            return self.example_inputs
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randint(0, vocab_size, (batch, seq), generator=gen)
+
+    def report_progress(self, task: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(task, done, total)

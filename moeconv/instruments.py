@@ -1,0 +1,82 @@
+"""Instruments run around every pass (TVM-style): timing and the numeric promise check.
+
+They keep passes pure: a pass transforms, the instruments measure and enforce.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from moeconv.context import Context
+from moeconv.errors import VerificationError
+from moeconv.pass_base import EXACT_RTOL, Pass, PassResult
+from moeconv.state import ModelState, model_outputs
+
+
+class Instrument:
+    def before(self, p: Pass, state: ModelState, ctx: Context) -> None: ...
+    def after(self, p: Pass, result: PassResult, ctx: Context) -> None: ...
+
+
+class Timing(Instrument):
+    def before(self, p, state, ctx):
+        self._t0 = time.perf_counter()
+
+    def after(self, p, result, ctx):
+        result.report.seconds = round(time.perf_counter() - self._t0, 4)
+
+
+class NumericCheck(Instrument):
+    """Compares outputs on example inputs before/after each pass against its `output_tolerance`.
+
+    The measured error is always written to the report (`max_abs_diff`, `rel_max_diff`); an
+    exact or bounded pass that exceeds its promise raises `VerificationError`.
+    """
+
+    def before(self, p, state, ctx):
+        self._ref = None
+        self._inputs = None
+        vocab = _vocab_size(state)
+        if vocab is None:
+            return
+        self._inputs = ctx.examples_for(vocab)
+        self._ref = model_outputs(state.module, self._inputs).float()
+
+    def after(self, p, result, ctx):
+        if self._ref is None or not result.modified:
+            return
+        out = model_outputs(result.state.module, self._inputs).float()
+        diff = (out - self._ref).abs().max().item()
+        scale = max(1.0, self._ref.abs().max().item())
+        rel = diff / scale
+        result.report.metrics["max_abs_diff"] = diff
+        result.report.metrics["rel_max_diff"] = rel
+        tol = p.output_tolerance
+        if tol is None:
+            return
+        bound = (EXACT_RTOL if tol == 0 else tol) * _dtype_factor(result.state)
+        if not rel <= bound:  # also catches NaN
+            raise VerificationError(
+                f"{p.name} broke its promise: relative max |Δoutput| {rel:.3g} > {bound:.3g}")
+
+
+def _vocab_size(state: ModelState) -> int | None:
+    cfg = state.config
+    for obj in (cfg, getattr(cfg, "text_config", None)):
+        v = getattr(obj, "vocab_size", None)
+        if isinstance(v, int):
+            return v
+    emb = None
+    for m in state.module.modules():
+        if isinstance(m, torch.nn.Embedding):
+            emb = m
+            break
+    return emb.num_embeddings if emb is not None else None
+
+
+def _dtype_factor(state: ModelState) -> float:
+    p = next(state.module.parameters(), None)
+    if p is None or not p.is_floating_point():
+        return 1.0
+    return torch.finfo(p.dtype).eps / torch.finfo(torch.float32).eps

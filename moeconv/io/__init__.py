@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: loading, safetensors streaming, sharded writing."""

@@ -1,0 +1,192 @@
+"""`load()`: any supported source → `ModelState`. Never contacts a hub.
+
+Sources: a Hugging Face checkpoint directory (`config.json` + `model.safetensors`, sharded with
+`model.safetensors.index.json`, or `pytorch_model.bin` read with `torch.load(weights_only=True)`),
+a moeconv-format directory (`config.json` with a `moeconv` section), a GGUF file (via
+transformers' `gguf_file=`, dequantized to float), `builtin:gpt|llama|bert`, a `FILE.py:factory`
+that returns a module, or an in-memory `nn.Module`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeconv.errors import InputError, UnsupportedError
+from moeconv.state import ModelState, SourceInfo
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a converter never downloads behind a user's back
+
+BUILTINS = ("gpt", "llama", "bert")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+                   "generation_config.json", "chat_template.jinja", "added_tokens.json")
+
+
+def load(source, *, dtype: torch.dtype | None = None) -> ModelState:
+    if isinstance(source, nn.Module):
+        return ModelState(source.eval(), getattr(source, "config", None), SourceInfo("module"))
+    if isinstance(source, ModelState):
+        return source
+    text = str(source)
+    if text.startswith("builtin:"):
+        return _load_builtin(text.split(":", 1)[1])
+    file_part, _, factory = text.partition(".py:")
+    if text.endswith(".py") or factory:
+        return _load_python(Path(file_part if factory else text[:-3]).with_suffix(".py"), factory or "build_model")
+    path = Path(text)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, dtype)
+    if path.is_file():
+        raise InputError(f"{path}: not a checkpoint directory, .gguf file, or .py model file")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
+    raw = _read_json(config_path)
+    if "moeconv" in raw:
+        from moeconv.formats.native import load_moeconv
+        return load_moeconv(path, raw, dtype=dtype)
+    return _load_hf(path, raw, dtype)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
+def _load_builtin(name: str) -> ModelState:
+    if name not in BUILTINS:
+        raise InputError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTINS)}")
+    module = importlib.import_module(f"models.{name}")
+    torch.manual_seed(0)  # built-in weights are random but reproducible
+    return ModelState(module.build_model(), None, SourceInfo("builtin"))
+
+
+def _load_python(path: Path, factory: str) -> ModelState:
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as exc:
+        raise InputError(f"{path}: failed to import ({exc.__class__.__name__}: {exc})") from None
+    fn = getattr(mod, factory, None)
+    if not callable(fn):
+        raise InputError(f"{path}: no function {factory}() returning a model")
+    torch.manual_seed(0)
+    model = fn()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{path}:{factory}() returned {type(model).__name__}, not an nn.Module")
+    return ModelState(model.eval(), getattr(model, "config", None), SourceInfo("module", path))
+
+
+def _model_class(config):
+    import transformers
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    from transformers import AutoModel, AutoModelForCausalLM
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return AutoModel._model_mapping[type(config)]
+
+
+def hf_config(path: Path, raw: dict):
+    from transformers import AutoConfig
+    if "model_type" not in raw:
+        raise InputError(f"{path / 'config.json'}: no model_type")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError) as exc:
+        raise UnsupportedError(f"{path / 'config.json'}: unsupported model_type {raw['model_type']!r} "
+                               f"({' '.join(str(exc).split())[:160]})") from None
+
+
+def _load_hf(path: Path, raw: dict, dtype) -> ModelState:
+    config = hf_config(path, raw)
+    try:
+        cls = _model_class(config)
+    except KeyError:
+        raise UnsupportedError(f"{path}: no model class for model_type {config.model_type!r}") from None
+    has_st = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    if has_st:
+        from moeconv.io.safetensors_io import validate_checkpoint
+        validate_checkpoint(path)
+        try:
+            model, info = cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto",
+                                              output_loading_info=True)
+        except Exception as exc:
+            raise InputError(f"{path}: failed to load ({exc.__class__.__name__}: {' '.join(str(exc).split())[:200]})") from None
+        _check_loading_info(path, info)
+    elif (path / "pytorch_model.bin").is_file():
+        model = _load_bin(path, cls, config, dtype)
+    else:
+        raise InputError(f"{path}: no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
+    return ModelState(model.eval(), model.config, SourceInfo("hf", path, tokenizer_dir=path))
+
+
+def _check_loading_info(path: Path, info: dict) -> None:
+    # No weight is lost silently: a key the class does not expect, or one it had to invent, is fatal.
+    missing = list(info.get("missing_keys") or [])
+    unexpected = list(info.get("unexpected_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise InputError(f"{path}: weights do not match the config: " + ", ".join(parts))
+
+
+def _load_bin(path: Path, cls, config, dtype):
+    try:
+        state_dict = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"{path / 'pytorch_model.bin'}: refused or unreadable "
+                         f"(only plain tensors are loaded: {' '.join(str(exc).split())[:160]})") from None
+    if not isinstance(state_dict, dict):
+        raise InputError(f"{path / 'pytorch_model.bin'}: not a state dict")
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device="cpu")
+    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in result.missing_keys if k not in tied]
+    _check_loading_info(path, {"missing_keys": missing, "unexpected_keys": result.unexpected_keys})
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+def _load_gguf(path: Path, dtype) -> ModelState:
+    try:
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
+                                                     dtype=dtype or torch.float32)
+    except ImportError as exc:
+        raise InputError(f"{path}: reading GGUF needs the `gguf` package ({exc})") from None
+    except Exception as exc:
+        raise InputError(f"{path}: failed to read GGUF ({exc.__class__.__name__}: {' '.join(str(exc).split())[:200]})") from None
+    # A GGUF-loaded model carries a quantizer marker that blocks save_pretrained; the weights are
+    # already dequantized floats, so the marker is dropped (FIELD.md, "GGUF input").
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return ModelState(model.eval(), model.config, SourceInfo("gguf", path, gguf_file=path.name, tokenizer_dir=None))

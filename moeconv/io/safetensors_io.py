@@ -1,0 +1,203 @@
+"""Safetensors reading (through the `safetensors` library) and *streaming* sharded writing.
+
+Why a writer of our own: `safetensors.torch.save_file` needs every tensor of a shard in memory at
+once. A conversion plan knows each output tensor's name, dtype and shape before any data moves,
+so a shard's header can be written first and its tensors streamed in one at a time: peak memory
+is one tensor, whatever the shard size. The format (8-byte little-endian header length, JSON
+header, raw little-endian data) is tiny and stable; every file we write is re-read with the
+`safetensors` library itself and checked tensor by tensor (shape, dtype, SHA-256).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+
+from moeconv.errors import InputError, VerificationError
+
+_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+_FROM_ST = {v: k for k, v in _DTYPES.items()}
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def dtype_from_str(s: str) -> torch.dtype:
+    return _FROM_ST[s]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class SourceCheckpoint:
+    """Lazy view of a safetensors checkpoint (single file or sharded): names, specs, one tensor at a time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.files: dict[str, Path] = {}  # tensor name → shard file
+        index = self.path / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except Exception as exc:
+                raise InputError(f"{index}: not a valid safetensors index ({exc.__class__.__name__})") from None
+            if not isinstance(weight_map, dict):
+                raise InputError(f"{index}: weight_map is not an object")
+            for name, fname in weight_map.items():
+                self.files[name] = self.path / str(fname)
+        elif (self.path / SINGLE_NAME).is_file():
+            self.files = {}
+            for name in self._names_in(self.path / SINGLE_NAME):
+                self.files[name] = self.path / SINGLE_NAME
+        else:
+            raise InputError(f"{self.path}: no {SINGLE_NAME} or {INDEX_NAME}")
+        self.specs: dict[str, TensorSpec] = {}
+        for fname in sorted(set(self.files.values())):
+            if not fname.is_file():
+                raise InputError(f"{fname}: shard named in the index is missing")
+            with self._open(fname) as f:
+                present = set(f.keys())
+                for name in present:
+                    sl = f.get_slice(name)
+                    dt = sl.get_dtype()
+                    if dt not in _FROM_ST:
+                        raise InputError(f"{fname}: tensor {name} has unsupported dtype {dt}")
+                    self.specs[name] = TensorSpec(name, _FROM_ST[dt], tuple(sl.get_shape()))
+            for name, f2 in self.files.items():
+                if f2 == fname and name not in present:
+                    raise InputError(f"{fname}: tensor {name} named in the index is not in the shard")
+
+    @staticmethod
+    def _open(fname: Path):
+        try:
+            return safe_open(str(fname), framework="pt", device="cpu")
+        except Exception as exc:
+            raise InputError(f"{fname}: corrupt or truncated safetensors file ({' '.join(str(exc).split())[:120]})") from None
+
+    def _names_in(self, fname: Path) -> list[str]:
+        with self._open(fname) as f:
+            return list(f.keys())
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def get(self, name: str) -> torch.Tensor:
+        with self._open(self.files[name]) as f:
+            return f.get_tensor(name)
+
+
+def validate_checkpoint(path: Path) -> SourceCheckpoint:
+    """Open every shard's header; raises `InputError` naming the file for anything broken."""
+    return SourceCheckpoint(path)
+
+
+def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[int, int]]]:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offsets = []
+    pos = 0
+    for s in specs:
+        header[s.name] = {"dtype": _DTYPES[s.dtype], "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        offsets.append((pos, pos + s.nbytes))
+        pos += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the library writes it
+    return raw, offsets
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def write_sharded(
+    out_dir: Path,
+    specs: list[TensorSpec],
+    produce: Callable[[TensorSpec], torch.Tensor],
+    *,
+    max_shard_bytes: int,
+    metadata: dict[str, str] | None = None,
+    on_tensor: Callable[[TensorSpec], None] | None = None,
+) -> dict[str, str]:
+    """Write `specs` into shards under `out_dir`, asking `produce` for one tensor at a time.
+
+    Returns the checksum manifest {name: sha256}. Every produced tensor must match its spec.
+    """
+    shards = plan_shards(specs, max_shard_bytes)
+    n = len(shards)
+    names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map: dict[str, str] = {}
+    checksums: dict[str, str] = {}
+    total = 0
+    for fname, shard in zip(names, shards):
+        header, _ = _header_bytes(shard, metadata or {"format": "pt"})
+        with open(out_dir / fname, "wb") as fh:
+            fh.write(struct.pack("<Q", len(header)))
+            fh.write(header)
+            for spec in shard:
+                t = produce(spec)
+                if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
+                    raise VerificationError(f"internal: {spec.name} produced {t.dtype}{tuple(t.shape)}, "
+                                            f"planned {spec.dtype}{spec.shape}")
+                data = tensor_bytes(t)
+                fh.write(data)
+                checksums[spec.name] = hashlib.sha256(data).hexdigest()
+                weight_map[spec.name] = fname
+                total += spec.nbytes
+                if on_tensor:
+                    on_tensor(spec)
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return checksums
+
+
+def verify_written(out_dir: Path, specs: Iterable[TensorSpec], checksums: dict[str, str]) -> None:
+    """Re-read every written tensor with the safetensors library; shape, dtype and SHA-256 must match."""
+    src = SourceCheckpoint(out_dir)
+    wanted = {s.name: s for s in specs}
+    extra = set(src.specs) - set(wanted)
+    missing = set(wanted) - set(src.specs)
+    if extra or missing:
+        raise VerificationError(f"{out_dir}: written tensors differ from the plan "
+                                f"(missing {sorted(missing)[:3]}, extra {sorted(extra)[:3]})")
+    for name, spec in wanted.items():
+        if src.specs[name] != spec:
+            raise VerificationError(f"{out_dir}: {name} reads back as {src.specs[name]}, planned {spec}")
+        digest = hashlib.sha256(tensor_bytes(src.get(name))).hexdigest()
+        if digest != checksums[name]:
+            raise VerificationError(f"{out_dir}: {name} checksum mismatch on reload")

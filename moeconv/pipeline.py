@@ -1,0 +1,92 @@
+"""`Pipeline`: a flat list of passes, planned before any tensor is touched, then run inside the
+instruments."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moeconv.context import Context
+from moeconv.errors import PlanError
+from moeconv.instruments import Instrument, NumericCheck, Timing
+from moeconv.pass_base import Pass
+from moeconv.report import RunReport
+from moeconv.state import ModelState
+
+# How a missing fact is usually provided, when no later pass in the list provides it.
+FACT_HINTS = {
+    "moe": "add `upcycle` before `{name}`, or start from an MoE model",
+    "dense-ffn": "`{name}` needs a model with dense FFN blocks; start from a dense model",
+    "calibration": "give calibration data (`--calib FILE`, or `Context(calibration=...)`)",
+    "float-weights": "move `{name}` before `quantize`; it needs float weights",
+    "teacher": "keep a teacher snapshot (`--teacher`) before `{name}`",
+    "hf-config": "`{name}` needs a Hugging Face model with a config",
+}
+
+
+@dataclass
+class PlanStep:
+    name: str
+    facts_before: frozenset[str]
+    facts_after: frozenset[str]
+    missing: frozenset[str]
+
+
+@dataclass
+class Plan:
+    steps: list[PlanStep] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
+class PipelineResult:
+    state: ModelState
+    report: RunReport
+
+
+class Pipeline:
+    def __init__(self, passes: list[Pass], instruments: list[Instrument] | None = None):
+        self.passes = list(passes)
+        self.instruments = instruments if instruments is not None else [Timing(), NumericCheck()]
+
+    def plan(self, facts: set[str]) -> Plan:
+        """Simulate facts through the list; collect *every* problem, each with a fix hint."""
+        plan = Plan()
+        current = frozenset(facts)
+        for i, p in enumerate(self.passes):
+            missing = frozenset(p.requires - current)
+            for fact in sorted(missing):
+                plan.problems.append(f"step {i + 1} `{p.name}` requires `{fact}`: {self._hint(i, fact)}")
+            after = (current - p.invalidates) | p.provides
+            plan.steps.append(PlanStep(p.name, current, after, missing))
+            current = after | missing  # assume fixed, so later problems are reported independently
+        return plan
+
+    def _hint(self, index: int, fact: str) -> str:
+        name = self.passes[index].name
+        for later in self.passes[index + 1:]:
+            if fact in later.provides:
+                return f"move `{later.name}` before `{name}`"
+        return FACT_HINTS.get(fact, "add a pass that provides it before `{name}`").format(name=name)
+
+    def run(self, state: ModelState, ctx: Context | None = None) -> PipelineResult:
+        ctx = ctx or Context()
+        plan = self.plan(state.facts() | ctx.facts())
+        if not plan.ok:
+            raise PlanError(plan.problems)
+        report = RunReport()
+        for i, p in enumerate(self.passes):
+            ctx.report_progress("pipeline", i, len(self.passes))
+            p.check(state, ctx)
+            for ins in self.instruments:
+                ins.before(p, state, ctx)
+            result = p.run(state, ctx)
+            for ins in self.instruments:
+                ins.after(p, result, ctx)
+            p.verify(result, ctx)
+            report.passes.append(result.report)
+            state = result.state
+        ctx.report_progress("pipeline", len(self.passes), len(self.passes))
+        return PipelineResult(state, report)

@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""CPU benchmark of `MoEBlock`'s sparse top-k dispatch.
+
+For every (dtype, tokens) it times, under `torch.inference_mode`, interleaved round-robin
+(warmup runs first, then the median of the timed runs, `time.perf_counter`):
+
+- ``moe``   : `MoEBlock` forward, 8 gated SwiGLU experts (distinct random weights), top-2, renormalised.
+- ``dense`` : one dense SwiGLU FFN of the expert's size on all tokens (reference point).
+- ``floor`` : only the expert matmuls (gate/up/down + silu*mul) on per-expert contiguous inputs of
+              exactly the sizes the router assigns (same routing as the `moe` run), prepared outside
+              the timed region. The floor for this work: no routing, gather, weighting or scatter.
+- ``hf``    : transformers' `MixtralSparseMoeBlock` with the same weights, experts implementation
+              "eager" (the standalone default; set explicitly to avoid the `None` warning).
+
+Targets per row: ``moe / floor <= 1.15`` and ``moe <= hf``.
+
+Run from the repo root: ``python scripts/bench_moe_dispatch.py [--quick] [--out PATH]``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from moeconv.nn.moe import MoEBlock, RoutingConfig  # noqa: E402
+
+HIDDEN = 1024
+INTERMEDIATE = 2816
+NUM_EXPERTS = 8
+TOP_K = 2
+FLOOR_TARGET = 1.15
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class SwiGLU(nn.Module):
+    """Gated FFN expert: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def make_experts(gen: torch.Generator) -> list[SwiGLU]:
+    experts = []
+    for _ in range(NUM_EXPERTS):
+        e = SwiGLU(HIDDEN, INTERMEDIATE)
+        with torch.no_grad():
+            for lin in (e.gate_proj, e.up_proj, e.down_proj):
+                lin.weight.normal_(0.0, 0.02, generator=gen)
+        experts.append(e)
+    return experts
+
+
+def make_moe(experts: list[SwiGLU], router_w: torch.Tensor) -> MoEBlock:
+    block = MoEBlock(experts, HIDDEN, RoutingConfig(top_k=TOP_K, renormalize=True))
+    with torch.no_grad():
+        block.router.weight.copy_(router_w)
+    return block.eval()
+
+
+def make_hf(moe: MoEBlock):
+    """`MixtralSparseMoeBlock` holding the fp32 weights of `moe`; returns (block, experts_impl note)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    cfg = MixtralConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_local_experts=NUM_EXPERTS,
+        num_experts_per_tok=TOP_K,
+    )
+    default_impl = cfg._experts_implementation  # None for a bare config (no PreTrainedModel dispatch)
+    # `use_experts_implementation` dispatches on config._experts_implementation; anything not registered
+    # in ALL_EXPERTS_FUNCTIONS ("eager", or None with a warning) runs the class's own loop forward.
+    cfg._experts_implementation = "eager"
+    hf = MixtralSparseMoeBlock(cfg)
+    with torch.no_grad():
+        hf.gate.weight.copy_(moe.router.weight)
+        for e, ex in enumerate(moe.experts):
+            hf.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight], dim=0))
+            hf.experts.down_proj[e].copy_(ex.down_proj.weight)
+    note = f"config._experts_implementation: default={default_impl!r} -> using 'eager' (class loop forward)"
+    return hf.eval(), note
+
+
+def bench_round_robin(fns: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Warm every fn up, then time them interleaved so drift/noise hits all alike. Seconds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(repeats):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def run_case(dtype_name: str, tokens: int, moe32: MoEBlock, hf32, warmup: int, repeats: int, seed: int) -> dict:
+    dtype = DTYPES[dtype_name]
+    # `.to(dtype)` keeps MoEBlock's router fp32; casting a deepcopy keeps the fp32 originals.
+    import copy
+
+    moe = copy.deepcopy(moe32).to(dtype)
+    hf = copy.deepcopy(hf32).to(dtype)
+    assert moe.router.weight.dtype == torch.float32
+
+    gen = torch.Generator().manual_seed(seed + tokens)
+    x = torch.randn(1, tokens, HIDDEN, generator=gen).to(dtype)
+    hidden = x.reshape(-1, HIDDEN)
+
+    with torch.inference_mode():
+        # Routing of the MoE run, reused for the floor inputs.
+        route = moe.route(hidden)
+        counts = torch.bincount(route.indices.reshape(-1), minlength=NUM_EXPERTS).tolist()
+        floor_inputs = []
+        floor_weights = []
+        for e, ex in enumerate(moe.experts):
+            tok, _ = torch.where(route.indices == e)
+            floor_inputs.append(hidden[tok].contiguous())
+            floor_weights.append((ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight))
+        assert [t.shape[0] for t in floor_inputs] == counts
+
+        # Untimed correctness check hf vs moe.
+        y_moe = moe(x)
+        y_hf = hf(x)
+        diff = (y_moe.float() - y_hf.float()).abs()
+        max_abs = diff.max().item()
+        rel = (diff.norm() / y_moe.float().norm()).item()
+        # hf routes with logits in the block dtype (its gate is cast too); count routing disagreements.
+        _, _, hf_idx = hf.gate(hidden)
+        route_mismatch = int((hf_idx.sort(-1).values != route.indices.sort(-1).values).any(-1).sum())
+
+    dense_expert = moe.experts[0]
+
+    def f_moe():
+        return moe(x)
+
+    def f_hf():
+        return hf(x)
+
+    def f_dense():
+        return dense_expert(hidden)
+
+    def f_floor():
+        for inp, (wg, wu, wd) in zip(floor_inputs, floor_weights):
+            F.linear(F.silu(F.linear(inp, wg)) * F.linear(inp, wu), wd)
+
+    times = bench_round_robin({"moe": f_moe, "floor": f_floor, "hf": f_hf, "dense": f_dense}, warmup, repeats)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    res = {
+        "dtype": dtype_name,
+        "tokens": tokens,
+        "ms": med,
+        "runs_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
+        "ratio_moe_floor": med["moe"] / med["floor"],
+        "ratio_moe_hf": med["moe"] / med["hf"],
+        "ratio_moe_dense": med["moe"] / med["dense"],
+        "expert_token_counts": counts,
+        "hf_vs_moe_max_abs_diff": max_abs,
+        "hf_vs_moe_rel_l2_diff": rel,
+        "hf_vs_moe_tokens_routed_differently": route_mismatch,
+    }
+    res["pass_floor"] = res["ratio_moe_floor"] <= FLOOR_TARGET
+    res["pass_hf"] = med["moe"] <= med["hf"]
+    if dtype_name == "fp32":
+        res["hf_match_ok"] = max_abs < 1e-4
+    return res
+
+
+def print_table(rows: list[dict]) -> None:
+    headers = ["dtype", "tokens", "moe ms", "floor ms", "hf ms", "dense ms", "moe/floor", "moe/hf",
+               "moe/dense", f"floor<={FLOOR_TARGET}", "moe<=hf", "max|hf-moe|"]
+    data = []
+    for r in rows:
+        m = r["ms"]
+        data.append([
+            r["dtype"], str(r["tokens"]), f"{m['moe']:.1f}", f"{m['floor']:.1f}", f"{m['hf']:.1f}",
+            f"{m['dense']:.1f}", f"{r['ratio_moe_floor']:.3f}", f"{r['ratio_moe_hf']:.3f}",
+            f"{r['ratio_moe_dense']:.3f}", "PASS" if r["pass_floor"] else "FAIL",
+            "PASS" if r["pass_hf"] else "FAIL", f"{r['hf_vs_moe_max_abs_diff']:.2e}",
+        ])
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title="MoEBlock dispatch benchmark (CPU, median ms)")
+        for h in headers:
+            t.add_column(h, justify="right")
+        for row in data:
+            t.add_row(*row)
+        Console(width=200).print(t)
+    except ImportError:
+        widths = [max(len(h), *(len(row[i]) for row in data)) for i, h in enumerate(headers)]
+        print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+        for row in data:
+            print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="bench_moe_dispatch.json", help="JSON output path")
+    p.add_argument("--quick", action="store_true", help="smoke test: tokens 128 only, 2 timed runs")
+    p.add_argument("--tokens", type=int, nargs="+", default=None, help="override token counts")
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (default 7, --quick 2)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    tokens_list = args.tokens or ([128] if args.quick else [512, 2048])
+    repeats = args.repeats or (2 if args.quick else 7)
+
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    experts = make_experts(gen)
+    router_w = torch.randn(NUM_EXPERTS, HIDDEN, generator=gen) * 0.02
+    moe32 = make_moe(experts, router_w)
+    hf32, impl_note = make_hf(moe32)
+
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"threads {torch.get_num_threads()}, cpu capability {torch.backends.cpu.get_cpu_capability()}")
+    print(f"H={HIDDEN} I={INTERMEDIATE} E={NUM_EXPERTS} top_k={TOP_K}; warmup {args.warmup}, "
+          f"median of {repeats} runs (round-robin)")
+    print(f"hf experts implementation: {impl_note}")
+
+    rows = []
+    for dname in args.dtypes:
+        for tokens in tokens_list:
+            r = run_case(dname, tokens, moe32, hf32, args.warmup, repeats, args.seed)
+            rows.append(r)
+            extra = " (fp32 target < 1e-4: " + ("OK" if r.get("hf_match_ok") else "MISMATCH") + ")" \
+                if dname == "fp32" else f" ({r['hf_vs_moe_tokens_routed_differently']} tokens routed differently: hf router runs in bf16)"
+            print(f"[{dname} T={tokens}] hf vs moe max|diff| = {r['hf_vs_moe_max_abs_diff']:.3e}{extra}; "
+                  f"expert token counts {r['expert_token_counts']}", flush=True)
+
+    print_table(rows)
+    all_pass = all(r["pass_floor"] and r["pass_hf"] for r in rows)
+    print("targets:", "ALL PASS" if all_pass else "SOME FAIL")
+
+    out = {
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "num_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "config": {"hidden": HIDDEN, "intermediate": INTERMEDIATE, "num_experts": NUM_EXPERTS, "top_k": TOP_K,
+                   "warmup": args.warmup, "repeats": repeats, "seed": args.seed, "quick": args.quick},
+        "hf_experts_implementation": "eager",
+        "hf_experts_implementation_note": impl_note,
+        "targets": {"moe_over_floor_max": FLOOR_TARGET, "moe_over_hf_max": 1.0},
+        "results": rows,
+        "all_pass": all_pass,
+    }
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
