@@ -133,3 +133,13 @@ def select_sites(sites: list[FfnSite], targets: list[str] | None, ignore: list[s
         raise ConfigError(f"no FFN site selected (found {len(sites)}: {', '.join(s.path for s in sites[:3])}"
                           f"{', …' if len(sites) > 3 else ''}); check targets/ignore")
     return chosen
+
+
+def expert_rel_names(site: FfnSite) -> dict[str, str]:
+    """Role → path of the projection inside one expert module."""
+    if site.kind == "split":
+        return {"up": "up", "down": "down"}
+    rel = site.members()
+    if site.kind == "fused_gated":
+        return {"gate_up": rel["up"], "down": rel["down"]}
+    return rel

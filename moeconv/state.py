@@ -24,6 +24,7 @@ class SourceInfo:
     path: Path | None = None
     gguf_file: str | None = None
     tokenizer_dir: Path | None = None  # directory whose tokenizer/generation files are carried along
+    spec: str | None = None  # "builtin:gpt" or "FILE.py:factory": how to rebuild the architecture
 
 
 @dataclass

@@ -109,6 +109,7 @@ class Upcycle(Pass):
             with torch.no_grad():
                 block.router.weight.copy_(router_weight(cfg.num_experts, site.hidden_size, cfg.router_init,
                                                         cfg.router_std, cfg.seed, index, centroids.get(site.path)))
+            block.source_site = site  # what the block replaced: writers and loaders rebuild from it
             replace_site(model, site, block)
             rows.append({"site": site.path, "kind": site.kind, "experts": cfg.num_experts, "top_k": cfg.top_k,
                          "expert_intermediate": site.intermediate_size // (cfg.num_experts if cfg.expert_init == "split" else 1)})

@@ -101,6 +101,42 @@ def make_hf(moe: MoEBlock):
     return hf.eval(), note
 
 
+def _cpu_snapshot():
+    """(total jiffies, busy jiffies of the machine, jiffies used by this process) or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        own = int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return None
+    total = sum(vals)
+    return total, total - vals[3] - vals[4], own  # idle + iowait are not busy
+
+
+def others_cpu_share(before, after):
+    """Fraction of the machine's CPU time used by *other* processes between two snapshots."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / (after[0] - before[0]))
+
+
+def wait_quiet(max_wait_s: float, idle_min: float = 0.9, window_s: float = 2.0) -> float | None:
+    """Block until the machine was >= idle_min idle over a window (at most max_wait_s). Returns idle share."""
+    deadline = time.monotonic() + max_wait_s
+    idle = None
+    while True:
+        a = _cpu_snapshot()
+        time.sleep(window_s)
+        b = _cpu_snapshot()
+        if a is None or b is None or b[0] <= a[0]:
+            return None
+        idle = 1.0 - (b[1] - a[1]) / (b[0] - a[0])
+        if idle >= idle_min or time.monotonic() >= deadline:
+            return idle
+
+
 def bench_round_robin(fns: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
     """Warm every fn up, then time them interleaved so drift/noise hits all alike. Seconds."""
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -116,7 +152,8 @@ def bench_round_robin(fns: dict, warmup: int, repeats: int) -> dict[str, list[fl
     return times
 
 
-def run_case(dtype_name: str, tokens: int, moe32: MoEBlock, hf32, warmup: int, repeats: int, seed: int) -> dict:
+def run_case(dtype_name: str, tokens: int, moe32: MoEBlock, hf32, warmup: int, repeats: int, seed: int,
+             quiet_wait_s: float = 0.0) -> dict:
     dtype = DTYPES[dtype_name]
     # `.to(dtype)` keeps MoEBlock's router fp32; casting a deepcopy keeps the fp32 originals.
     import copy
@@ -149,7 +186,9 @@ def run_case(dtype_name: str, tokens: int, moe32: MoEBlock, hf32, warmup: int, r
         rel = (diff.norm() / y_moe.float().norm()).item()
         # hf routes with logits in the block dtype (its gate is cast too); count routing disagreements.
         _, _, hf_idx = hf.gate(hidden)
-        route_mismatch = int((hf_idx.sort(-1).values != route.indices.sort(-1).values).any(-1).sum())
+        same_route = (hf_idx.sort(-1).values == route.indices.sort(-1).values).all(-1)
+        route_mismatch = int((~same_route).sum())
+        max_abs_same_route = diff.reshape(-1, HIDDEN)[same_route].max().item() if bool(same_route.any()) else 0.0
 
     dense_expert = moe.experts[0]
 
@@ -166,13 +205,21 @@ def run_case(dtype_name: str, tokens: int, moe32: MoEBlock, hf32, warmup: int, r
         for inp, (wg, wu, wd) in zip(floor_inputs, floor_weights):
             F.linear(F.silu(F.linear(inp, wg)) * F.linear(inp, wu), wd)
 
+    idle_before = wait_quiet(quiet_wait_s) if quiet_wait_s > 0 else None
+    snap0 = _cpu_snapshot()
     times = bench_round_robin({"moe": f_moe, "floor": f_floor, "hf": f_hf, "dense": f_dense}, warmup, repeats)
+    others = others_cpu_share(snap0, _cpu_snapshot())
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    paired = {  # median over rounds of the per-round ratio: robust to slow drift / neighbours' load
+        f"moe_{o}": statistics.median(m / t for m, t in zip(times["moe"], times[o])) for o in ("floor", "hf", "dense")
+    }
     res = {
         "dtype": dtype_name,
         "tokens": tokens,
         "ms": med,
+        "min_ms": {k: min(v) * 1e3 for k, v in times.items()},
         "runs_ms": {k: [t * 1e3 for t in v] for k, v in times.items()},
+        "paired_ratio_median": paired,
         "ratio_moe_floor": med["moe"] / med["floor"],
         "ratio_moe_hf": med["moe"] / med["hf"],
         "ratio_moe_dense": med["moe"] / med["dense"],
@@ -180,6 +227,9 @@ def run_case(dtype_name: str, tokens: int, moe32: MoEBlock, hf32, warmup: int, r
         "hf_vs_moe_max_abs_diff": max_abs,
         "hf_vs_moe_rel_l2_diff": rel,
         "hf_vs_moe_tokens_routed_differently": route_mismatch,
+        "hf_vs_moe_max_abs_diff_same_route_tokens": max_abs_same_route,
+        "machine_idle_share_before": idle_before,
+        "others_cpu_share_during": others,
     }
     res["pass_floor"] = res["ratio_moe_floor"] <= FLOOR_TARGET
     res["pass_hf"] = med["moe"] <= med["hf"]
@@ -190,7 +240,7 @@ def run_case(dtype_name: str, tokens: int, moe32: MoEBlock, hf32, warmup: int, r
 
 def print_table(rows: list[dict]) -> None:
     headers = ["dtype", "tokens", "moe ms", "floor ms", "hf ms", "dense ms", "moe/floor", "moe/hf",
-               "moe/dense", f"floor<={FLOOR_TARGET}", "moe<=hf", "max|hf-moe|"]
+               "moe/dense", f"floor<={FLOOR_TARGET}", "moe<=hf", "paired moe/floor", "paired moe/hf", "max|hf-moe|"]
     data = []
     for r in rows:
         m = r["ms"]
@@ -198,7 +248,8 @@ def print_table(rows: list[dict]) -> None:
             r["dtype"], str(r["tokens"]), f"{m['moe']:.1f}", f"{m['floor']:.1f}", f"{m['hf']:.1f}",
             f"{m['dense']:.1f}", f"{r['ratio_moe_floor']:.3f}", f"{r['ratio_moe_hf']:.3f}",
             f"{r['ratio_moe_dense']:.3f}", "PASS" if r["pass_floor"] else "FAIL",
-            "PASS" if r["pass_hf"] else "FAIL", f"{r['hf_vs_moe_max_abs_diff']:.2e}",
+            "PASS" if r["pass_hf"] else "FAIL", f"{r['paired_ratio_median']['moe_floor']:.3f}",
+            f"{r['paired_ratio_median']['moe_hf']:.3f}", f"{r['hf_vs_moe_max_abs_diff']:.2e}",
         ])
     try:
         from rich.console import Console
@@ -209,12 +260,19 @@ def print_table(rows: list[dict]) -> None:
             t.add_column(h, justify="right")
         for row in data:
             t.add_row(*row)
-        Console(width=200).print(t)
+        Console(width=220).print(t)
     except ImportError:
         widths = [max(len(h), *(len(row[i]) for row in data)) for i, h in enumerate(headers)]
         print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
         for row in data:
             print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+
+
+def _loadavg():
+    try:
+        return list(os.getloadavg())
+    except (AttributeError, OSError):
+        return None
 
 
 def main(argv=None) -> int:
@@ -226,6 +284,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default 7, --quick 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECS",
+                   help="before each case wait up to SECS for the CPU to be >=90%% idle (shared machines)")
     args = p.parse_args(argv)
 
     tokens_list = args.tokens or ([128] if args.quick else [512, 2048])
@@ -246,15 +306,23 @@ def main(argv=None) -> int:
           f"median of {repeats} runs (round-robin)")
     print(f"hf experts implementation: {impl_note}")
 
+    load_before = _loadavg()
+    if load_before is not None and load_before[0] > 0.5:
+        print(f"WARNING: 1-min load average {load_before[0]:.2f} before start: other processes compete for "
+              f"the {os.cpu_count()} CPU(s); timings will be noisy (see the paired ratios / min_ms in the JSON)")
     rows = []
     for dname in args.dtypes:
         for tokens in tokens_list:
-            r = run_case(dname, tokens, moe32, hf32, args.warmup, repeats, args.seed)
+            r = run_case(dname, tokens, moe32, hf32, args.warmup, repeats, args.seed, args.wait_quiet)
             rows.append(r)
             extra = " (fp32 target < 1e-4: " + ("OK" if r.get("hf_match_ok") else "MISMATCH") + ")" \
-                if dname == "fp32" else f" ({r['hf_vs_moe_tokens_routed_differently']} tokens routed differently: hf router runs in bf16)"
+                if dname == "fp32" else (f" ({r['hf_vs_moe_tokens_routed_differently']} tokens routed differently: hf's router runs in bf16;"
+                      f" {r['hf_vs_moe_max_abs_diff_same_route_tokens']:.3e} over the others)")
             print(f"[{dname} T={tokens}] hf vs moe max|diff| = {r['hf_vs_moe_max_abs_diff']:.3e}{extra}; "
                   f"expert token counts {r['expert_token_counts']}", flush=True)
+            if r["others_cpu_share_during"] is not None and r["others_cpu_share_during"] > 0.05:
+                print(f"  WARNING: other processes used {100 * r['others_cpu_share_during']:.0f}% of the CPU "
+                      f"while this case ran: its timings are contended", flush=True)
 
     print_table(rows)
     all_pass = all(r["pass_floor"] and r["pass_hf"] for r in rows)
@@ -265,6 +333,9 @@ def main(argv=None) -> int:
         "transformers_version": transformers.__version__,
         "num_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": _loadavg(),
         "platform": platform.platform(),
         "processor": platform.processor(),
         "config": {"hidden": HIDDEN, "intermediate": INTERMEDIATE, "num_experts": NUM_EXPERTS, "top_k": TOP_K,

@@ -35,9 +35,9 @@ def load(source, *, dtype: torch.dtype | None = None) -> ModelState:
     text = str(source)
     if text.startswith("builtin:"):
         return _load_builtin(text.split(":", 1)[1])
-    file_part, _, factory = text.partition(".py:")
-    if text.endswith(".py") or factory:
-        return _load_python(Path(file_part if factory else text[:-3]).with_suffix(".py"), factory or "build_model")
+    file_part, sep, factory = text.partition(".py:")
+    if text.endswith(".py") or sep:
+        return _load_python(Path((file_part if sep else text[:-3]) + ".py"), factory or "build_model")
     path = Path(text)
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
@@ -70,7 +70,7 @@ def _load_builtin(name: str) -> ModelState:
         raise InputError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTINS)}")
     module = importlib.import_module(f"models.{name}")
     torch.manual_seed(0)  # built-in weights are random but reproducible
-    return ModelState(module.build_model(), None, SourceInfo("builtin"))
+    return ModelState(module.build_model(), None, SourceInfo("builtin", spec=f"builtin:{name}"))
 
 
 def _load_python(path: Path, factory: str) -> ModelState:
@@ -89,7 +89,8 @@ def _load_python(path: Path, factory: str) -> ModelState:
     model = fn()
     if not isinstance(model, nn.Module):
         raise InputError(f"{path}:{factory}() returned {type(model).__name__}, not an nn.Module")
-    return ModelState(model.eval(), getattr(model, "config", None), SourceInfo("module", path))
+    return ModelState(model.eval(), getattr(model, "config", None),
+                      SourceInfo("module", path, spec=f"{path.resolve()}:{factory}"))
 
 
 def _model_class(config):

@@ -82,11 +82,24 @@ class MoEBlock(nn.Module):
         return RoutingConfig(self.top_k, self.renormalize)
 
     def _apply(self, fn, recurse=True):
-        # Routers stay fp32 whatever the model is cast to; only devices may change.
+        # Routers stay fp32 whatever the model is cast to; only devices may change. The values are
+        # saved first: casting to bf16 and back would silently round them (and fp16 overflows).
+        saved = {}
+        for m in (self.router, self.shared_expert_gate):
+            if m is not None:
+                saved[id(m)] = {k: p.detach() for k, p in m._parameters.items() if p is not None}
         super()._apply(fn, recurse)
         for m in (self.router, self.shared_expert_gate):
-            if m is not None and m.weight.is_floating_point() and m.weight.dtype != torch.float32:
-                m.float()
+            if m is None:
+                continue
+            for k, old in saved[id(m)].items():
+                new = m._parameters[k]
+                if not new.is_floating_point() or new.dtype == torch.float32:
+                    continue
+                if old.is_meta or new.is_meta or old.dtype != torch.float32:
+                    new.data = new.data.float()
+                else:
+                    new.data = old.to(device=new.device, dtype=torch.float32)
         return self
 
     def route(self, hidden: torch.Tensor) -> Route:

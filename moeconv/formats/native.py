@@ -1,0 +1,153 @@
+"""moeconv's own checkpoint format, for every model no HF MoE family can represent.
+
+Layout: an HF-style directory, so the usual tools can read the weights:
+- `config.json`: `{"model_type": "moeconv", "architectures": ["MoeconvModel"], "moeconv": {...}}`.
+  `model_type` is deliberately unknown to transformers: `AutoModel` refuses the directory loudly
+  instead of loading the dense source class with randomly initialised FFNs.
+  The `moeconv` section holds `format_version`, `source` (how to rebuild the source
+  architecture: `{"kind": "hf", "config": {...}}`, `{"kind": "spec", "spec": "builtin:gpt"}` or a
+  `FILE.py:factory` spec) and `sites` (each MoE layer: the `FfnSite` it replaced, experts, top-k,
+  renormalisation, router bias, shared expert).
+- `model.safetensors` or `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`:
+  the upcycled module's state dict under its own names (routers in fp32).
+
+`load_moeconv` rebuilds the source architecture, swaps in `MoEBlock`s at the recorded sites and
+loads every tensor strictly: a tensor missing or left over is an error, never a random init.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from moeconv.errors import InputError, UnsupportedError
+from moeconv.io.safetensors_io import SourceCheckpoint
+from moeconv.nn.linear_like import is_conv1d
+from moeconv.nn.moe import MoEBlock, RoutingConfig
+from moeconv.patterns import FfnSite
+from moeconv.sites import build_expert, expert_rel_names, replace_site, role_paths
+from moeconv.state import ModelState, SourceInfo
+
+FORMAT_VERSION = 1
+
+
+def site_records(module: torch.nn.Module) -> list[dict]:
+    """The `sites` section for every `MoEBlock` of `module` that came from an FFN site."""
+    records = []
+    for path, m in module.named_modules():
+        if isinstance(m, MoEBlock):
+            site = getattr(m, "source_site", None)
+            if site is None:
+                raise UnsupportedError(f"{path}: MoE block without a recorded source site cannot be saved")
+            records.append({"site": site.to_dict(), "num_experts": m.num_experts, "top_k": m.top_k,
+                            "renormalize": m.renormalize, "router_bias": m.router.bias is not None,
+                            "shared_expert": m.shared_expert is not None,
+                            "shared_expert_gate": m.shared_expert_gate is not None})
+    return records
+
+
+def native_config(state: ModelState) -> dict:
+    src = state.source
+    if state.config is not None and hasattr(state.config, "to_dict"):
+        source = {"kind": "hf", "config": state.config.to_dict()}
+    elif src.spec:
+        source = {"kind": "spec", "spec": src.spec}
+    else:
+        raise UnsupportedError("this model was built in memory; moeconv format needs a rebuildable source "
+                               "(a checkpoint, builtin:NAME or FILE.py:factory)")
+    return {"model_type": "moeconv", "architectures": ["MoeconvModel"],
+            "moeconv": {"format_version": FORMAT_VERSION, "source": source, "sites": site_records(state.module)}}
+
+
+def _base_model(path: Path, source: dict):
+    from moeconv.io.load import _model_class, load
+    kind = source.get("kind")
+    if kind == "hf":
+        from transformers import AutoConfig
+        cfg_dict = dict(source["config"])
+        model_type = cfg_dict.pop("model_type", None)
+        try:
+            config = AutoConfig.for_model(model_type, **cfg_dict)
+            model = _model_class(config)(config)
+        except Exception as exc:
+            raise InputError(f"{path}: cannot rebuild source model {model_type!r} ({exc})") from None
+        return model, config, SourceInfo("moeconv", path, tokenizer_dir=path)
+    if kind == "spec":
+        state = load(source["spec"])
+        return state.module, None, SourceInfo("moeconv", path, tokenizer_dir=path, spec=source["spec"])
+    raise InputError(f"{path / 'config.json'}: unknown moeconv source kind {kind!r}")
+
+
+def load_moeconv(path: Path, raw: dict, *, dtype=None) -> ModelState:
+    section = raw["moeconv"]
+    if not isinstance(section, dict) or section.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{path / 'config.json'}: unsupported moeconv format version")
+    model, config, info = _base_model(path, section.get("source") or {})
+    ckpt = SourceCheckpoint(path)
+    for rec in section.get("sites", []):
+        try:
+            site = FfnSite(**rec["site"])
+            _install_block(model, site, rec, ckpt)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{path / 'config.json'}: bad site record ({exc.__class__.__name__}: {exc})") from None
+    state_dict = {}
+    for name in ckpt.names():
+        state_dict[name] = ckpt.get(name)
+    result = model.load_state_dict(state_dict, strict=False)
+    tied = _tied_names(model)
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise InputError(f"{path}: weights do not match the recorded model "
+                         f"(missing {missing[:2]}, unexpected {result.unexpected_keys[:2]})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if dtype is not None:
+        model = model.to(dtype)
+    return ModelState(model.eval(), config, info)
+
+
+def _tied_names(model) -> set[str]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = set()
+    for group in names.values():
+        tied.update(group[1:])
+    tied_keys = getattr(model, "_tied_weights_keys", None) or []
+    tied.update(tied_keys if isinstance(tied_keys, (list, set, tuple)) else tied_keys.keys())
+    return tied
+
+
+def _install_block(model, site: FfnSite, rec: dict, ckpt: SourceCheckpoint) -> None:
+    rel = expert_rel_names(site)
+    paths = role_paths(site)
+
+    def tensors(prefix: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for role, r in rel.items():
+            spec = ckpt.specs[f"{site.path}.{prefix}.{r}.weight"]
+            shape = spec.shape[::-1] if is_conv1d(model.get_submodule(paths[role])) else spec.shape
+            out[role] = torch.empty(shape, dtype=spec.dtype)
+            b = ckpt.specs.get(f"{site.path}.{prefix}.{r}.bias")
+            if b is not None:
+                out[f"{role}.bias"] = torch.empty(b.shape, dtype=b.dtype)
+        return out
+
+    n = int(rec["num_experts"])
+    experts = [build_expert(model, site, tensors(f"experts.{e}")) for e in range(n)]
+    shared = build_expert(model, site, tensors("shared_expert")) if rec.get("shared_expert") else None
+    block = MoEBlock(experts, site.hidden_size, RoutingConfig(int(rec["top_k"]), bool(rec["renormalize"])),
+                     router_bias=bool(rec.get("router_bias")), shared_expert=shared,
+                     shared_expert_gate=bool(rec.get("shared_expert_gate")))
+    block.source_site = site
+    replace_site(model, site, block)
+
+
+def save_moeconv(state: ModelState, out_dir: Path, *, shard_bytes: int, on_tensor=None) -> dict:
+    from moeconv.formats.writer import module_source, write_checkpoint
+    config = native_config(state)
+    source = module_source(state.module)
+    stats = write_checkpoint(out_dir, source, config, shard_bytes=shard_bytes, on_tensor=on_tensor)
+    stats["notes"] = source.notes
+    return stats

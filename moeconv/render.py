@@ -1,0 +1,122 @@
+"""Rendering reports for people (rich). Passes return data; only the CLI calls these."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+from rich.table import Table
+
+
+def _n(x) -> str:
+    if x is None:
+        return "-"
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return str(x)
+
+
+def _bytes(x) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if x >= div:
+            return f"{x / div:.2f} {unit}"
+    return f"{x} B"
+
+
+class Progress:
+    """A `progress(task, done, total)` callable backed by rich progress bars (one per task)."""
+
+    def __init__(self, console: Console, enabled: bool = True):
+        self.enabled = enabled and console.is_terminal
+        self._p = RichProgress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                               MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True)
+        self._tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        if self.enabled:
+            self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self._p.__exit__(*exc)
+
+    def __call__(self, task: str, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        if task not in self._tasks:
+            self._tasks[task] = self._p.add_task(task, total=total)
+        self._p.update(self._tasks[task], completed=done, total=total)
+
+
+def render_inspection(console: Console, info: dict) -> None:
+    console.print(f"[bold]{info['architecture']}[/bold]  model_type={info['model_type']}  source={info['source']}")
+    console.print(f"parameters: {_n(info['parameters'])} total, {_n(info['active_parameters'])} active per token; "
+                  f"dtypes: {', '.join(f'{k}×{v}' for k, v in info['dtypes'].items())}")
+    if info["ffn_sites"]:
+        t = Table(title=f"{len(info['ffn_sites'])} FFN sites (found by graph structure)")
+        t.add_column("path", no_wrap=True)
+        for col in ("kind", "hidden", "intermediate", "activation", "bias", "projections"):
+            t.add_column(col)
+        for s in info["ffn_sites"]:
+            proj = ", ".join(p.rsplit(".", 1)[-1] for p in (s["gate"], s["up"], s["down"]) if p)
+            t.add_row(s["path"], s["kind"], str(s["hidden_size"]), str(s["intermediate_size"]), s["activation"],
+                      "yes" if s["bias"] else "no", proj)
+        console.print(t)
+    if info["moe_layers"]:
+        t = Table(title=f"{len(info['moe_layers'])} MoE layers")
+        for col in ("path", "class", "experts", "top-k", "shared expert"):
+            t.add_column(col)
+        for m in info["moe_layers"]:
+            t.add_row(m["path"], m["class"], str(m["num_experts"]), str(m["top_k"]), "yes" if m["shared_expert"] else "no")
+        console.print(t)
+
+
+def render_passes(console: Console, registry) -> None:
+    t = Table(title="passes")
+    for col in ("name", "requires", "provides", "invalidates", "promise", "what it does"):
+        t.add_column(col)
+    for p in registry:
+        promise = "exact or reported (depends on config)" if p.name == "upcycle" else (
+            "reported" if p.output_tolerance is None else ("exact" if p.output_tolerance == 0 else f"≤ {p.output_tolerance}"))
+        t.add_row(p.name, ", ".join(sorted(p.requires)), ", ".join(sorted(p.provides)),
+                  ", ".join(sorted(p.invalidates)) or "-", promise, p.summary)
+    console.print(t)
+
+
+def render_upcycle(console: Console, report: dict) -> None:
+    t = Table(title="upcycle", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    up = report["upcycle"]
+    metrics = up.get("metrics", up)
+    t.add_row("output", f"{report['output']}  ({report['format']}, loads with {report['consumer']})")
+    t.add_row("route", report["route"])
+    t.add_row("layers converted", f"{metrics.get('sites_converted')} of {metrics.get('sites_found')}")
+    params = report.get("params", {})
+    t.add_row("parameters", f"{_n(params.get('before'))} → {_n(params.get('after'))}"
+              + (f" ({_n(params['active_after'])} active per token)" if params.get("active_after") else ""))
+    w = report["written"]
+    t.add_row("written", f"{w['tensors']} tensors, {_bytes(w['bytes'])} in {w['shards']} shard(s), all re-read and checksummed")
+    v = report["verification"]
+    if v.get("mode") == "full":
+        verdict = "exact" if v.get("exact_promised") else "measured"
+        t.add_row("check", f"{verdict}: max |Δ| {v['max_abs_diff']:.3g} (relative {v['rel_max_diff']:.3g}) "
+                  f"vs {v['against']}, reloaded as {v['consumer_class']}")
+    else:
+        t.add_row("check", v.get("detail", v.get("mode")))
+    dropped = report.get("source_tensors", {}).get("dropped") or []
+    if dropped:
+        t.add_row("dropped", "; ".join(dropped))
+    t.add_row("time", f"{report['seconds']} s")
+    console.print(t)
+    for wmsg in report.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {wmsg}")
+
+
+def render_demo(console: Console, result: dict) -> None:
+    render_upcycle(console, result["report"])
+    console.print(f"\nprompt: {result['prompt']!r}")
+    console.print(f"dense SmolLM2 : {result['texts']['dense']!r}")
+    console.print(f"MoE ({result['moe_class']}): {result['texts']['moe']!r}")
+    console.print(f"[green]identical greedy text[/green]; MoE checkpoint and report.json in {result['out']}")

@@ -1,0 +1,375 @@
+"""`upcycle_checkpoint`: the `moeconv upcycle SRC OUT` job — a dense checkpoint in, a verified MoE
+checkpoint out. (A job built on the `upcycle` pass, not a pass itself: the registry lists passes.)
+
+Two routes, same numbers for the same seed (both call `moeconv.expert_init`):
+- **streaming** (HF family with safetensors → HF MoE family): the architecture is built on the
+  `meta` device (no weights) to find the FFN sites; output tensors are planned up front and
+  produced one at a time from the source shards, so peak memory is about one layer's FFN plus
+  one output tensor, whatever the model size or shard size.
+- **in memory** (GGUF, built-in and other models, `router_init=hidden`, or `--format moeconv`):
+  load → `Pipeline([Upcycle])` (its numeric check proves exactness) → write.
+
+Either way the output is written to a hidden sibling directory, every tensor is re-read and
+checksummed, the output is loaded with the consumer users have (stock transformers or
+`moeconv.load`) and compared with the dense model, and only then renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from moeconv import Context, Pipeline, __version__
+from moeconv.errors import InputError, MoeconvError, UnsupportedError, VerificationError
+from moeconv.expert_init import expert_tensors, router_weight, split_partition
+from moeconv.formats.hf_moe import FORMATS, MoeFormat, check_representable, format_for, moe_config_dict, rename
+from moeconv.formats.native import save_moeconv
+from moeconv.formats.writer import TensorSource, module_source, write_checkpoint
+from moeconv.io.atomic import atomic_output_dir
+from moeconv.io.load import TOKENIZER_FILES, _model_class, _read_json, hf_config, load
+from moeconv.io.safetensors_io import SourceCheckpoint, TensorSpec
+from moeconv.pass_base import EXACT_RTOL
+from moeconv.patterns import find_ffn_sites
+from moeconv.sites import expert_rel_names, role_paths, select_sites
+from moeconv.state import model_outputs
+from passes.upcycle import Upcycle, UpcycleConfig
+
+FormatChoice = Literal["auto", "hf", "moeconv"]
+FULL_VERIFY_MAX_BYTES = 3 * 2**30  # functional check loads dense + MoE; above this, weights only
+
+
+def parse_size(text: str | int) -> int:
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.I)
+    if not m:
+        raise InputError(f"bad size {text!r}: use e.g. 5GB, 500MB, 2GiB")
+    unit = m.group(2).upper().rstrip("B").replace("I", "")
+    mult = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
+    if "I" in m.group(2).upper():
+        mult = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
+    size = int(float(m.group(1)) * mult)
+    if size <= 0:
+        raise InputError(f"bad size {text!r}: must be positive")
+    return size
+
+
+def upcycle_checkpoint(src, out, cfg: UpcycleConfig, *, fmt: FormatChoice = "auto", dtype: torch.dtype | None = None,
+                       shard_size="5GB", force: bool = False, verify: Literal["auto", "full", "weights"] = "auto",
+                       calibration: torch.Tensor | None = None, progress=None) -> dict:
+    """Convert `src` to an MoE checkpoint at `out`; returns the report (also written as report.json)."""
+    t0 = time.perf_counter()
+    shard_bytes = parse_size(shard_size)
+    out = Path(out)
+    src_path = Path(str(src)) if not str(src).startswith("builtin:") else None
+    raw = None
+    if src_path is not None and src_path.is_dir() and (src_path / "config.json").is_file():
+        raw = _read_json(src_path / "config.json")
+    family = format_for(raw.get("model_type")) if raw and "moeconv" not in raw else None
+    if fmt == "hf" and family is None:
+        what = raw.get("model_type") if raw else str(src)
+        raise UnsupportedError(f"--format hf: no Hugging Face MoE family for {what!r} (llama/mistral → Mixtral, "
+                               "qwen2 → Qwen2-MoE, qwen3 → Qwen3-MoE); use --format moeconv")
+    if out.exists() and not force:
+        from moeconv.errors import OutputExistsError
+        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    streaming = (family is not None and fmt != "moeconv" and cfg.router_init != "hidden"
+                 and ((src_path / "model.safetensors").is_file() or (src_path / "model.safetensors.index.json").is_file()))
+    inputs = tuple(p for p in (src_path,) if p is not None and p.exists())
+    with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
+        if streaming:
+            report = _stream_hf(src_path, raw, tmp, cfg, family, dtype, shard_bytes, verify, progress)
+        else:
+            report = _in_memory(src, tmp, cfg, family if fmt != "moeconv" else None, dtype, shard_bytes,
+                                verify, calibration, progress)
+        _copy_tokenizer(src_path, tmp, report)
+        report.update({"moeconv_version": __version__, "source": str(src), "output": str(out),
+                       "seconds": round(time.perf_counter() - t0, 2),
+                       "recipe": [{"pass": "upcycle", **cfg.model_dump()}]})
+        (tmp / "recipe.json").write_text(json.dumps(report["recipe"], indent=2) + "\n")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+# ----------------------------------------------------------------------------- in memory
+
+
+def _in_memory(src, tmp: Path, cfg: UpcycleConfig, family: MoeFormat | None, dtype, shard_bytes, verify,
+               calibration, progress) -> dict:
+    state = load(src, dtype=dtype)
+    if family is None and state.config is not None:
+        family = format_for(getattr(state.config, "model_type", None)) if state.source.kind == "gguf" else None
+    sites = find_ffn_sites(state.module)
+    chosen = select_sites(sites, cfg.targets, cfg.ignore)
+    if family is not None:
+        _check_family(family, state.config.to_dict(), cfg, sites, chosen)
+    dense_ref = None
+    ctx = Context(calibration=calibration, seed=cfg.seed, progress=progress)
+    result = Pipeline([Upcycle(cfg)]).run(state, ctx)
+    state = result.state
+    pass_report = result.report.passes[0]
+    on_tensor = _tensor_progress(progress)
+    if family is not None:
+        config = moe_config_dict(family, state.config.to_dict(), **_moe_args(cfg, sites, chosen, state.config.to_dict()))
+        site_paths = [s.path for _, s in chosen]
+        roles = expert_rel_names(chosen[0][1])
+        target_dtype = _config_dtype(config) or next(state.module.parameters()).dtype
+
+        def cast(name, t):  # routers are fp32 in memory; HF families keep them in the model dtype
+            return t.to(target_dtype) if t.is_floating_point() and t.dtype != target_dtype else t
+        source = module_source(state.module, lambda n: rename(family, site_paths, roles, n), cast)
+        stats = write_checkpoint(tmp, source, config, shard_bytes=shard_bytes, on_tensor=on_tensor)
+        stats["notes"] = source.notes
+        consumer = f"transformers.AutoModelForCausalLM ({family.architecture})"
+    else:
+        stats = save_moeconv(state, tmp, shard_bytes=shard_bytes, on_tensor=on_tensor)
+        consumer = "moeconv.load"
+    report = {"route": "in-memory", "format": family.name if family else "moeconv", "consumer": consumer,
+              "upcycle": pass_report.to_dict(), "written": stats}
+    # Reload with the consumer and compare against the in-memory MoE model (itself checked
+    # against the dense model by the pass's numeric check).
+    report["verification"] = _verify_reload(tmp, state.module, family, cfg, vocab=_vocab(state.config, state.module),
+                                            exact=True, what="in-memory MoE")
+    report["verification"]["dense_vs_moe_rel_max_diff"] = pass_report.metrics.get("rel_max_diff")
+    report["params"] = {"before": pass_report.metrics["params_before"], "after": pass_report.metrics["params_after"],
+                        "active_after": pass_report.metrics["active_params_after"]}
+    return report
+
+
+def _tensor_progress(progress):
+    if progress is None:
+        return None
+    counter = {"n": 0}
+
+    def on_tensor(spec):
+        counter["n"] += 1
+        progress("write", counter["n"], None)
+    return on_tensor
+
+
+def _vocab(config, module) -> int:
+    v = getattr(config, "vocab_size", None)
+    if isinstance(v, int):
+        return v
+    for m in module.modules():
+        if isinstance(m, torch.nn.Embedding):
+            return m.num_embeddings
+    raise VerificationError("cannot find the vocabulary size to build check inputs")
+
+
+def _config_dtype(config: dict) -> torch.dtype | None:
+    d = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(d, str) and hasattr(torch, d):
+        return getattr(torch, d)
+    return None
+
+
+def _check_family(family: MoeFormat, dense: dict, cfg: UpcycleConfig, sites, chosen) -> None:
+    check_representable(family, dense, layers_selected=len(chosen), layers_total=len(sites),
+                        renormalize=cfg.renormalize, top_k=cfg.top_k, num_experts=cfg.num_experts,
+                        router_bias=cfg.router_bias, shared_experts=cfg.shared_experts,
+                        kinds={s.kind for _, s in chosen})
+
+
+def _moe_args(cfg: UpcycleConfig, sites, chosen, dense: dict) -> dict:
+    inter = chosen[0][1].intermediate_size
+    chosen_idx = {i for i, _ in chosen}
+    return {"num_experts": cfg.num_experts, "top_k": cfg.top_k,
+            "expert_intermediate": inter // cfg.num_experts if cfg.expert_init == "split" else inter,
+            "dense_layers": [i for i in range(len(sites)) if i not in chosen_idx],
+            "renormalize": cfg.renormalize, "shared_intermediate": inter if cfg.shared_experts else None}
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def _stream_hf(src: Path, raw: dict, tmp: Path, cfg: UpcycleConfig, family: MoeFormat, dtype, shard_bytes,
+               verify, progress) -> dict:
+    ckpt = SourceCheckpoint(src)
+    config = hf_config(src, raw)
+    with torch.device("meta"):
+        meta_model = _model_class(config)(config)
+    sites = find_ffn_sites(meta_model)
+    chosen = select_sites(sites, cfg.targets, cfg.ignore)
+    dense_dict = config.to_dict()
+    _check_family(family, dense_dict, cfg, sites, chosen)
+    if cfg.expert_init == "split":
+        for _, s in chosen:
+            if s.intermediate_size % cfg.num_experts:
+                raise UnsupportedError(f"split needs num_experts to divide the intermediate size ({s.intermediate_size})")
+    if dtype is not None:
+        dense_dict["dtype"] = str(dtype).replace("torch.", "")
+    moe_cfg = moe_config_dict(family, dense_dict, **_moe_args(cfg, sites, chosen, dense_dict))
+    source, accounting = _streaming_source(ckpt, meta_model, chosen, cfg, family, dtype)
+    stats = write_checkpoint(tmp, source, moe_cfg, shard_bytes=shard_bytes, on_tensor=_tensor_progress(progress))
+    stats["notes"] = source.notes
+    report = {"route": "streaming", "format": family.name,
+              "consumer": f"transformers.AutoModelForCausalLM ({family.architecture})",
+              "upcycle": {"sites_found": len(sites), "sites_converted": len(chosen),
+                          "sites": [s.path for _, s in chosen]},
+              "written": stats, "source_tensors": accounting}
+    out_bytes = stats["bytes"]
+    src_bytes = sum(s.nbytes for s in ckpt.specs.values())
+    mode = verify if verify != "auto" else ("full" if out_bytes + src_bytes <= FULL_VERIFY_MAX_BYTES else "weights")
+    if mode == "full":
+        from transformers import AutoModelForCausalLM
+        dense = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=torch.float32).eval()
+        report["verification"] = _verify_reload(tmp, dense, family, cfg, vocab=config.vocab_size,
+                                                exact=cfg.is_exact(), what="dense source")
+        n_dense = sum(p.numel() for p in dense.parameters())
+        del dense
+    else:
+        report["verification"] = {"mode": "weights", "detail": "every tensor re-read and checksummed; functional "
+                                  "check skipped above {:.1f} GiB (use --verify full)".format(FULL_VERIFY_MAX_BYTES / 2**30)}
+        n_dense = None
+    report["params"] = {"before": n_dense, "after": sum(int(torch.Size(s.shape).numel()) for s in source.specs)}
+    return report
+
+
+def _streaming_source(ckpt: SourceCheckpoint, meta_model, chosen, cfg: UpcycleConfig, family: MoeFormat, dtype):
+    """Plan every output tensor from the checkpoint headers; produce each on demand."""
+    spec_ = cfg.init_spec()
+    expected = set(meta_model.state_dict().keys())
+    site_of: dict[str, tuple[int, object]] = {}
+    for index, site in chosen:
+        for role, path in role_paths(site).items():
+            for suffix in ("weight", "bias"):
+                site_of[f"{path}.{suffix}"] = (index, site)
+    roles = expert_rel_names(chosen[0][1])
+    site_paths = [s.path for _, s in chosen]
+    specs: list[TensorSpec] = []
+    plan: dict[str, tuple] = {}  # out name → how to produce it
+    accounting = {"copied": 0, "transformed": 0, "dropped": []}
+    emitted: set[str] = set()
+
+    def out_dtype(src_dtype):
+        return dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
+
+    for name in ckpt.names():
+        spec = ckpt.specs[name]
+        if name in site_of:
+            index, site = site_of[name]
+            accounting["transformed"] += 1
+            if site.path in emitted:
+                continue
+            emitted.add(site.path)
+            dense_specs = {role: ckpt.specs[f"{p}.weight"] for role, p in role_paths(site).items()}
+            tgt_dtype = out_dtype(dense_specs["down"].dtype)
+            inter = site.intermediate_size
+            e_inter = inter // cfg.num_experts if cfg.expert_init == "split" else inter
+            local = [("router.weight", (cfg.num_experts, site.hidden_size), ("router", index, site))]
+            for e in range(cfg.num_experts):
+                for role, rel in roles.items():
+                    shape = list(dense_specs[role].shape)
+                    shape[1 if role == "down" else 0] = e_inter
+                    local.append((f"experts.{e}.{rel}.weight", tuple(shape), ("expert", index, site, e, role)))
+            if cfg.shared_experts:
+                for role, rel in roles.items():
+                    local.append((f"shared_expert.{rel}.weight", dense_specs[role].shape, ("shared", index, site, role)))
+                local.append(("shared_expert_gate.weight", (1, site.hidden_size), ("shared_gate", index, site)))
+            for rel_name, shape, how in local:
+                out_name = rename(family, site_paths, roles, f"{site.path}.{rel_name}")
+                specs.append(TensorSpec(out_name, tgt_dtype, tuple(shape)))
+                plan[out_name] = how
+            continue
+        if name not in expected:
+            accounting["dropped"].append(f"{name} (not a parameter or buffer of {type(meta_model).__name__})")
+            continue
+        accounting["copied"] += 1
+        specs.append(TensorSpec(name, out_dtype(spec.dtype), spec.shape))
+        plan[name] = ("copy", name)
+
+    cache: dict = {"site": None, "dense": None, "partition": None, "expert": (None, None)}
+
+    def dense_for(index, site):
+        if cache["site"] != site.path:
+            cache["site"] = site.path
+            cache["dense"] = {}
+            for role, p in role_paths(site).items():
+                cache["dense"][role] = ckpt.get(f"{p}.weight")
+                if f"{p}.bias" in ckpt.specs:
+                    cache["dense"][f"{role}.bias"] = ckpt.get(f"{p}.bias")
+            cache["partition"] = (split_partition(cache["dense"], site.intermediate_size, cfg.num_experts, spec_, index)
+                                  if cfg.expert_init == "split" else None)
+            cache["expert"] = (None, None)
+        return cache["dense"]
+
+    def produce(s: TensorSpec) -> torch.Tensor:
+        how = plan[s.name]
+        if how[0] == "copy":
+            t = ckpt.get(how[1])
+        elif how[0] == "router":
+            _, index, site = how
+            t = router_weight(cfg.num_experts, site.hidden_size, cfg.router_init, cfg.router_std, cfg.seed, index)
+        elif how[0] == "expert":
+            _, index, site, e, role = how
+            dense = dense_for(index, site)
+            if cache["expert"][0] != (site.path, e):
+                cache["expert"] = ((site.path, e), expert_tensors(dense, e, cfg.num_experts, site.intermediate_size,
+                                                                  spec_, index, cache["partition"]))
+            t = cache["expert"][1][role]
+        elif how[0] == "shared":
+            _, index, site, role = how
+            t = dense_for(index, site)[role]
+        else:
+            t = torch.zeros(1, how[2].hidden_size)
+        return t.to(s.dtype)
+
+    notes = [f"dropped {d}" for d in accounting["dropped"]]
+    return TensorSource(specs, produce, notes), accounting
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+def _verify_reload(tmp: Path, reference: torch.nn.Module, family: MoeFormat | None, cfg: UpcycleConfig, *,
+                   vocab: int, exact: bool, what: str) -> dict:
+    """Load what was written with the consumer users have and compare outputs with `reference`."""
+    if family is not None:
+        from transformers import AutoModelForCausalLM
+        try:
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, dtype=torch.float32)
+        except Exception as exc:
+            raise VerificationError(f"written checkpoint does not load in transformers: {exc}") from None
+        if type(reloaded).__name__ != family.architecture:
+            raise VerificationError(f"transformers loaded {type(reloaded).__name__}, expected {family.architecture}")
+    else:
+        reloaded = load(tmp).module
+    reloaded = reloaded.eval()
+    ref_dtype = next(reference.parameters()).dtype
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    inputs = torch.randint(0, vocab, (2, 24), generator=gen)
+    ref = model_outputs(reference.float() if ref_dtype != torch.float32 else reference, inputs).float()
+    got = model_outputs(reloaded.float(), inputs).float()
+    if ref_dtype != torch.float32:
+        reference.to(ref_dtype)
+    diff = (got - ref).abs().max().item()
+    rel = diff / max(1.0, ref.abs().max().item())
+    result = {"mode": "full", "against": what, "consumer_class": type(reloaded).__name__,
+              "max_abs_diff": diff, "rel_max_diff": rel, "exact_promised": exact}
+    if exact and not rel <= EXACT_RTOL:
+        raise VerificationError(f"reloaded output differs from the {what}: relative max |Δ| {rel:.3g} > {EXACT_RTOL}")
+    return result
+
+
+def _copy_tokenizer(src_path: Path | None, tmp: Path, report: dict) -> None:
+    copied = []
+    if src_path is not None and src_path.is_dir():
+        for name in TOKENIZER_FILES:
+            if (src_path / name).is_file():
+                shutil.copy2(src_path / name, tmp / name)
+                copied.append(name)
+    elif src_path is not None and src_path.suffix == ".gguf":
+        try:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(src_path.parent, gguf_file=src_path.name, local_files_only=True)
+            copied = list(tok.save_pretrained(tmp))
+            copied = [Path(c).name for c in copied]
+        except Exception as exc:  # the weights are the job; a tokenizer we cannot rebuild is reported
+            report.setdefault("warnings", []).append(f"tokenizer not carried over: {exc.__class__.__name__}")
+    report["tokenizer_files"] = copied
