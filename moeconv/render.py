@@ -105,6 +105,8 @@ def render_upcycle(console: Console, report: dict) -> None:
                   f"vs {v['against']}, reloaded as {v['consumer_class']}")
     else:
         t.add_row("check", v.get("detail", v.get("mode")))
+    if v.get("dense_vs_moe_rel_max_diff") is not None:
+        t.add_row("dense vs MoE", f"relative max |Δlogits| {v['dense_vs_moe_rel_max_diff']:.3g} (in memory, before writing)")
     dropped = report.get("source_tensors", {}).get("dropped") or []
     if dropped:
         t.add_row("dropped", "; ".join(dropped))
