@@ -28,7 +28,7 @@ app = typer.Typer(
          "directory, builtin:gpt|llama|bert, or FILE.py[:factory].",
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # errors stay on one line
 out = Console(highlight=False)
 _state = {"verbose": False}
 

@@ -78,8 +78,10 @@ class Pass(ABC):
 
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ())) or "config"
-    msg = err.get("msg", "invalid value")
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    if not loc:
+        return err.get("msg", "invalid value").removeprefix("Value error, ")
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
     if err.get("type") == "extra_forbidden":
         msg = "unknown field"
     return f"{loc}: {msg}"

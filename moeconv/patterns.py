@@ -224,6 +224,8 @@ def _make_site(model, island, kind, *, up, gate, down, act, chain, act_node=None
     intermediate = i_up // 2 if kind == "fused_gated" else i_up
     if i_down != intermediate:
         return None
+    if gate_path is not None and in_out_features(model.get_submodule(gate_path)) != (h, intermediate):
+        return None  # a narrower gate would broadcast; it is not this FFN's gate
     if kind == "plain" and is_conv1d(up_mod) and is_conv1d(down_mod):
         kind = "conv1d"
     bias = any(getattr(model.get_submodule(p), "bias", None) is not None for p in (up_path, down_path, gate_path) if p)

@@ -36,8 +36,11 @@ class ModelState:
 
     # ---- derived facts -------------------------------------------------------------------
     def ffn_sites(self):
+        """Dense FFN sites: FFNs inside MoE layers (the experts themselves) are not sites."""
         from moeconv.patterns import find_ffn_sites
-        return find_ffn_sites(self.module, require=False)
+        moe_paths = [p for p, _ in self.moe_blocks()]
+        return [s for s in find_ffn_sites(self.module, require=False)
+                if not any(s.path == p or s.path.startswith(p + ".") or p == "" for p in moe_paths)]
 
     def moe_blocks(self) -> list[tuple[str, nn.Module]]:
         """Every MoE layer: moeconv's `MoEBlock` and native HF sparse-MoE blocks (router + experts)."""

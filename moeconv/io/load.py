@@ -161,9 +161,9 @@ def _load_bin(path: Path, cls, config, dtype):
                          f"(only plain tensors are loaded: {' '.join(str(exc).split())[:160]})") from None
     if not isinstance(state_dict, dict):
         raise InputError(f"{path / 'pytorch_model.bin'}: not a state dict")
-    with torch.device("meta"):
-        model = cls(config)
-    model = model.to_empty(device="cpu")
+    # Built on CPU, not meta: non-persistent buffers (rotary inv_freq, position ids) are not in
+    # the state dict and must come from the constructor.
+    model = cls(config)
     result = model.load_state_dict(state_dict, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied]

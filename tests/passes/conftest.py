@@ -31,3 +31,14 @@ def dense_ckpt(tmp_path_factory):
 def dense_model():
     """dense_model(kind, layers=2): the in-memory twin of `dense_ckpt(kind)` (same seed → same weights)."""
     return lambda kind, layers=2: build_dense(kind, layers=layers)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP
+    spin-waiting slows these tests several-fold; restored afterwards for other test dirs."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
