@@ -218,7 +218,10 @@ def _stream_hf(src: Path, raw: dict, tmp: Path, cfg: UpcycleConfig, family: MoeF
     mode = verify if verify != "auto" else ("full" if out_bytes + src_bytes <= FULL_VERIFY_MAX_BYTES else "weights")
     if mode == "full":
         from transformers import AutoModelForCausalLM
-        dense = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=torch.float32).eval()
+        # The reference is the dense model with its weights rounded to the output dtype (when
+        # --dtype casts), so the check measures the upcycling, not the requested cast.
+        dense = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=dtype or torch.float32)
+        dense = dense.float().eval()
         report["verification"] = _verify_reload(tmp, dense, family, cfg, vocab=config.vocab_size,
                                                 exact=cfg.is_exact(), what="dense source")
         n_dense = sum(p.numel() for p in dense.parameters())

@@ -26,6 +26,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
@@ -97,7 +98,9 @@ def make_hf(moe: MoEBlock):
         for e, ex in enumerate(moe.experts):
             hf.experts.gate_up_proj[e].copy_(torch.cat([ex.gate_proj.weight, ex.up_proj.weight], dim=0))
             hf.experts.down_proj[e].copy_(ex.down_proj.weight)
-    note = f"config._experts_implementation: default={default_impl!r} -> using 'eager' (class loop forward)"
+    note = (f"config._experts_implementation: bare-config default={default_impl!r} (falls back to the class's "
+            f"eager loop with a warning) -> set to 'eager' explicitly (PreTrainedModel would resolve None to "
+            f"'grouped_mm' where it can dispatch)")
     return hf.eval(), note
 
 
@@ -172,8 +175,6 @@ def run_case(dtype_name: str, tokens: int, moe32: MoEBlock, hf32, warmup: int, r
              quiet_wait_s: float = 0.0, max_others: float | None = 0.10, max_rounds: int | None = None) -> dict:
     dtype = DTYPES[dtype_name]
     # `.to(dtype)` keeps MoEBlock's router fp32; casting a deepcopy keeps the fp32 originals.
-    import copy
-
     moe = copy.deepcopy(moe32).to(dtype)
     hf = copy.deepcopy(hf32).to(dtype)
     assert moe.router.weight.dtype == torch.float32
@@ -270,10 +271,10 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         m = r["ms"]
         data.append([
-            r["dtype"], str(r["tokens"]), f"{r['n_runs']}{'!' if r['contended'] else ''}", f"{m['moe']:.1f}", f"{m['floor']:.1f}", f"{m['hf']:.1f}",
-            f"{m['dense']:.1f}", f"{r['ratio_moe_floor']:.3f}", f"{r['ratio_moe_hf']:.3f}",
-            f"{r['ratio_moe_dense']:.3f}", "PASS" if r["pass_floor"] else "FAIL",
-            "PASS" if r["pass_hf"] else "FAIL", f"{r['paired_ratio_median']['moe_floor']:.3f}",
+            r["dtype"], str(r["tokens"]), f"{r['n_runs']}{'!' if r['contended'] else ''}",
+            f"{m['moe']:.1f}", f"{m['floor']:.1f}", f"{m['hf']:.1f}", f"{m['dense']:.1f}",
+            f"{r['ratio_moe_floor']:.3f}", f"{r['ratio_moe_hf']:.3f}", f"{r['ratio_moe_dense']:.3f}",
+            "PASS" if r["pass_floor"] else "FAIL", "PASS" if r["pass_hf"] else "FAIL", f"{r['paired_ratio_median']['moe_floor']:.3f}",
             f"{r['paired_ratio_median']['moe_hf']:.3f}", f"{r['hf_vs_moe_max_abs_diff']:.2e}",
         ])
     try:
@@ -337,17 +338,19 @@ def main(argv=None) -> int:
 
     load_before = _loadavg()
     if load_before is not None and load_before[0] > 0.5:
-        print(f"WARNING: 1-min load average {load_before[0]:.2f} before start: other processes compete for "
-              f"the {os.cpu_count()} CPU(s); timings will be noisy (see the paired ratios / min_ms in the JSON)")
+        print(f"note: 1-min load average {load_before[0]:.2f} before start: other processes may compete for the "
+              f"{os.cpu_count()} CPU(s); rounds they disturb are redone (--max-others), see also --wait-quiet")
     rows = []
     for dname in args.dtypes:
         for tokens in tokens_list:
             r = run_case(dname, tokens, moe32, hf32, args.warmup, repeats, args.seed, args.wait_quiet,
                          None if args.max_others < 0 else args.max_others, args.max_rounds or 4 * repeats)
             rows.append(r)
-            extra = " (fp32 target < 1e-4: " + ("OK" if r.get("hf_match_ok") else "MISMATCH") + ")" \
-                if dname == "fp32" else (f" ({r['hf_vs_moe_tokens_routed_differently']} tokens routed differently: hf's router runs in bf16;"
-                      f" {r['hf_vs_moe_max_abs_diff_same_route_tokens']:.3e} over the others)")
+            if dname == "fp32":
+                extra = " (fp32 target < 1e-4: " + ("OK" if r["hf_match_ok"] else "MISMATCH") + ")"
+            else:
+                extra = (f" ({r['hf_vs_moe_tokens_routed_differently']} tokens routed differently: hf's router "
+                         f"runs in {dname}; {r['hf_vs_moe_max_abs_diff_same_route_tokens']:.3e} over the others)")
             print(f"[{dname} T={tokens}] hf vs moe max|diff| = {r['hf_vs_moe_max_abs_diff']:.3e}{extra}; "
                   f"expert token counts {r['expert_token_counts']}", flush=True)
             n_bad = sum(not x["clean"] for x in r["all_rounds"])

@@ -353,10 +353,32 @@ def test_report_for_in_memory_route(tmp_path):
 # ----------------------------------------------------------------------------- dtype
 
 
-@pytest.mark.xfail(strict=True, reason="passes/upcycle_checkpoint.py::_stream_hf verifies a --dtype bfloat16 "
-                   "output against the fp32 dense source with the fp32 exactness bound (1e-5), so every "
-                   "bf16 conversion of an fp32 checkpoint fails with 'reloaded output differs' (exit 2)")
-def test_bfloat16_output(dense_ckpt, tmp_path):
+def _bf16_rounded(model):
+    """The dense model with its parameters (not its fp32 rotary buffers) rounded to bf16, run in fp32."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return model
+
+
+def test_bfloat16_output_streaming(dense_ckpt, tmp_path):
     out = tmp_path / "bf16"
-    cli_ok(dense_ckpt("llama"), out, *BASE, "--dtype", "bfloat16")
+    src = dense_ckpt("llama")
+    cli_ok(src, out, *BASE, "--dtype", "bfloat16")
     assert all(t.dtype == torch.bfloat16 for t in safetensors_dict(out).values())
+    # copy init: exact against the dense model rounded to the output dtype
+    assert_same_function(_hf(out), _bf16_rounded(_hf(src)))
+
+
+def test_bfloat16_output_in_memory(dense_ckpt, tmp_path):
+    """The in-memory route (moeconv format) casts the dense model first, then upcycles exactly."""
+    out = tmp_path / "bf16"
+    src = dense_ckpt("llama")
+    cli_ok(src, out, *BASE, "--dtype", "bfloat16", "--format", "moeconv", "--router-init", "normal")
+    tensors = safetensors_dict(out)
+    assert all(t.dtype == (torch.float32 if k.endswith("router.weight") else torch.bfloat16)
+               for k, t in tensors.items())
+    # measured in bf16 arithmetic by the pass's check: bf16 rounding, within its dtype-scaled bound
+    assert _report(out)["verification"]["dense_vs_moe_rel_max_diff"] < 2e-2
+    # in fp32 arithmetic the bf16 weights compute exactly the bf16-rounded dense function
+    assert_same_function(moeconv.load(out).module.float(), _bf16_rounded(_hf(src)))
