@@ -154,3 +154,29 @@ def rename(fmt: MoeFormat, site_paths: list[str], roles: dict[str, str], name: s
                         return f"{target}.{head}{new_rel}{tail[len(rel):]}"
         raise UnsupportedError(f"internal: no {fmt.architecture} name for {name}")
     return name
+
+
+def family_for_config(model_type: str | None) -> MoeFormat | None:
+    """The MoE family a model belongs to: native (`mixtral`) or as an upcycling source (`llama`)."""
+    for fmt in FORMATS.values():
+        if model_type == fmt.target_type:
+            return fmt
+    return format_for(model_type)
+
+
+def native_config_dict(fmt: MoeFormat, config: dict, num_experts: int, top_k: int) -> dict:
+    """A native family config with its expert count / top-k updated (after pruning, say)."""
+    out = dict(config)
+    out["num_local_experts" if fmt.name == "mixtral" else "num_experts"] = num_experts
+    out["num_experts_per_tok"] = top_k
+    return out
+
+
+def hf_moe_source(module, fmt: MoeFormat, moe_paths: list[str], target_dtype):
+    """The state dict of a model with `MoEBlock`s under the family's names; routers cast to the
+    model dtype as the family stores them."""
+    from moeconv.formats.writer import module_source
+
+    def cast(name, t):
+        return t.to(target_dtype) if t.is_floating_point() and t.dtype != target_dtype else t
+    return module_source(module, lambda n: rename(fmt, moe_paths, _GATED, n), cast)

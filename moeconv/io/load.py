@@ -29,6 +29,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def load(source, *, dtype: torch.dtype | None = None) -> ModelState:
     if isinstance(source, nn.Module):
+        from moeconv.nn.native_moe import linearise_native_moe
+        linearise_native_moe(source)  # documented: native HF MoE blocks become equivalent MoEBlocks in place
         return ModelState(source.eval(), getattr(source, "config", None), SourceInfo("module"))
     if isinstance(source, ModelState):
         return source
@@ -137,7 +139,12 @@ def _load_hf(path: Path, raw: dict, dtype) -> ModelState:
         model = _load_bin(path, cls, config, dtype)
     else:
         raise InputError(f"{path}: no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
-    return ModelState(model.eval(), model.config, SourceInfo("hf", path, tokenizer_dir=path))
+    from moeconv.nn.native_moe import linearise_native_moe
+    linearised = linearise_native_moe(model)  # fused 3-D experts → per-expert nn.Linear (exact)
+    state = ModelState(model.eval(), model.config, SourceInfo("hf", path, tokenizer_dir=path))
+    if linearised:
+        state.artifacts["linearised_moe"] = linearised
+    return state
 
 
 def _check_loading_info(path: Path, info: dict) -> None:

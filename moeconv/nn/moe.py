@@ -116,10 +116,12 @@ class MoEBlock(nn.Module):
         hidden = x.reshape(-1, shape[-1])
         _, weights, indices = self.route(hidden)
         out = torch.zeros_like(hidden)
+        # Weights in the activation dtype before the multiply: no fp32 copy of every expert output.
+        weights = weights.to(hidden.dtype)
         for e, expert in enumerate(self.experts):
             token_idx, slot = torch.where(indices == e)
-            y = expert(hidden[token_idx])
-            out.index_add_(0, token_idx, (y * weights[token_idx, slot].unsqueeze(-1)).to(out.dtype))
+            y = expert(hidden.index_select(0, token_idx))
+            out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1))
         if self.shared_expert is not None:
             shared = self.shared_expert(hidden)
             if self.shared_expert_gate is not None:

@@ -1,0 +1,73 @@
+"""`run_to_dir`: the shape of every `moeconv COMMAND SRC OUT` job — load, run a pipeline, save in
+the consumer's format into a hidden sibling directory, reload with that consumer and compare with
+the in-memory result, write report.json / recipe.json, then rename into place."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from moeconv import __version__
+from moeconv.context import Context
+from moeconv.io.atomic import atomic_output_dir
+from moeconv.io.load import TOKENIZER_FILES, load
+from moeconv.io.save import save_checkpoint
+from moeconv.pipeline import Pipeline
+from moeconv.state import ModelState
+from moeconv.verify import EXACT, check_inputs, compare_outputs, load_consumer
+
+
+def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str = "auto",
+               shard_bytes: int = 5 * 10**9, force: bool = False, reload_tolerance: float | None = EXACT,
+               state: ModelState | None = None) -> dict:
+    """Run `passes` on `src` and write the result to `out`; returns the report (also report.json).
+
+    `reload_tolerance`: how closely the reloaded output must match the in-memory result (exact by
+    default; a writer that re-encodes, e.g. a quantization format, may need a bound).
+    """
+    t0 = time.perf_counter()
+    ctx = ctx or Context()
+    out = Path(out)
+    src_path = Path(str(src)) if not isinstance(src, (torch.nn.Module, ModelState)) and not str(src).startswith("builtin:") else None
+    inputs = tuple(p for p in (src_path,) if p is not None and p.exists())
+    with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
+        state = state or load(src)
+        result = Pipeline(passes).run(state, ctx)
+        written = save_checkpoint(result.state, tmp, fmt=fmt, shard_bytes=shard_bytes)
+        vocab = _vocab(result.state)
+        reloaded = load_consumer(tmp, written["consumer"], written.get("expected_class"))
+        verification = compare_outputs(result.state.module, reloaded, check_inputs(vocab, ctx.seed + 1),
+                                       tolerance=reload_tolerance, what="in-memory result")
+        copied = _copy_tokenizer(state, tmp)
+        recipe = [{"pass": p.name, **p.config.model_dump()} for p in passes]
+        report = {"moeconv_version": __version__, "source": str(src), "output": str(out),
+                  "passes": [r.to_dict() for r in result.report.passes], "written": written,
+                  "verification": verification, "tokenizer_files": copied, "recipe": recipe,
+                  "seconds": round(time.perf_counter() - t0, 2)}
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def _vocab(state: ModelState) -> int:
+    v = getattr(state.config, "vocab_size", None)
+    if isinstance(v, int):
+        return v
+    for m in state.module.modules():
+        if isinstance(m, torch.nn.Embedding):
+            return m.num_embeddings
+    raise ValueError("cannot find the vocabulary size")
+
+
+def _copy_tokenizer(state: ModelState, tmp: Path) -> list[str]:
+    src = state.source.tokenizer_dir
+    copied = []
+    if src is not None and Path(src).is_dir():
+        for name in TOKENIZER_FILES:
+            if (Path(src) / name).is_file() and not (tmp / name).exists():
+                shutil.copy2(Path(src) / name, tmp / name)
+                copied.append(name)
+    return copied
