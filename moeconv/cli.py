@@ -188,6 +188,11 @@ def demo(
     _run(go)
 
 
+from moeconv.commands import register_all  # noqa: E402
+
+register_all(app)
+
+
 def main():  # pragma: no cover - console entry point wrapper
     app()
 

@@ -1,0 +1,141 @@
+"""Layer-by-layer calibration: observe (and optionally modify) one decoder layer at a time.
+
+Only one layer's activations are in memory at once: the inputs of the first repeated layer are
+captured (with the keyword arguments the model passes it: masks, rotary embeddings …), then each
+layer is run on the cached inputs while the caller's hooks observe it, the caller may change the
+layer (prune, quantize), and the layer is run again to produce the next layer's inputs — from the
+*modified* layer, so errors do not compound unseen (the GPTQ/SparseGPT recipe).
+
+Routing-awareness comes for free from `MoEBlock`: it calls each expert only on the tokens routed
+to it, so a hook on an expert's projection sees exactly that expert's tokens. `expert_coverage`
+counts them; callers fall back to all tokens of the layer for under-covered experts.
+
+Hooks are owned by context managers and always removed (observe, then mutate).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from moeconv.errors import UnsupportedError
+
+
+class _Stop(Exception):
+    pass
+
+
+def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated block stack: the `ModuleList` holding the most parameters."""
+    best, best_n = None, 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            n = sum(p.numel() for p in m.parameters())
+            if n > best_n:
+                best, best_n = (name, m), n
+    if best is None:
+        raise UnsupportedError(f"{type(model).__name__}: no repeated layer stack found for layer-wise calibration")
+    return best
+
+
+def _call(model, batch):
+    try:
+        return model(input_ids=batch, use_cache=False)
+    except TypeError:
+        return model(batch)
+
+
+@dataclass
+class LayerInputs:
+    args: list[tuple]      # per batch: positional args of the layer call (hidden states first)
+    kwargs: list[dict]     # per batch: keyword args
+
+
+def capture_first_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> LayerInputs:
+    _, layers = decoder_layers(model)
+    first = layers[0]
+    args, kwargs = [], []
+
+    def pre_hook(_m, a, kw):
+        args.append(tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in a))
+        kwargs.append(dict(kw))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            for b in batches:
+                try:
+                    _call(model, b)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return LayerInputs(args, kwargs)
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_layerwise(model: nn.Module, batches: list[torch.Tensor],
+                  on_layer: Callable[[int, str, nn.Module, Callable[[], None]], None],
+                  progress: Callable[[str, int, int], None] | None = None) -> None:
+    """For each decoder layer: `on_layer(index, path, layer, forward)` where `forward()` runs the
+    layer on every cached batch (the caller installs its hooks around it, and may change the layer
+    afterwards). The next layer then gets the outputs of the (possibly modified) layer."""
+    prefix, layers = decoder_layers(model)
+    inputs = capture_first_layer_inputs(model, batches)
+    for i, layer in enumerate(layers):
+        if progress:
+            progress("calibrate", i, len(layers))
+
+        def forward(layer=layer):
+            with torch.inference_mode():
+                for a, kw in zip(inputs.args, inputs.kwargs):
+                    layer(*a, **kw)
+
+        on_layer(i, f"{prefix}.{i}" if prefix else str(i), layer, forward)
+        with torch.inference_mode():
+            new_args = []
+            for a, kw in zip(inputs.args, inputs.kwargs):
+                h = _hidden(layer(*a, **kw))
+                new_args.append((h,) + tuple(a[1:]))
+        inputs.args = new_args
+    if progress:
+        progress("calibrate", len(layers), len(layers))
+
+
+@contextmanager
+def observe_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call `fn(name, input_2d)` with every input (flattened to (tokens, features)) of each module."""
+    handles = []
+    for name, m in modules.items():
+        def hook(_m, args, name=name):
+            x = args[0]
+            fn(name, x.detach().reshape(-1, x.shape[-1]))
+        handles.append(m.register_forward_pre_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def expert_coverage(block: nn.Module) -> Iterator[dict[int, int]]:
+    """Count the tokens each expert of an `MoEBlock` receives while the context is open."""
+    counts = {e: 0 for e in range(len(block.experts))}
+    handles = []
+    for e, expert in enumerate(block.experts):
+        def hook(_m, args, e=e):
+            counts[e] += int(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+        handles.append(expert.register_forward_pre_hook(hook))
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
