@@ -25,6 +25,7 @@ FACT_HINTS = {
 @dataclass
 class PlanStep:
     name: str
+    requires: frozenset[str]
     facts_before: frozenset[str]
     facts_after: frozenset[str]
     missing: frozenset[str]
@@ -60,7 +61,7 @@ class Pipeline:
             for fact in sorted(missing):
                 plan.problems.append(f"step {i + 1} `{p.name}` requires `{fact}`: {self._hint(i, fact)}")
             after = (current - p.invalidates) | p.provides
-            plan.steps.append(PlanStep(p.name, current, after, missing))
+            plan.steps.append(PlanStep(p.name, frozenset(p.requires), current, after, missing))
             current = after | missing  # assume fixed, so later problems are reported independently
         return plan
 

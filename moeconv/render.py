@@ -122,3 +122,31 @@ def render_demo(console: Console, result: dict) -> None:
     console.print(f"dense SmolLM2 : {result['texts']['dense']!r}")
     console.print(f"MoE ({result['moe_class']}): {result['texts']['moe']!r}")
     console.print(f"[green]identical greedy text[/green]; MoE checkpoint and report.json in {result['out']}")
+
+
+def render_plan(console: Console, plan) -> None:
+    t = Table(title="plan")
+    for col in ("step", "pass", "needs (missing in red)", "facts after"):
+        t.add_column(col)
+    for i, step in enumerate(plan.steps, 1):
+        needs = ", ".join(f"[red]{f}[/red]" if f in step.missing else f for f in sorted(step.requires)) or "-"
+        t.add_row(str(i), step.name, needs, ", ".join(sorted(step.facts_after)))
+    console.print(t)
+    for p in plan.problems:
+        console.print(f"[red]problem:[/red] {p}")
+    if plan.ok:
+        console.print("[green]plan ok[/green]")
+
+
+def render_run(console: Console, report: dict) -> None:
+    t = Table(title=f"run → {report['output']}")
+    for col in ("pass", "summary", "time s", "rel max |Δ|"):
+        t.add_column(col)
+    for p in report["passes"]:
+        rel = p["metrics"].get("rel_max_diff")
+        t.add_row(p["pass_name"], p["summary"], f"{p['seconds']}" if p["seconds"] is not None else "-",
+                  f"{rel:.3g}" if rel is not None else "-")
+    console.print(t)
+    w, v = report["written"], report["verification"]
+    console.print(f"written as {w['format']} (loads with {w['consumer']}); reload check: relative max |Δ| "
+                  f"{v['rel_max_diff']:.3g} vs the in-memory result; report.json in {report['output']}")
