@@ -83,10 +83,13 @@ def _hidden(out):
 
 def run_layerwise(model: nn.Module, batches: list[torch.Tensor],
                   on_layer: Callable[[int, str, nn.Module, Callable[[], None]], None],
-                  progress: Callable[[str, int, int], None] | None = None) -> None:
+                  progress: Callable[[str, int, int], None] | None = None,
+                  after_layer: Callable[[int, str, nn.Module, list[torch.Tensor]], None] | None = None) -> None:
     """For each decoder layer: `on_layer(index, path, layer, forward)` where `forward()` runs the
     layer on every cached batch (the caller installs its hooks around it, and may change the layer
-    afterwards). The next layer then gets the outputs of the (possibly modified) layer."""
+    afterwards). The next layer then gets the outputs of the (possibly modified) layer; with
+    `after_layer`, the caller sees those outputs too (one hidden-state tensor per batch), e.g. to
+    measure how much its change moved them."""
     prefix, layers = decoder_layers(model)
     inputs = capture_first_layer_inputs(model, batches)
     for i, layer in enumerate(layers):
@@ -105,6 +108,8 @@ def run_layerwise(model: nn.Module, batches: list[torch.Tensor],
                 h = _hidden(layer(*a, **kw))
                 new_args.append((h,) + tuple(a[1:]))
         inputs.args = new_args
+        if after_layer is not None:
+            after_layer(i, f"{prefix}.{i}" if prefix else str(i), layer, [a[0] for a in new_args])
     if progress:
         progress("calibrate", len(layers), len(layers))
 

@@ -34,8 +34,12 @@ _state = {"verbose": False}
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs.")):
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and library logs."),
+          allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite",
+                                               help="Convert models whose weights hold NaN/Inf (refused by default).")):
     _state["verbose"] = verbose
+    if allow_nonfinite:
+        os.environ["MOECONV_ALLOW_NONFINITE"] = "1"
     if not verbose:
         os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars (GGUF dequantizing, …)
         try:

@@ -237,7 +237,19 @@ def _stream_hf(src: Path, raw: dict, tmp: Path, cfg: UpcycleConfig, family: MoeF
 def _streaming_source(ckpt: SourceCheckpoint, meta_model, chosen, cfg: UpcycleConfig, family: MoeFormat, dtype):
     """Plan every output tensor from the checkpoint headers; produce each on demand."""
     spec_ = cfg.init_spec()
-    expected = set(meta_model.state_dict().keys())
+    meta_sd = meta_model.state_dict()
+    expected = set(meta_sd.keys())
+    # Validate before any byte is written: shapes and dtypes against the architecture, nothing missing.
+    for name, spec in ckpt.specs.items():
+        if name in meta_sd and tuple(meta_sd[name].shape) != spec.shape:
+            raise InputError(f"{ckpt.path}: tensor {name} has shape {list(spec.shape)}, the config implies "
+                             f"{list(meta_sd[name].shape)}")
+        if name in meta_sd and meta_sd[name].is_floating_point() and not spec.dtype.is_floating_point:
+            raise InputError(f"{ckpt.path}: tensor {name} is {spec.dtype}, expected a floating-point weight")
+    tied = _tied_param_names(meta_model)
+    missing = [n for n in expected if n not in ckpt.specs and n not in tied and n in dict(meta_model.named_parameters())]
+    if missing:
+        raise InputError(f"{ckpt.path}: {len(missing)} weights missing from the checkpoint (e.g. {sorted(missing)[0]})")
     site_of: dict[str, tuple[int, object]] = {}
     for index, site in chosen:
         for role, path in role_paths(site).items():
@@ -294,9 +306,9 @@ def _streaming_source(ckpt: SourceCheckpoint, meta_model, chosen, cfg: UpcycleCo
             cache["site"] = site.path
             cache["dense"] = {}
             for role, p in role_paths(site).items():
-                cache["dense"][role] = ckpt.get(f"{p}.weight")
+                cache["dense"][role] = _finite(f"{p}.weight", ckpt.get(f"{p}.weight"))
                 if f"{p}.bias" in ckpt.specs:
-                    cache["dense"][f"{role}.bias"] = ckpt.get(f"{p}.bias")
+                    cache["dense"][f"{role}.bias"] = _finite(f"{p}.bias", ckpt.get(f"{p}.bias"))
             cache["partition"] = (split_partition(cache["dense"], site.intermediate_size, cfg.num_experts, spec_, index)
                                   if cfg.expert_init == "split" else None)
             cache["expert"] = (None, None)
@@ -306,6 +318,7 @@ def _streaming_source(ckpt: SourceCheckpoint, meta_model, chosen, cfg: UpcycleCo
         how = plan[s.name]
         if how[0] == "copy":
             t = ckpt.get(how[1])
+            _finite(how[1], t)
         elif how[0] == "router":
             _, index, site = how
             t = router_weight(cfg.num_experts, site.hidden_size, cfg.router_init, cfg.router_std, cfg.seed, index)
@@ -325,6 +338,23 @@ def _streaming_source(ckpt: SourceCheckpoint, meta_model, chosen, cfg: UpcycleCo
 
     notes = [f"dropped {d}" for d in accounting["dropped"]]
     return TensorSource(specs, produce, notes), accounting
+
+
+def _tied_param_names(model) -> set[str]:
+    """Parameter names that share storage with an earlier one (tied embeddings)."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied
+
+
+def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
+    from moeconv.io.load import allow_nonfinite_default
+    if t.is_floating_point() and not allow_nonfinite_default() and not bool(torch.isfinite(t).all()):
+        raise InputError(f"weight {name} contains NaN or Inf (pass --allow-nonfinite to convert anyway)")
+    return t
 
 
 # ----------------------------------------------------------------------------- verification

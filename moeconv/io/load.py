@@ -27,7 +27,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja", "added_tokens.json")
 
 
-def load(source, *, dtype: torch.dtype | None = None) -> ModelState:
+def allow_nonfinite_default() -> bool:
+    return os.environ.get("MOECONV_ALLOW_NONFINITE", "") == "1"
+
+
+def check_finite(state: ModelState, allow: bool | None = None) -> ModelState:
+    """Refuse (or, when allowed, warn about) NaN/Inf weights: converting them only spreads them."""
+    allow = allow_nonfinite_default() if allow is None else allow
+    for name, t in list(state.module.named_parameters()) + list(state.module.named_buffers()):
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            if not allow:
+                raise InputError(f"weight {name} contains NaN or Inf (pass --allow-nonfinite to convert anyway)")
+            state.artifacts.setdefault("warnings", []).append(f"weight {name} contains NaN or Inf")
+    return state
+
+
+def load(source, *, dtype: torch.dtype | None = None, allow_nonfinite: bool | None = None) -> ModelState:
+    """Load `source` (see module docstring) and check its weights are finite."""
+    return check_finite(_load(source, dtype=dtype), allow_nonfinite)
+
+
+def _load(source, *, dtype: torch.dtype | None = None) -> ModelState:
     if isinstance(source, nn.Module):
         from moeconv.nn.native_moe import linearise_native_moe
         linearise_native_moe(source)  # documented: native HF MoE blocks become equivalent MoEBlocks in place
@@ -112,11 +132,16 @@ def hf_config(path: Path, raw: dict):
     from transformers import AutoConfig
     if "model_type" not in raw:
         raise InputError(f"{path / 'config.json'}: no model_type")
+    if not isinstance(raw["model_type"], str):
+        raise InputError(f"{path / 'config.json'}: model_type must be a string")
+    from transformers import CONFIG_MAPPING
+    if raw["model_type"] not in CONFIG_MAPPING:
+        raise UnsupportedError(f"{path / 'config.json'}: unsupported model_type {raw['model_type']!r}")
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, KeyError) as exc:
-        raise UnsupportedError(f"{path / 'config.json'}: unsupported model_type {raw['model_type']!r} "
-                               f"({' '.join(str(exc).split())[:160]})") from None
+    except Exception as exc:  # transformers validates fields with several exception types
+        raise InputError(f"{path / 'config.json'}: invalid {raw['model_type']} config "
+                         f"({' '.join(str(exc).split())[:160]})") from None
 
 
 def _load_hf(path: Path, raw: dict, dtype) -> ModelState:
@@ -128,7 +153,10 @@ def _load_hf(path: Path, raw: dict, dtype) -> ModelState:
     has_st = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
     if has_st:
         from moeconv.io.safetensors_io import validate_checkpoint
-        validate_checkpoint(path)
+        ckpt = validate_checkpoint(path)
+        for spec in ckpt.specs.values():
+            if spec.name.endswith((".weight", ".bias")) and not spec.dtype.is_floating_point:
+                raise InputError(f"{path}: tensor {spec.name} is {spec.dtype}, expected a floating-point weight")
         try:
             model, info = cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto",
                                               output_loading_info=True)
