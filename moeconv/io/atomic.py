@@ -25,6 +25,7 @@ def atomic_output_dir(out: Path, *, force: bool = False, inputs: tuple[Path, ...
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.exists():
         raise InputError(f"{parent}: parent directory of the output does not exist")
+    _remove_stale(parent, out.name)
     tmp = parent / f".{out.name}{TMP_MARK}{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -41,3 +42,21 @@ def atomic_output_dir(out: Path, *, force: bool = False, inputs: tuple[Path, ...
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def _remove_stale(parent: Path, name: str) -> None:
+    """Temp siblings left by a killed run (SIGKILL cannot be caught) whose process is gone."""
+    for p in parent.glob(f".{name}{TMP_MARK}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,133 @@
+"""`moeconv prune-experts SRC OUT`: remove or merge whole experts by measured importance, repair
+the router, write the result in the source's format and verify it on reload."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def parse_per_layer(text: str | None):
+    """'6,6,5,…' → [6, 6, 5, …]; 'global' stays; None stays."""
+    if text is None or text.strip() == "global":
+        return None if text is None else "global"
+    from moeconv.errors import ConfigError
+    try:
+        counts = [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise ConfigError(f"--per-layer must be 'global' or a comma-separated list of counts, not {text!r}") from None
+    if not counts:
+        raise ConfigError("--per-layer: empty list")
+    return counts
+
+
+def register(app: typer.Typer) -> None:
+    from moeconv import cli
+
+    @app.command("prune-experts")
+    def prune_experts(
+        src: str = typer.Argument(..., help="MoE model: Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint dir or a moeconv-format dir."),
+        out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory (must not exist unless --force)."),
+        keep: Optional[int] = typer.Option(None, "--keep", help="Experts kept in every MoE layer."),
+        ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of each layer's experts removed (0.25: 8 → 6)."),
+        per_layer: Optional[str] = typer.Option(None, "--per-layer", help="Counts per MoE layer ('6,6,5,…'), or 'global' "
+                                                "with --keep/--ratio: allocate that total across layers by importance. "
+                                                "Only for moeconv-format models (HF MoE families hold one count)."),
+        criterion: str = typer.Option("reap", "--criterion", help="frequency | mass | reap | reconstruction."),
+        calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (.txt / .jsonl) or token ids (.safetensors / .pt)."),
+        merge: bool = typer.Option(False, "--merge", help="Fold removed experts into their most similar kept expert instead of dropping them."),
+        recalibrate_router: bool = typer.Option(False, "--recalibrate-router", help="Router-only distillation against the unpruned layer outputs."),
+        calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration sequences taken from --calib."),
+        calib_seq_len: int = typer.Option(128, "--calib-seq-len", help="Tokens per calibration sequence."),
+        max_tokens: int = typer.Option(8192, "--max-tokens", help="Calibration tokens per layer used for scoring."),
+        recalib_steps: int = typer.Option(100, "--recalib-steps", help="Optimiser steps per layer for --recalibrate-router."),
+        seed: int = typer.Option(0, help="Seed for the held-out split and the check inputs."),
+        force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    ):
+        """Drop (or merge) the least important experts of every MoE layer and repair the router.
+
+        Kept experts and their router rows are bit-identical to the source; no layer keeps fewer
+        experts than its top_k. report.json lists every expert's scores and fate, per layer.
+        """
+        def go():
+            from moeconv import Context
+            from moeconv.data import calibration_tokens
+            from moeconv.errors import ConfigError, InputError, OutputExistsError
+            from moeconv.job import run_to_dir
+            from moeconv.render import Progress
+            from passes.prune_experts import PruneExperts
+            p = PruneExperts(keep=keep, ratio=ratio, per_layer=parse_per_layer(per_layer), criterion=criterion,
+                             merge=merge, recalibrate_router=recalibrate_router, max_tokens=max_tokens,
+                             recalib_steps=recalib_steps, seed=seed)
+            if calib is None:
+                raise ConfigError("prune-experts needs calibration data: --calib FILE (text, .jsonl, or token ids)")
+            if calib_samples < 1 or calib_seq_len < 2:
+                raise ConfigError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+            if out_dir.exists() and not force:
+                raise OutputExistsError(f"{out_dir} exists; pass --force to replace it")
+            if not Path(src).exists():
+                raise InputError(f"{src}: no such file or directory")
+            calibration = calibration_tokens(calib, src, num_samples=calib_samples, seq_len=calib_seq_len)
+            with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
+                report = run_to_dir(src, out_dir, [p], ctx=Context(calibration=calibration, seed=seed, progress=progress),
+                                    fmt=_format_of(src), force=force)
+            render_prune(cli.out, report)
+        cli._run(go)
+
+
+def _format_of(src: str) -> str:
+    """Write the source's own format: moeconv-format in → moeconv-format out (it may hold per-layer
+    counts); HF MoE family in → the same family out."""
+    import json
+    cfg = Path(src) / "config.json"
+    try:
+        return "moeconv" if "moeconv" in json.loads(cfg.read_text(encoding="utf-8")) else "auto"
+    except (OSError, ValueError):
+        return "auto"
+
+
+def _scores_cell(rows: list[dict], criterion: str) -> str:
+    def fmt(v):
+        return "-" if v is None else (f"{v:.3g}")
+    marks = {"kept": "", "dropped": "✗", "merged": "→"}
+    return " ".join(f"{r['expert']}{marks[r['status']]}{'' if r['merged_into'] is None else r['merged_into']}:"
+                    f"{fmt(r[criterion])}" for r in rows)
+
+
+def render_prune(console, report: dict) -> None:
+    from rich.table import Table
+    rep = report["passes"][0]
+    m = rep["metrics"]
+    console.print(f"[bold]prune-experts[/bold]: {rep['summary']}")
+    t = Table(title=f"per layer ({m['criterion']} scores; ✗ dropped, →k merged into k)")
+    for col in ("layer", "experts", "scores", "dropped", "merged", "block error"):
+        t.add_column(col, overflow="fold")
+    recal = "mean_recal_error_before" in m
+    if recal:
+        t.add_column("router re-cal (held-out)")
+    by_layer: dict[str, list] = {}
+    for r in rep["tables"]["experts"]:
+        by_layer.setdefault(r["layer"], []).append(r)
+    for lr in rep["tables"]["layers"]:
+        merged = ", ".join(f"{d}→{k}" for d, k in lr["merged"].items()) or "-"
+        cells = [lr["layer"], f"{lr['experts_before']} → {lr['experts_after']}",
+                 _scores_cell(by_layer.get(lr["layer"], []), m["criterion"]),
+                 ", ".join(map(str, lr["dropped"])) or "-", merged, f"{lr['error_pruned']:.4g}"]
+        if recal:
+            cells.append(f"{lr['recal_error_before']:.4g} → {lr['recal_error_after']:.4g}"
+                         if "recal_error_before" in lr else "-")
+        t.add_row(*cells)
+    console.print(t)
+    console.print(f"parameters {m['params_before']:,} → {m['params_after']:,} "
+                  f"({m['active_params_after']:,} active per token); mean block error {m['mean_error_pruned']:.4g}"
+                  + (f"; router re-calibration {m['mean_recal_error_before']:.4g} → {m['mean_recal_error_after']:.4g} "
+                     f"(improved {m['recal_layers_improved']} of {m['moe_layers']} layers)" if recal else ""))
+    if "rel_max_diff" in m:
+        console.print(f"output change vs the unpruned model (example inputs): relative max |Δ| {m['rel_max_diff']:.3g}")
+    v = report["verification"]
+    console.print(f"written {report['written']['tensors']} tensors ({report['written']['format']}), reloaded as "
+                  f"{v['consumer_class']}: max |Δ| {v['max_abs_diff']:.3g} vs the in-memory result")
+    for w in rep.get("warnings", []):
+        console.print("warning: " + w, markup=False, style="yellow")
+    console.print(f"report: {report['output']}/report.json  ({report['seconds']} s)")
