@@ -19,6 +19,9 @@ class Context:
     device: str = "cpu"
     seed: int = 0
     progress: object | None = field(default=None, compare=False)  # callable(task, done, total)
+    # Held-out (batches, seq) token ids for lossy passes to report perplexity on (`--eval FILE`);
+    # disjoint from `calibration`, never used to fit anything.
+    evaluation: torch.Tensor | None = field(default=None, compare=False)
 
     def facts(self) -> set[str]:
         return {"calibration"} if self.calibration is not None else set()

@@ -17,6 +17,8 @@ from moeconv.io.load import TOKENIZER_FILES, load
 from moeconv.io.save import save_checkpoint
 from moeconv.pipeline import Pipeline
 from moeconv.state import ModelState
+from moeconv.report_html import write_html
+from moeconv.summary import bytes_per_group, expert_load, expert_sparsity
 from moeconv.verify import EXACT, check_inputs, compare_outputs, load_consumer
 
 
@@ -35,6 +37,7 @@ def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str =
     inputs = tuple(p for p in (src_path,) if p is not None and p.exists())
     with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
         state = state or load(src)
+        input_summary = {"bytes_per_group": bytes_per_group(state.module), "parameters": state.parameter_count()}
         result = Pipeline(passes).run(state, ctx)
         written = save_checkpoint(result.state, tmp, fmt=fmt, shard_bytes=shard_bytes)
         vocab = _vocab(result.state)
@@ -46,10 +49,19 @@ def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str =
         report = {"moeconv_version": __version__, "source": str(src), "output": str(out),
                   "passes": [r.to_dict() for r in result.report.passes], "written": written,
                   "verification": verification, "tokenizer_files": copied, "recipe": recipe,
+                  "input_model": input_summary, "model": _model_summary(result.state, ctx, vocab),
                   "seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_html(report, tmp / "report.html")
     return report
+
+
+def _model_summary(state: ModelState, ctx: Context, vocab: int) -> dict:
+    batches = ctx.calibration if ctx.calibration is not None else check_inputs(vocab, ctx.seed + 2, batch=8, seq=32)
+    return {"parameters": state.parameter_count(), "active_parameters": state.active_parameter_count(),
+            "bytes_per_group": bytes_per_group(state.module), "expert_load": expert_load(state.module, batches[:16]),
+            "expert_sparsity": expert_sparsity(state.module)}
 
 
 def _vocab(state: ModelState) -> int:

@@ -27,7 +27,8 @@ class InputStats:
 
     Modules fed the *same* tensor in a row (gate_proj and up_proj; q, k and v) reuse one product:
     the previous input is held (so its memory cannot be reused by another tensor) and compared by
-    address, shape, stride and version.
+    address, shape, stride and dtype (calibration runs in inference mode, where tensors carry no
+    version counter; nothing writes into a layer's input between two projections reading it).
     """
 
     def __init__(self):
@@ -38,7 +39,7 @@ class InputStats:
         self._last_xtx = None
 
     def add(self, name: str, x: torch.Tensor) -> None:
-        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x._version)
+        key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
         if key == self._last_key:
             xtx = self._last_xtx
         else:

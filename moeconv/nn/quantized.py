@@ -62,6 +62,9 @@ def _bnb():
     # bitsandbytes warns on import that an optional CPU kernel package is missing; it falls back
     # to its own kernel, so the message is noise for users.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    import warnings
+    # LLM.int8 casts activations to fp16 by design; bitsandbytes warns on every call.
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     import bitsandbytes
     return bitsandbytes
 
@@ -156,12 +159,13 @@ def layer_record(m: nn.Module) -> dict:
     method = method_of(m)
     four = method in ("nf4", "fp4")
     qs = getattr(m.weight, "quant_state", None) if four else None
+    # A repacked state keeps the pre-packing values in `original_*` attributes.
     return {"method": method, "in_features": m.in_features, "out_features": m.out_features,
             "bias": m.bias is not None, "source_class": "Linear",
-            "weight_dtype": _dtype_name(qs.dtype) if qs is not None and hasattr(qs, "original_dtype") is False else None,
+            "weight_dtype": _dtype_name(getattr(qs, "original_dtype", qs.dtype)) if qs is not None else None,
             "compute_dtype": _dtype_name(m.compute_dtype) if four and m.compute_dtype is not None else None,
             "blocksize": qs.blocksize if qs is not None else None,
-            "double_quant": bool(qs.nested) if qs is not None and not getattr(qs, "packing_format_for_cpu", False) else None,
+            "double_quant": bool(getattr(qs, "original_nested", qs.nested)) if qs is not None else None,
             "int8_threshold": None if four else float(m.state.threshold)}
 
 

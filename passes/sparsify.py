@@ -1,0 +1,449 @@
+"""`sparsify`: prune the weights inside each expert to an N:M pattern (2:4 by default) or to an
+unstructured ratio, by magnitude, Wanda or SparseGPT, with routing-aware calibration.
+
+Promises:
+- Every pruned matrix satisfies the pattern exactly (N:M: at most N non-zeros in every group of
+  M consecutive input weights; unstructured: at least ⌊ratio·in⌋ zeros per row), checked on the
+  stored weights after pruning; pruned weights are exact zeros and the values stay finite.
+- Only the selected matrices change. Routers are never pruned; attention, embeddings, norms and
+  dense FFNs are untouched unless selected (`targets`); this is checked (no other parameter is
+  written to) and reported.
+- Calibration is layer by layer (one decoder layer's activations in memory). Each expert's
+  statistics come from the tokens its router sends it (`MoEBlock` calls an expert only on its
+  routed tokens, so a hook on its projections sees exactly those). An expert below
+  `min_coverage` (fraction of the layer's tokens) falls back to statistics from *all* tokens of
+  that layer (`fallback="all-tokens"`) or to magnitude (`fallback="magnitude"`) — never to empty
+  statistics — and is named in the report.
+- The function changes on purpose (`output_tolerance = None`): the measured change is reported
+  (per-matrix reconstruction error on its calibration inputs, per-layer relative change of the
+  layer's residual update, and the pipeline's logits check).
+- On CPU, 2:4 saves storage, not time; the report says so.
+"""
+from __future__ import annotations
+
+import math
+import re
+import time
+from contextlib import ExitStack
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from moeconv.calibrate import decoder_layers, expert_coverage, observe_inputs, run_layerwise
+from moeconv.context import Context
+from moeconv.errors import ConfigError, InputError, VerificationError
+from moeconv.nn.linear_like import is_conv1d, is_linear_like, weight_out_in
+from moeconv.nn.moe import MoEBlock
+from moeconv.pass_base import Pass, PassConfig, PassResult
+from moeconv.report import PassReport
+from moeconv.sparsity import SparsityPattern, check_pattern, compressed_nbytes, speed_note
+from moeconv.state import ModelState
+from passes.sparsify_methods import InputStats, magnitude, reconstruction_error, sparsegpt, wanda
+
+KEYWORDS = ("experts", "attention", "dense-ffn")
+_ATTN = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*(\.|$)", re.IGNORECASE)
+MAX_BATCH_BYTES = 256 * 2**20  # one batched SparseGPT solve holds at most this much weight
+
+
+class SparsifyConfig(PassConfig):
+    pattern: str = Field("2:4", description="N:M (keep N of every M along the input dim) or 'unstructured'")
+    ratio: float | None = Field(None, gt=0, lt=1, description="fraction pruned per row, for 'unstructured' (0.5)")
+    method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
+    targets: list[str] = Field(default_factory=lambda: ["experts"],
+                               description="experts | attention | dense-ffn | re:REGEX | a module path")
+    ignore: list[str] = Field(default_factory=list)
+    dampening: float = Field(0.01, gt=0, description="SparseGPT: λ = dampening · mean(diag H)")
+    block_size: int = Field(128, ge=1, description="SparseGPT: columns per lazy-update block")
+    min_coverage: float = Field(0.01, ge=0, le=1, description="experts seeing fewer than this fraction "
+                                "of the layer's tokens use the fallback statistics")
+    fallback: Literal["all-tokens", "magnitude"] = "all-tokens"
+    batch_size: int = Field(8, ge=1, description="calibration samples per forward")
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _selectors(cls, v):
+        for sel in v:
+            if sel.startswith("re:"):
+                try:
+                    re.compile(sel[3:])
+                except re.error as exc:
+                    raise ValueError(f"bad regular expression {sel!r}: {exc}") from None
+            elif not sel or sel.strip() != sel:
+                raise ValueError(f"bad selector {sel!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _combination(self):
+        pat = self.sparsity_pattern()  # raises ValueError with the reason
+        if pat.is_nm and self.block_size % pat.m:
+            raise ValueError(f"block_size ({self.block_size}) must be a multiple of M ({pat.m})")
+        if not self.targets:
+            raise ValueError("targets is empty")
+        return self
+
+    def sparsity_pattern(self) -> SparsityPattern:
+        return SparsityPattern.parse(self.pattern, self.ratio)
+
+
+class Sparsify(Pass):
+    name = "sparsify"
+    summary = "Prune expert weights to N:M (2:4) or unstructured sparsity: magnitude, Wanda or SparseGPT."
+    Config = SparsifyConfig
+    requires = frozenset({"float-weights"})
+    provides = frozenset({"sparse"})
+    output_tolerance = None
+
+    def __init__(self, config: SparsifyConfig | None = None, **fields):
+        super().__init__(config, **fields)
+        pat = self.config.sparsity_pattern()
+        req = {"float-weights"}
+        if self.config.method != "magnitude":
+            req.add("calibration")
+        if self.config.targets == ["experts"]:
+            req.add("moe")
+        self.requires = frozenset(req)
+        self.provides = frozenset({"sparse"} | ({"sparse-24"} if (pat.n, pat.m) == (2, 4) else set()))
+
+    def check(self, state: ModelState, ctx: Context) -> None:
+        calib = ctx.calibration
+        if calib is not None:
+            emb = state.module.get_input_embeddings() if hasattr(state.module, "get_input_embeddings") else None
+            vocab = getattr(emb, "num_embeddings", None)
+            if calib.dim() != 2 or calib.dtype not in (torch.int64, torch.int32) or calib.numel() == 0:
+                raise InputError("sparsify: calibration must be a non-empty (samples, seq) tensor of token ids")
+            if vocab is not None and (int(calib.max()) >= vocab or int(calib.min()) < 0):
+                raise InputError(f"sparsify: calibration token ids outside the vocabulary (0..{vocab - 1})")
+
+    def run(self, state: ModelState, ctx: Context) -> PassResult:
+        from moeconv.nn.native_moe import linearise_native_moe
+        cfg, pat = self.config, self.config.sparsity_pattern()
+        model = state.module
+        linearise_native_moe(model)  # fused HF experts → per-expert nn.Linear (exact); no-op when done
+        targets = select_targets(model, cfg.targets, cfg.ignore)
+        if not targets:
+            raise ConfigError(f"sparsify: no matrix matches targets {cfg.targets}"
+                              + (f" minus ignore {cfg.ignore}" if cfg.ignore else ""))
+        for name, m in targets.items():
+            cols = weight_out_in(m).shape[1]
+            if pat.is_nm and cols % pat.m:
+                raise ConfigError(f"sparsify: {name} has {cols} inputs, not a multiple of {pat.m}; "
+                                  f"leave it out with ignore")
+        untouched = {id(p): p._version for n, p in model.named_parameters()
+                     if not any(p is t.weight for t in targets.values())}
+        job = _Job(cfg, pat, model, targets, ctx)
+        if ctx.calibration is None:
+            job.prune_without_data()
+        else:
+            job.prune_layerwise()
+        changed = [n for n, p in model.named_parameters() if id(p) in untouched and p._version != untouched[id(p)]]
+        if changed:
+            raise VerificationError(f"sparsify wrote to parameters it must not touch: {changed[:3]}")
+        state.artifacts["sparsify"] = {"pattern": pat.label, "method": cfg.method, "matrices": list(targets)}
+        return PassResult(state, True, job.report(self.name, state))
+
+    def verify(self, result: PassResult, ctx: Context) -> None:
+        pat = self.config.sparsity_pattern()
+        for name in result.state.artifacts["sparsify"]["matrices"]:
+            check_pattern(weight_out_in(result.state.module.get_submodule(name)).detach(), pat, name)
+
+
+# ---- which matrices ------------------------------------------------------------------------------
+
+def _router_like(model: nn.Module) -> set[int]:
+    out = set()
+    for m in model.modules():
+        if isinstance(m, MoEBlock):
+            out.add(id(m.router))
+            if m.shared_expert_gate is not None:
+                out.add(id(m.shared_expert_gate))
+    return out
+
+
+def _selected(model: nn.Module, sel: str, linears: dict[str, nn.Module]) -> set[str]:
+    if sel == "experts":
+        names = set()
+        for bpath, b in model.named_modules():
+            if isinstance(b, MoEBlock):
+                for sub in ("experts", "shared_expert"):
+                    pre = f"{bpath}.{sub}." if bpath else f"{sub}."
+                    names |= {n for n in linears if n.startswith(pre)}
+        return names
+    if sel == "attention":
+        return {n for n in linears if _ATTN.search(n.rsplit(".", 1)[0] if "." in n else "")}
+    if sel == "dense-ffn":
+        from moeconv.patterns import find_ffn_sites
+        moe = [p for p, m in model.named_modules() if isinstance(m, MoEBlock)]
+        sites = [s for s in find_ffn_sites(model, require=False)
+                 if not any(s.path == p or s.path.startswith(p + ".") for p in moe)]
+        return {n for n in linears for s in sites if n.startswith(s.path + ".")}
+    if sel.startswith("re:"):
+        rx = re.compile(sel[3:])
+        return {n for n in linears if rx.search(n)}
+    return {n for n in linears if n == sel or n.startswith(sel + ".")}
+
+
+def select_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> dict[str, nn.Module]:
+    """Linear-like modules chosen by `targets` minus `ignore`, in module order. Routers and any
+    weight shared with an embedding (tied `lm_head`) are never candidates."""
+    routers = _router_like(model)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    linears = {n: m for n, m in model.named_modules()
+               if is_linear_like(m) and id(m) not in routers and id(m.weight) not in embeddings}
+    chosen: set[str] = set()
+    for sel in targets:
+        chosen |= _selected(model, sel, linears)
+    for sel in ignore:
+        chosen -= _selected(model, sel, linears)
+    return {n: m for n, m in linears.items() if n in chosen}
+
+
+# ---- the work ------------------------------------------------------------------------------------
+
+def _set_weight(m: nn.Module, w_out_in: torch.Tensor) -> None:
+    with torch.no_grad():
+        w = w_out_in.t() if is_conv1d(m) else w_out_in
+        m.weight.copy_(w.to(m.weight.dtype))
+
+
+class _Job:
+    """One run of the pass: the per-matrix rows and per-layer rows it measured."""
+
+    def __init__(self, cfg: SparsifyConfig, pat: SparsityPattern, model: nn.Module,
+                 targets: dict[str, nn.Module], ctx: Context):
+        self.cfg, self.pat, self.model, self.targets, self.ctx = cfg, pat, model, targets, ctx
+        self.matrices: dict[str, dict] = {}
+        self.layers: list[dict] = []
+        self.experts: list[dict] = []
+        self.fallback: list[str] = []
+        self.tokens = 0
+        self._expert_info: dict[tuple[str, int], tuple[int, int, bool]] = {}
+        self._pending: dict = {}
+
+    # -- without data: magnitude only
+    def prune_without_data(self) -> None:
+        for i, (name, m) in enumerate(self.targets.items()):
+            self.ctx.report_progress("sparsify", i, len(self.targets))
+            self._apply(name, m, magnitude(weight_out_in(m).detach().float(), self.pat), None, "none")
+        self.ctx.report_progress("sparsify", len(self.targets), len(self.targets))
+        for bpath, block in self._blocks(self.targets):
+            for e in range(block.num_experts):
+                self._expert_row(None, bpath, block, e, None, 0, False)
+
+    # -- layer by layer, routing-aware
+    def prune_layerwise(self) -> None:
+        prefix, layers = decoder_layers(self.model)
+        outside = [n for n in self.targets if not n.startswith(f"{prefix}.")]
+        if outside and self.cfg.method != "magnitude":
+            raise ConfigError(f"sparsify: {outside[0]} is outside the decoder layers; {self.cfg.method} calibrates "
+                              "layer by layer (use method magnitude for it, or leave it out with ignore)")
+        for name in outside:
+            self._apply(name, self.targets[name], magnitude(weight_out_in(self.targets[name]).detach().float(), self.pat),
+                        None, "none")
+        device = next(self.model.parameters()).device
+        batches = [b.to(device) for b in self.ctx.calibration.split(self.cfg.batch_size)]
+        self.tokens = int(self.ctx.calibration.numel())
+        run_layerwise(self.model, batches, self._on_layer, after_layer=self._after_layer,
+                      progress=lambda task, done, total: self.ctx.report_progress("sparsify layers", done, total))
+
+    def _on_layer(self, index: int, path: str, layer: nn.Module, forward) -> None:
+        t0 = time.perf_counter()
+        mine = {n: m for n, m in self.targets.items() if n.startswith(path + ".")}
+        if not mine:
+            return
+        blocks = [(p, b) for p, b in self._blocks(mine)]
+        stats = InputStats()
+        block_inputs: dict[str, list[torch.Tensor]] = {p: [] for p, _ in blocks}
+        outputs: list[torch.Tensor] = []
+        resid = [0.0]
+
+        def keep_block_input(name, x):
+            block_inputs[name].append(x.clone())
+
+        def layer_hook(_m, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            outputs.append(y)
+            resid[0] += float((y.float() - x.float()).pow(2).sum())
+
+        with ExitStack() as stack:
+            stack.enter_context(observe_inputs(mine, stats.add))
+            stack.enter_context(observe_inputs(dict(blocks), keep_block_input))
+            counts = {p: stack.enter_context(expert_coverage(b)) for p, b in blocks}
+            handle = layer.register_forward_hook(layer_hook, with_kwargs=True)
+            stack.callback(handle.remove)
+            forward()
+        stats.release()
+
+        # Routing-aware statistics: under-covered experts fall back, never to empty statistics.
+        source = {n: "all tokens" for n in mine}
+        layer_fallback = []
+        for bpath, block in blocks:
+            total = sum(x.shape[0] for x in block_inputs[bpath])
+            need = max(1, math.ceil(self.cfg.min_coverage * total))
+            for e, expert in enumerate(block.experts):
+                names = self._expert_names(bpath, e, mine)
+                if not names:
+                    continue
+                covered = counts[bpath][e]
+                fell_back = covered < need
+                for n in names:
+                    source[n] = "routed"
+                if fell_back:
+                    label = f"{bpath}.experts.{e}"
+                    layer_fallback.append(label)
+                    self.fallback.append(f"{label} received {covered} of {total} calibration tokens (< {need}): "
+                                         + ("pruned with statistics from all tokens of the layer"
+                                            if self.cfg.fallback == "all-tokens" else "pruned by magnitude"))
+                    stats.drop(names)
+                    for n in names:
+                        source[n] = "all tokens (fallback)" if self.cfg.fallback == "all-tokens" else "magnitude (fallback)"
+                    if self.cfg.fallback == "all-tokens":
+                        with observe_inputs({n: mine[n] for n in names}, stats.add), torch.inference_mode():
+                            for x in block_inputs[bpath]:
+                                expert(x)
+                        stats.release()
+                self._expert_info[(bpath, e)] = (covered, total, fell_back)
+        del block_inputs
+
+        self._prune(mine, stats, source)
+        self._pending = {"outputs": outputs, "resid": resid[0], "t0": t0, "index": index, "path": path,
+                         "matrices": len(mine), "fallback": layer_fallback}
+        for bpath, block in blocks:
+            for e in range(block.num_experts):
+                info = self._expert_info.get((bpath, e))
+                if info is not None:
+                    self._expert_row(index, bpath, block, e, *info)
+
+    def _after_layer(self, index: int, path: str, layer: nn.Module, new_outputs: list[torch.Tensor]) -> None:
+        p = self._pending
+        if not p or p["index"] != index:
+            return
+        diff = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(new_outputs, p["outputs"]))
+        self.layers.append({"layer": index, "path": path, "matrices": p["matrices"],
+                            "layer_rel_error": math.sqrt(diff / p["resid"]) if p["resid"] > 0 else None,
+                            "fallback_experts": len(p["fallback"]),
+                            "seconds": round(time.perf_counter() - p["t0"], 3)})
+        self._pending = {}
+
+    def _prune(self, mine: dict[str, nn.Module], stats: InputStats, source: dict[str, str]) -> None:
+        method = self.cfg.method
+        pending_gpt = []
+        for name, m in mine.items():
+            w = weight_out_in(m).detach().float()
+            h = stats.hessian.get(name)
+            if h is None or method == "magnitude" or source[name].startswith("magnitude"):
+                self._apply(name, m, magnitude(w, self.pat), h, source[name] if h is not None else "none")
+            elif method == "wanda":
+                self._apply(name, m, wanda(w, h, self.pat), h, source[name])
+            else:
+                pending_gpt.append(name)
+        if pending_gpt:
+            self._sparsegpt(pending_gpt, mine, stats, source)
+
+    def _sparsegpt(self, names: list[str], mine: dict[str, nn.Module], stats: InputStats, source: dict[str, str]) -> None:
+        # Matrices with the same input (gate+up, q/k/v) share H: stack their rows into one unit.
+        units: list[dict] = []
+        for name in names:
+            h = stats.hessian[name]
+            parent = name.rsplit(".", 1)[0]
+            for u in units:
+                if u["parent"] == parent and u["h"].shape == h.shape and torch.equal(u["h"], h):
+                    u["names"].append(name)
+                    break
+            else:
+                units.append({"parent": parent, "h": h, "names": [name]})
+        by_shape: dict[tuple, list[dict]] = {}
+        for u in units:
+            u["w"] = torch.cat([weight_out_in(mine[n]).detach().float() for n in u["names"]])
+            by_shape.setdefault(tuple(u["w"].shape), []).append(u)
+        for (rows, cols), group in by_shape.items():
+            per = max(1, MAX_BATCH_BYTES // (4 * (rows * cols + cols * cols)))
+            for start in range(0, len(group), per):
+                chunk = group[start:start + per]
+                w = torch.stack([u["w"] for u in chunk])
+                h = torch.stack([u["h"] for u in chunk])
+                try:
+                    new, damp = sparsegpt(w, h, self.pat, block_size=self.cfg.block_size, dampening=self.cfg.dampening)
+                except FloatingPointError as exc:
+                    raise VerificationError(f"sparsify: {chunk[0]['names'][0]}: {exc}") from None
+                for u, nw, d in zip(chunk, new, damp.tolist()):
+                    r0 = 0
+                    for n in u["names"]:
+                        r = weight_out_in(mine[n]).shape[0]
+                        self._apply(n, mine[n], nw[r0:r0 + r], u["h"], source[n], damp=d)
+                        r0 += r
+
+    def _apply(self, name: str, m: nn.Module, new: torch.Tensor, h: torch.Tensor | None, source: str, damp=None) -> None:
+        old = weight_out_in(m).detach().float()
+        if not torch.isfinite(new).all():
+            raise VerificationError(f"sparsify: {name}: non-finite weights after pruning")
+        err = reconstruction_error(old.unsqueeze(0), new.unsqueeze(0), h.unsqueeze(0))[0] if h is not None else None
+        _set_weight(m, new)
+        stored = weight_out_in(m).detach()
+        sp = check_pattern(stored, self.pat, name)
+        row = {"matrix": name, "shape": list(stored.shape), "sparsity": round(sp, 4), "stats": source,
+               "rel_error": err, "params": stored.numel(), "zeros": int((stored == 0).sum())}
+        if damp is not None:
+            row["dampening"] = damp
+        self.matrices[name] = row
+
+    # -- bookkeeping
+    def _blocks(self, names) -> list[tuple[str, MoEBlock]]:
+        out = []
+        for p, b in self.model.named_modules():
+            if isinstance(b, MoEBlock) and any(n.startswith(p + ".") for n in names):
+                out.append((p, b))
+        return out
+
+    @staticmethod
+    def _expert_names(bpath: str, e: int, names) -> list[str]:
+        pre = f"{bpath}.experts.{e}."
+        return [n for n in names if n.startswith(pre)]
+
+    def _expert_row(self, layer, bpath, block, e, covered, total, fell_back) -> None:
+        names = self._expert_names(bpath, e, self.matrices)
+        if not names:
+            return
+        rows = [self.matrices[n] for n in names]
+        errs = [r["rel_error"] for r in rows if r["rel_error"] is not None]
+        self.experts.append({"layer": layer, "block": bpath, "expert": e, "tokens": covered,
+                             "share": round(covered / total, 4) if covered is not None and total else None,
+                             "fallback": fell_back, "stats": rows[0]["stats"],
+                             "sparsity": round(sum(r["zeros"] for r in rows) / sum(r["params"] for r in rows), 4),
+                             "rel_error_max": max(errs) if errs else None})
+
+    def report(self, pass_name: str, state: ModelState) -> PassReport:
+        rows = list(self.matrices.values())
+        params = sum(r["params"] for r in rows)
+        zeros = sum(r["zeros"] for r in rows)
+        total_params = sum(p.numel() for p in self.model.parameters())
+        dense_bytes = compressed = 0
+        for name in self.matrices:
+            w = self.targets[name].weight
+            dense_bytes += w.numel() * w.element_size()
+            compressed += compressed_nbytes(w.detach())
+        errs = [r["rel_error"] for r in rows if r["rel_error"] is not None]
+        metrics = {"pattern": self.pat.label, "method": self.cfg.method, "matrices_pruned": len(rows),
+                   "target_params": params, "target_sparsity": round(zeros / max(1, params), 4),
+                   "model_sparsity": round(zeros / max(1, total_params), 4),
+                   "calibration_tokens": self.tokens, "min_coverage": self.cfg.min_coverage,
+                   "fallback_experts": len(self.fallback),
+                   "rel_error_mean": sum(errs) / len(errs) if errs else None,
+                   "rel_error_max": max(errs) if errs else None,
+                   "target_dense_bytes": dense_bytes, "target_compressed_bytes": compressed,
+                   "speed": speed_note()}
+        coverage = [r["share"] for r in self.experts if r["share"] is not None]
+        if coverage:
+            metrics["expert_share_min"] = min(coverage)
+        warnings = list(self.fallback)
+        if not torch.cuda.is_available():
+            warnings.append("2:4 on CPU saves storage, not time (no CPU sparse kernels); see metrics.speed")
+        stats_kind = "no calibration data (magnitude)" if self.ctx.calibration is None else \
+            f"{self.tokens} calibration tokens, routing-aware"
+        summary = (f"{len(rows)} matrices → {self.pat.label} by {self.cfg.method} ({stats_kind}); "
+                   f"{metrics['target_sparsity']:.1%} of their weights are zero, {len(self.fallback)} experts fell back")
+        return PassReport(pass_name, summary=summary, metrics=metrics,
+                          tables={"layers": self.layers, "experts": self.experts, "matrices": rows},
+                          warnings=warnings)
