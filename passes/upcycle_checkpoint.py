@@ -113,7 +113,7 @@ def _in_memory(src, tmp: Path, cfg: UpcycleConfig, family: MoeFormat | None, dty
     result = Pipeline([Upcycle(cfg)]).run(state, ctx)
     state = result.state
     pass_report = result.report.passes[0]
-    on_tensor = _tensor_progress(progress)
+    on_tensor = _tensor_progress(progress, len(state.module.state_dict()))
     if family is not None:
         config = moe_config_dict(family, state.config.to_dict(), **_moe_args(cfg, sites, chosen, state.config.to_dict()))
         site_paths = [s.path for _, s in chosen]
@@ -141,14 +141,14 @@ def _in_memory(src, tmp: Path, cfg: UpcycleConfig, family: MoeFormat | None, dty
     return report
 
 
-def _tensor_progress(progress):
+def _tensor_progress(progress, total: int | None = None):
     if progress is None:
         return None
     counter = {"n": 0}
 
     def on_tensor(spec):
         counter["n"] += 1
-        progress("write", counter["n"], None)
+        progress("write tensors", counter["n"], total)
     return on_tensor
 
 
@@ -206,7 +206,8 @@ def _stream_hf(src: Path, raw: dict, tmp: Path, cfg: UpcycleConfig, family: MoeF
         dense_dict["dtype"] = str(dtype).replace("torch.", "")
     moe_cfg = moe_config_dict(family, dense_dict, **_moe_args(cfg, sites, chosen, dense_dict))
     source, accounting = _streaming_source(ckpt, meta_model, chosen, cfg, family, dtype)
-    stats = write_checkpoint(tmp, source, moe_cfg, shard_bytes=shard_bytes, on_tensor=_tensor_progress(progress))
+    stats = write_checkpoint(tmp, source, moe_cfg, shard_bytes=shard_bytes,
+                             on_tensor=_tensor_progress(progress, len(source.specs)))
     stats["notes"] = source.notes
     report = {"route": "streaming", "format": family.name,
               "consumer": f"transformers.AutoModelForCausalLM ({family.architecture})",
