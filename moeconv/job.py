@@ -24,11 +24,13 @@ from moeconv.verify import EXACT, check_inputs, compare_outputs, load_consumer
 
 def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str = "auto",
                shard_bytes: int = 5 * 10**9, force: bool = False, reload_tolerance: float | None = EXACT,
-               state: ModelState | None = None) -> dict:
+               state: ModelState | None = None, extra_outputs=None) -> dict:
     """Run `passes` on `src` and write the result to `out`; returns the report (also report.json).
 
     `reload_tolerance`: how closely the reloaded output must match the in-memory result (exact by
     default; a writer that re-encodes, e.g. a quantization format, may need a bound).
+    `extra_outputs(state, tmp_dir) -> dict`: writes more files (e.g. a compressed form) after the
+    checkpoint is verified, inside the atomic directory; its dict goes to report["extra_outputs"].
     """
     t0 = time.perf_counter()
     ctx = ctx or Context()
@@ -42,15 +44,19 @@ def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str =
         written = save_checkpoint(result.state, tmp, fmt=fmt, shard_bytes=shard_bytes)
         vocab = _vocab(result.state)
         reloaded = load_consumer(tmp, written["consumer"], written.get("expected_class"))
-        verification = compare_outputs(result.state.module, reloaded, check_inputs(vocab, ctx.seed + 1),
+        verification = compare_outputs(_reference_for(result.state, written["consumer"]), reloaded,
+                                       check_inputs(vocab, ctx.seed + 1),
                                        tolerance=reload_tolerance, what="in-memory result")
         copied = _copy_tokenizer(state, tmp)
+        extra = extra_outputs(result.state, tmp) if extra_outputs is not None else None
         recipe = [{"pass": p.name, **p.config.model_dump()} for p in passes]
         report = {"moeconv_version": __version__, "source": str(src), "output": str(out),
                   "passes": [r.to_dict() for r in result.report.passes], "written": written,
                   "verification": verification, "tokenizer_files": copied, "recipe": recipe,
                   "input_model": input_summary, "model": _model_summary(result.state, ctx, vocab),
                   "seconds": round(time.perf_counter() - t0, 2)}
+        if extra is not None:
+            report["extra_outputs"] = extra
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         write_html(report, tmp / "report.html")
@@ -82,4 +88,27 @@ def _copy_tokenizer(state: ModelState, tmp: Path) -> list[str]:
             if (Path(src) / name).is_file() and not (tmp / name).exists():
                 shutil.copy2(Path(src) / name, tmp / name)
                 copied.append(name)
+    elif state.source.kind == "gguf" and state.source.path is not None:
+        # A GGUF file carries its tokenizer inside: write it out so OUT is usable on its own.
+        # Added for quantize (a .gguf SRC).
+        try:
+            from transformers import AutoTokenizer
+            gguf = Path(state.source.path)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+            copied = [Path(f).name for f in tok.save_pretrained(tmp)]
+        except Exception:  # the weights are the job; report.json lists what was carried (nothing)
+            copied = []
     return copied
+
+
+def _reference_for(state: ModelState, consumer: str) -> torch.nn.Module:
+    """What the reload is compared with. transformers reloads in fp32 (`verify.load_consumer`): a
+    half-precision float model is compared through an fp32 copy, since bf16 arithmetic (e.g. a
+    router's top-k) differs from the fp32 reload by more than rounding. Added for prune-experts."""
+    module = state.module
+    if consumer != "transformers" or "quantized" in state.facts():
+        return module
+    if {p.dtype for p in module.parameters() if p.is_floating_point()} <= {torch.float32}:
+        return module
+    import copy
+    return copy.deepcopy(module).float().eval()

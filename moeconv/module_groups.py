@@ -55,6 +55,8 @@ def _group(path, m, moe, ffn_prefixes, ffn_paths, out_emb) -> str:
         return "lm_head"
     if path in ffn_paths or any(path == p or path.startswith(p + ".") for p in ffn_prefixes):
         return "mlp"
+    if "norm" in type(m).__name__.lower():  # `post_attention_layernorm` is a norm, not attention
+        return "other"
     if _ATTENTION.search(path):
         return "attention"
     return "other"
@@ -83,14 +85,16 @@ def logical_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m._parameters.values() if p is not None)
 
 
-def group_bytes(model: nn.Module, groups: dict[str, str]) -> dict[str, dict[str, int]]:
-    """group → {"params": logical parameters, "bytes": stored bytes}; shared tensors count once."""
+def group_bytes(model: nn.Module, groups: dict[str, str]) -> dict[str, dict]:
+    """group → {"params": logical parameters, "bytes": stored bytes, "storage": {dtype or
+    method: parameters}}; shared tensors count once."""
+    from moeconv.nn.quantized import method_of
     seen: set[tuple] = set()
-    out: dict[str, dict[str, int]] = {}
+    out: dict[str, dict] = {}
     for path, m in model.named_modules():
         if path not in groups:
             continue
-        row = out.setdefault(groups[path], {"params": 0, "bytes": 0})
+        row = out.setdefault(groups[path], {"params": 0, "bytes": 0, "storage": {}})
         fresh = 0
         for t in module_tensors(m).values():
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
@@ -100,5 +104,19 @@ def group_bytes(model: nn.Module, groups: dict[str, str]) -> dict[str, dict[str,
             row["bytes"] += t.numel() * t.element_size()
             fresh += 1
         if fresh:
-            row["params"] += logical_params(m)
+            n = logical_params(m)
+            row["params"] += n
+            method = method_of(m)
+            kinds = {method: n} if method else _dtypes(m)
+            for k, v in kinds.items():
+                row["storage"][k] = row["storage"].get(k, 0) + v
     return {g: out[g] for g in GROUPS if g in out}
+
+
+def _dtypes(m: nn.Module) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in m._parameters.values():
+        if p is not None:
+            k = str(p.dtype).replace("torch.", "")
+            out[k] = out.get(k, 0) + p.numel()
+    return out

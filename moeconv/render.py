@@ -70,6 +70,32 @@ def render_inspection(console: Console, info: dict) -> None:
         for m in info["moe_layers"]:
             t.add_row(m["path"], m["class"], str(m["num_experts"]), str(m["top_k"]), "yes" if m["shared_expert"] else "no")
         console.print(t)
+    render_storage(console, info)
+
+
+def render_storage(console: Console, info: dict) -> None:
+    """Bytes per module group (with dtypes / quantization methods), and the quantized layers
+    grouped by (group, method, shape) — every layer is in `--json`."""
+    if info.get("storage"):
+        t = Table(title="storage by module group")
+        for col in ("group", "parameters", "bytes", "stored as"):
+            t.add_column(col)
+        for row in info["storage"]:
+            kinds = ", ".join(f"{k} {_n(v)}" for k, v in row["storage"].items())
+            t.add_row(row["group"], _n(row["params"]), _bytes(row["bytes"]), kinds)
+        console.print(t)
+    layers = info.get("quantized_layers") or []
+    if layers:
+        rows: dict[tuple, list] = {}
+        for q in layers:
+            key = (q.get("group") or "-", q["path"].rsplit(".", 1)[-1], q["method"], "×".join(map(str, q["shape"])))
+            rows.setdefault(key, []).append(q)
+        t = Table(title=f"{len(layers)} quantized layers (bitsandbytes; every layer in --json)")
+        for col in ("group", "projection", "method", "shape (out×in)", "layers", "bytes", "e.g."):
+            t.add_column(col)
+        for (group, name, method, shape), qs in rows.items():
+            t.add_row(group, name, method, shape, str(len(qs)), _bytes(sum(q["bytes"] for q in qs)), qs[0]["path"])
+        console.print(t)
 
 
 def render_passes(console: Console, registry) -> None:

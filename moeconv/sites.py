@@ -42,6 +42,11 @@ def dense_tensors(model: nn.Module, site: FfnSite) -> dict[str, torch.Tensor]:
 def _projection_like(src: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
     """A module of `src`'s kind (Linear or Conv1D) holding `weight` (out, in) and `bias`."""
     new = copy.copy(src)  # same class and attributes; parameters replaced below
+    # A shallow copy would share src's hook and buffer registries: a hook registered on one expert's
+    # projection would then fire for every copy (and the dense source). Give the copy its own.
+    for key, val in src.__dict__.items():
+        if isinstance(val, (dict, set, list)):
+            new.__dict__[key] = copy.copy(val)
     new._parameters = dict(src._parameters)
     w = weight.t().contiguous() if is_conv1d(src) else weight.contiguous()
     new.weight = nn.Parameter(w, requires_grad=src.weight.requires_grad)

@@ -1,9 +1,11 @@
 """Expert importance in one `MoEBlock`, measured on calibration tokens.
 
-`observe_block(block, x)` runs the router and *every* expert on every token `x` (N, H) once and
-keeps the results, so each criterion, each candidate subset and the router re-calibration are
-cheap arithmetic on them. Definitions (N tokens, top-k routing as the block does it: softmax over
-all E router logits, top-k, renormalised when the block renormalises):
+`routing_scores(block, x)` measures the routing criteria on every token (each expert runs only on
+its routed tokens). `observe_block(block, x)` runs the router and *every* expert on every token
+of `x` once and keeps the results, so the reconstruction criterion, each candidate subset, merging
+similarity and the router re-calibration are cheap arithmetic on them. Definitions (N tokens,
+top-k routing as the block does it: softmax over all E router logits, top-k, renormalised when
+the block renormalises):
 
 - `frequency[j]`  share of routed (token, slot) pairs that go to expert j: count_j / (N·k).
   Sums to 1 over the experts.
@@ -124,25 +126,48 @@ def subset_error(obs: BlockObservation, subset, reference: torch.Tensor | None =
 
 
 @torch.no_grad()
-def expert_scores(obs: BlockObservation) -> dict[str, torch.Tensor]:
-    """Every criterion for every expert (float64 tensors of length E), plus `tokens` (counts)."""
-    n, e, k = obs.num_tokens, obs.num_experts, obs.top_k
-    _, top_p, weights, idx = route(obs.logits, k, obs.renormalize)
-    flat = idx.reshape(-1)
+def routing_scores(block: MoEBlock, x: torch.Tensor, chunk: int = 4096) -> dict[str, torch.Tensor]:
+    """frequency, mass, REAP and `tokens` (counts) of every expert (float64, length E) on the rows
+    of `x`. Each expert runs only on its routed tokens (nothing is stored per expert)."""
+    x = x.reshape(-1, x.shape[-1])
+    n, e, k = x.shape[0], block.num_experts, block.top_k
+    _, top_p, weights, idx = route(block.router(x.float()), k, block.renormalize)
+    flat = idx.reshape(-1).cpu()
     counts = torch.bincount(flat, minlength=e).double()
-    mass = torch.zeros(e, dtype=torch.float64).index_add_(0, flat.cpu(), top_p.reshape(-1).double().cpu())
-    rows = torch.arange(n, device=idx.device).unsqueeze(1)
-    norms = obs.outputs.norm(dim=-1)[idx, rows]      # (N, k): ‖E_j(x)‖ of each chosen expert
-    reap_sum = torch.zeros(e, dtype=torch.float64).index_add_(0, flat.cpu(), (weights * norms).reshape(-1).double().cpu())
-    counts = counts.cpu()
+    mass = torch.zeros(e, dtype=torch.float64).index_add_(0, flat, top_p.reshape(-1).double().cpu())
+    reap_sum = torch.zeros(e, dtype=torch.float64)
+    for j, expert in enumerate(block.experts):
+        tok, slot = torch.where(idx == j)
+        dtype = _expert_dtype(expert, x.dtype)
+        for s in range(0, tok.numel(), chunk):
+            t, sl = tok[s:s + chunk], slot[s:s + chunk]
+            norms = expert(x.index_select(0, t).to(dtype)).float().norm(dim=-1)
+            reap_sum[j] += float((weights[t, sl] * norms).double().sum())
     reap = torch.where(counts > 0, reap_sum / counts.clamp(min=1), torch.zeros_like(reap_sum))
+    return {"frequency": counts / max(n * k, 1), "mass": mass / max(n, 1), "reap": reap, "tokens": counts}
+
+
+@torch.no_grad()
+def reconstruction_scores(obs: BlockObservation) -> torch.Tensor:
+    """Relative output error when each expert alone is removed (inf where that would leave fewer
+    experts than top_k)."""
+    e, k = obs.num_experts, obs.top_k
     ref = reference_output(obs)
     recon = torch.full((e,), math.inf, dtype=torch.float64)
     if e - 1 >= k:
         for j in range(e):
             recon[j] = subset_error(obs, [i for i in range(e) if i != j], ref)
-    return {"frequency": counts / max(n * k, 1), "mass": mass / max(n, 1), "reap": reap,
-            "reconstruction": recon, "tokens": counts}
+    return recon
+
+
+def expert_scores(block: MoEBlock, x: torch.Tensor, obs: BlockObservation | None = None) -> dict[str, torch.Tensor]:
+    """Every criterion for every expert: routing criteria on `x`, reconstruction on `obs` (the
+    observation of `x`, or of a subset of it, made with `observe_block`) when given."""
+    scores = routing_scores(block, x)
+    e = block.num_experts
+    scores["reconstruction"] = (reconstruction_scores(obs) if obs is not None
+                                else torch.full((e,), math.nan, dtype=torch.float64))
+    return scores
 
 
 def rank_keep(scores: torch.Tensor, keep: int) -> list[int]:

@@ -40,6 +40,9 @@ from moeconv.state import ModelState
 from passes.expert_importance import (BlockObservation, best_subset, combine, expert_outputs, expert_scores,
                                       observe_block, rank_keep, reference_output)
 
+# Every expert's output on the same tokens is kept for the output-based steps: at most this much.
+OUTPUT_BYTES = 2 * 2**30
+
 Criterion = Literal["frequency", "mass", "reap", "reconstruction"]
 
 
@@ -138,14 +141,14 @@ class PruneExperts(Pass):
     @torch.no_grad()
     def _prune_block(self, path: str, block: MoEBlock, x: torch.Tensor, keep: int):
         cfg = self.config
-        obs = observe_block(block, x)
-        scores = expert_scores(obs)
+        obs = observe_block(block, _subsample(x, _output_budget(block)))
+        scores = expert_scores(block, x, obs)
         e = block.num_experts
         search = None
         if keep >= e:
-            kept, err_est = list(range(e)), 0.0
+            kept = list(range(e))
         elif cfg.criterion == "reconstruction":
-            kept, err_est, search = best_subset(obs, keep, beam_width=cfg.beam_width,
+            kept, _, search = best_subset(obs, keep, beam_width=cfg.beam_width,
                                                 max_combinations=cfg.max_combinations)
         else:
             kept = rank_keep(scores[cfg.criterion], keep)
@@ -168,7 +171,8 @@ class PruneExperts(Pass):
             rows.append(row)
         lrow = {"layer": path, "experts_before": e, "experts_after": len(kept), "top_k": block.top_k,
                 "kept": kept, "dropped": [j for j in removed if j not in into],
-                "merged": {str(j): t for j, t in into.items()}, "tokens": obs.num_tokens,
+                "merged": {str(j): t for j, t in into.items()}, "tokens": int(x.shape[0]),
+                "tokens_output_based": obs.num_tokens,
                 "error_pruned": err_pruned, "search": search}
         if recal is not None:
             lrow.update(recal)
@@ -186,8 +190,10 @@ class PruneExperts(Pass):
             if inner:
                 captured = _capture(inner, forward)
                 for full_path, block in inner:
-                    obs = observe_block(block, _subsample(captured[full_path], self.config.max_tokens))
-                    out[full_path] = expert_scores(obs)[self.config.criterion]
+                    x = _subsample(captured[full_path], self.config.max_tokens)
+                    obs = (observe_block(block, _subsample(x, _output_budget(block)))
+                           if self.config.criterion == "reconstruction" else None)
+                    out[full_path] = expert_scores(block, x, obs)[self.config.criterion]
         run_layerwise(model, batches, on_layer, progress=ctx.report_progress)
         return out
 
@@ -413,6 +419,12 @@ def _subsample(x: torch.Tensor, limit: int) -> torch.Tensor:
         return x
     idx = torch.arange(limit, device=x.device) * x.shape[0] // limit
     return x.index_select(0, idx)
+
+
+def _output_budget(block: MoEBlock) -> int:
+    """Tokens on which every expert's output is kept (reconstruction, merging, re-calibration):
+    E·tokens·H fp32 values within OUTPUT_BYTES."""
+    return max(64, OUTPUT_BYTES // (4 * block.num_experts * block.hidden_size))
 
 
 def _update_config(state: ModelState) -> None:

@@ -128,6 +128,9 @@ class Quantize(Pass):
         groups = module_groups(state)
         bytes_before = group_bytes(model, groups)
         rows, todo = self._select(model, groups, spec)
+        if not todo:
+            why = sorted({r["reason"] for r in rows}) or ["the model has no linear layers"]
+            raise UnsupportedError(f"quantize: no layer to quantize ({'; '.join(why)[:300]})")
         fused = _fused_3d(model)
         routers = _router_tensors(model)
         vocab = _vocab(state)
@@ -143,8 +146,8 @@ class Quantize(Pass):
             row["bytes_after"] = serialized_bytes(q)
         ctx.report_progress("quantize", len(todo), len(todo))
 
-        changed = [name for name, t in routers.items() if not _still_equal(model, name, t)]
-        if changed and not cfg.quantize_routers:
+        changed = [name for name, t in routers.items() if not _router_unchanged(model, name, t, cfg.quantize_routers)]
+        if changed:
             raise VerificationError(f"quantize: router tensors changed: {changed[:3]}")
 
         bytes_after = group_bytes(model, groups)
@@ -237,7 +240,7 @@ class Quantize(Pass):
             self.name,
             summary=f"{len(quantized)} linear layers → {spec.method}"
                     + (f" (block {spec.blocksize}{', double quant' if spec.double_quant else ''})" if spec.four_bit else "")
-                    + f"; {len(rows) - len(quantized)} kept; {total_before} → {total_after} bytes",
+                    + f"; {len(rows) - len(quantized)} kept in float ({len(problems)} of them not quantizable)",
             metrics=metrics,
             tables={"groups": table, "modules": rows,
                     "not_quantized": [{"module": r["module"], "group": r["group"], "reason": r["reason"]}
@@ -304,11 +307,12 @@ def _router_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _still_equal(model: nn.Module, name: str, before: torch.Tensor) -> bool:
+def _router_unchanged(model: nn.Module, name: str, before: torch.Tensor, quantized_on_request: bool) -> bool:
+    """Bit-identical (dtype included), or quantized because the user asked for it."""
     mod_path, _, pname = name.rpartition(".")
     mod = model.get_submodule(mod_path)
     if is_quantized_layer(mod):
-        return False
+        return quantized_on_request
     p = mod._parameters.get(pname)
     return p is not None and p.dtype == before.dtype and torch.equal(p.detach(), before)
 

@@ -77,7 +77,7 @@ class SparsifyConfig(PassConfig):
     @model_validator(mode="after")
     def _combination(self):
         pat = self.sparsity_pattern()  # raises ValueError with the reason
-        if pat.is_nm and self.block_size % pat.m:
+        if pat.is_nm and self.block_size % pat.m and "block_size" in self.model_fields_set:
             raise ValueError(f"block_size ({self.block_size}) must be a multiple of M ({pat.m})")
         if not self.targets:
             raise ValueError("targets is empty")
@@ -85,6 +85,11 @@ class SparsifyConfig(PassConfig):
 
     def sparsity_pattern(self) -> SparsityPattern:
         return SparsityPattern.parse(self.pattern, self.ratio)
+
+    def effective_block_size(self) -> int:
+        """`block_size`, or the default rounded up to a multiple of M (e.g. 130 for 2:5)."""
+        pat = self.sparsity_pattern()
+        return self.block_size if not pat.is_nm else -(-self.block_size // pat.m) * pat.m
 
 
 class Sparsify(Pass):
@@ -130,8 +135,9 @@ class Sparsify(Pass):
             if pat.is_nm and cols % pat.m:
                 raise ConfigError(f"sparsify: {name} has {cols} inputs, not a multiple of {pat.m}; "
                                   f"leave it out with ignore")
-        untouched = {id(p): p._version for n, p in model.named_parameters()
-                     if not any(p is t.weight for t in targets.values())}
+        # Cheap proof that nothing else is written: every other parameter keeps its version counter.
+        target_ids = {id(t.weight) for t in targets.values()}
+        untouched = {id(p): p._version for p in model.parameters() if id(p) not in target_ids}
         job = _Job(cfg, pat, model, targets, ctx)
         if ctx.calibration is None:
             job.prune_without_data()
@@ -275,6 +281,7 @@ class _Job:
             stack.callback(handle.remove)
             forward()
         stats.release()
+        t_observe = time.perf_counter()
 
         # Routing-aware statistics: under-covered experts fall back, never to empty statistics.
         source = {n: "all tokens" for n in mine}
@@ -306,10 +313,13 @@ class _Job:
                         stats.release()
                 self._expert_info[(bpath, e)] = (covered, total, fell_back)
         del block_inputs
-
+        t_stats = time.perf_counter()
         self._prune(mine, stats, source)
+        t_prune = time.perf_counter()
         self._pending = {"outputs": outputs, "resid": resid[0], "t0": t0, "index": index, "path": path,
-                         "matrices": len(mine), "fallback": layer_fallback}
+                         "matrices": len(mine), "fallback": layer_fallback, "t_end": t_prune,
+                         "phases": {"observe_s": t_observe - t0, "fallback_s": t_stats - t_observe,
+                                    "prune_s": t_prune - t_stats}}
         for bpath, block in blocks:
             for e in range(block.num_experts):
                 info = self._expert_info.get((bpath, e))
@@ -324,7 +334,9 @@ class _Job:
         self.layers.append({"layer": index, "path": path, "matrices": p["matrices"],
                             "layer_rel_error": math.sqrt(diff / p["resid"]) if p["resid"] > 0 else None,
                             "fallback_experts": len(p["fallback"]),
-                            "seconds": round(time.perf_counter() - p["t0"], 3)})
+                            "seconds": round(time.perf_counter() - p["t0"], 3),
+                            **{k: round(v, 3) for k, v in p["phases"].items()},
+                            "next_inputs_s": round(time.perf_counter() - p["t_end"], 3)})
         self._pending = {}
 
     def _prune(self, mine: dict[str, nn.Module], stats: InputStats, source: dict[str, str]) -> None:
@@ -334,7 +346,7 @@ class _Job:
             w = weight_out_in(m).detach().float()
             h = stats.hessian.get(name)
             if h is None or method == "magnitude" or source[name].startswith("magnitude"):
-                self._apply(name, m, magnitude(w, self.pat), h, source[name] if h is not None else "none")
+                self._apply(name, m, magnitude(w, self.pat), h, source[name])
             elif method == "wanda":
                 self._apply(name, m, wanda(w, h, self.pat), h, source[name])
             else:
@@ -365,7 +377,7 @@ class _Job:
                 w = torch.stack([u["w"] for u in chunk])
                 h = torch.stack([u["h"] for u in chunk])
                 try:
-                    new, damp = sparsegpt(w, h, self.pat, block_size=self.cfg.block_size, dampening=self.cfg.dampening)
+                    new, damp = sparsegpt(w, h, self.pat, block_size=self.cfg.effective_block_size(), dampening=self.cfg.dampening)
                 except FloatingPointError as exc:
                     raise VerificationError(f"sparsify: {chunk[0]['names'][0]}: {exc}") from None
                 for u, nw, d in zip(chunk, new, damp.tolist()):

@@ -83,6 +83,9 @@ def load_moeconv(path: Path, raw: dict, *, dtype=None) -> ModelState:
     section = raw["moeconv"]
     if not isinstance(section, dict) or section.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{path / 'config.json'}: unsupported moeconv format version")
+    if "quantization" in section:  # bitsandbytes layers: rebuilt by the quantized format
+        from moeconv.formats.quantized import load_quantized
+        return load_quantized(path, raw, dtype=dtype)
     model, config, info = _base_model(path, section.get("source") or {})
     ckpt = SourceCheckpoint(path)
     for rec in section.get("sites", []):

@@ -74,6 +74,9 @@ def _load(source, *, dtype: torch.dtype | None = None) -> ModelState:
     if "moeconv" in raw:
         from moeconv.formats.native import load_moeconv
         return load_moeconv(path, raw, dtype=dtype)
+    if "moeconv_sparse" in raw:  # `sparsify --compressed`: kept values + bitmask, restored exactly
+        from moeconv.sparsity import load_compressed
+        return load_compressed(path, raw, dtype=dtype)
     return _load_hf(path, raw, dtype)
 
 
@@ -154,8 +157,9 @@ def _load_hf(path: Path, raw: dict, dtype) -> ModelState:
     if has_st:
         from moeconv.io.safetensors_io import validate_checkpoint
         ckpt = validate_checkpoint(path)
+        quantized = "quantization_config" in raw  # bitsandbytes checkpoints store int8 / uint8 weights
         for spec in ckpt.specs.values():
-            if spec.name.endswith((".weight", ".bias")) and not spec.dtype.is_floating_point:
+            if spec.name.endswith((".weight", ".bias")) and not spec.dtype.is_floating_point and not quantized:
                 raise InputError(f"{path}: tensor {spec.name} is {spec.dtype}, expected a floating-point weight")
         try:
             model, info = cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto",

@@ -20,6 +20,8 @@ quantized to 4 bits and `kernel_problem` says why.
 """
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass
 
 import torch
@@ -62,20 +64,23 @@ def _bnb():
     # bitsandbytes warns on import that an optional CPU kernel package is missing; it falls back
     # to its own kernel, so the message is noise for users.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    import warnings
-    # LLM.int8 casts activations to fp16 by design; bitsandbytes warns on every call.
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    # LLM.int8 casts activations to fp16 by design; bitsandbytes logs that on every call.
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     import bitsandbytes
     return bitsandbytes
 
 
 def is_quantized_layer(m: nn.Module) -> bool:
+    if "bitsandbytes" not in sys.modules:  # no layer can exist before the library is imported
+        return False
     bnb = _bnb()
     return isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
 def method_of(m: nn.Module) -> str | None:
     """"int8" | "nf4" | "fp4" for a bitsandbytes linear, None otherwise."""
+    if "bitsandbytes" not in sys.modules:
+        return None
     bnb = _bnb()
     if isinstance(m, bnb.nn.Linear8bitLt):
         return "int8"
@@ -214,6 +219,18 @@ def _remember(q: nn.Module, record: dict, snapshot: dict[str, torch.Tensor]) -> 
     # and stay out of state_dict().
     object.__setattr__(q, RECORD_ATTR, record)
     object.__setattr__(q, SNAPSHOT_ATTR, snapshot)
+    if record.get("method") in ("nf4", "fp4"):
+        # bitsandbytes 0.50.2's packed CPU 4-bit kernel kills the process (SIGFPE) on an empty
+        # batch, which MoE dispatch produces whenever an expert receives no token. The layer's own
+        # forward is kept; only the empty case is answered here (bitsandbytes layers never go
+        # through torch.export, so this shape test costs no exportability).
+        object.__setattr__(q, "forward", types.MethodType(_forward_nonempty, q))
+
+
+def _forward_nonempty(self, x: torch.Tensor) -> torch.Tensor:
+    if x.numel() == 0:
+        return x.new_zeros((*x.shape[:-1], self.out_features))
+    return type(self).forward(self, x)
 
 
 def _dtype_name(dt: torch.dtype | None) -> str | None:

@@ -188,12 +188,16 @@ class Signature:
         return (tok, tok) if self.uses_mask else (tok,)
 
 
-def build_signature(module: nn.Module, *, with_past: bool, seed: int = 0) -> Signature:
+def build_signature(module: nn.Module, *, with_past: bool, seed: int = 0,
+                    example_ids: torch.Tensor | None = None) -> Signature:
+    """`example_ids` (B, S), both ≥ 2, replaces the random example input of graphs without past."""
     kind = model_kind(module)
     vocab = vocab_size(module)
     max_len = max_length(module)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (EXAMPLE_BATCH, EXAMPLE_SEQ), generator=g)
+    if example_ids is not None and example_ids.dim() == 2 and min(example_ids.shape) >= 2:
+        ids = example_ids.long()
     mask = torch.ones_like(ids)
     tok_axes = {0: "batch", 1: "sequence"}
     if with_past and kind != "causal-lm":

@@ -1,0 +1,271 @@
+"""Quantized checkpoints (bitsandbytes layers): written in the format their consumer loads.
+
+- **Dense Hugging Face causal LMs** → the layout transformers itself writes for bitsandbytes
+  (`weight`, `weight.absmax`, `weight.quant_map`, [`weight.nested_*`],
+  `weight.quant_state.bitsandbytes__nf4|fp4` for 4-bit; `weight`, `SCB`, `weight_format` for int8)
+  plus `quantization_config` in config.json, with every linear layer left in float named in
+  `llm_int8_skip_modules`. Consumer: `transformers.AutoModelForCausalLM.from_pretrained(OUT)`,
+  on any device bitsandbytes runs on (CPU included).
+- **Everything else, MoE models in particular** → moeconv's format (`moeconv.formats.native`)
+  with a `quantization` section: one record per quantized layer (method, float shape, bias,
+  source class, dtypes, block size / threshold) and the same bitsandbytes tensors under the
+  layer's own name. Consumer: `moeconv.load(OUT)`. transformers 5.x keeps Mixtral / Qwen-MoE
+  experts as fused 3-D parameters that its bitsandbytes integration leaves in float (checked with
+  5.23), so no file is written that it would load with float or random experts; `model_type` is
+  `moeconv`, which transformers refuses loudly.
+
+Tensors come from each layer's snapshot captured before any forward (`moeconv.nn.quantized`),
+never from `state_dict()` of a layer bitsandbytes may have repacked in place.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeconv.errors import InputError, UnsupportedError
+from moeconv.formats.writer import TensorSource, write_checkpoint
+from moeconv.io.safetensors_io import SourceCheckpoint, TensorSpec
+from moeconv.module_groups import module_tensors
+from moeconv.nn.linear_like import in_out_features, is_conv1d, is_linear_like
+from moeconv.nn.moe import MoEBlock
+from moeconv.nn.quantized import is_quantized_layer, layer_record, method_of, rebuild
+from moeconv.state import ModelState, SourceInfo
+
+
+def save_quantized(state: ModelState, out_dir: Path, *, shard_bytes: int) -> dict:
+    """Write quantized `state` into `out_dir` (exists, empty); returns what was written and
+    `consumer` ("transformers" or "moeconv") with `expected_class` for transformers."""
+    model = state.module
+    layers = {p: m for p, m in model.named_modules() if is_quantized_layer(m)}
+    if not layers:
+        raise UnsupportedError("internal: save_quantized called on a model without quantized layers")
+    records = {p: layer_record(m) for p, m in layers.items()}
+    why_not_hf = _hf_obstacle(state, records)
+    source = _tensor_source(model)
+    if why_not_hf is None:
+        config = _hf_config(state, records)
+        stats = write_checkpoint(out_dir, source, config, shard_bytes=shard_bytes)
+        _write_generation_config(model, out_dir)
+        stats.update({"format": "hf-bitsandbytes", "consumer": "transformers",
+                      "expected_class": type(model).__name__, "notes": source.notes})
+        return stats
+    config = _moeconv_config(state, records)
+    stats = write_checkpoint(out_dir, source, config, shard_bytes=shard_bytes)
+    stats.update({"format": "moeconv-quantized", "consumer": "moeconv", "notes": source.notes + [
+        f"moeconv format, loaded with moeconv.load: {why_not_hf}"]})
+    return stats
+
+
+# ---------------------------------------------------------------------------------- writing
+
+def _tensor_source(model: nn.Module) -> TensorSource:
+    """Every tensor of the model under its state-dict name, quantized layers from their
+    snapshots; a tensor shared by two modules (tied embeddings) is written once."""
+    seen: dict[tuple, str] = {}
+    tensors, specs, notes = {}, [], []
+    for path, m in model.named_modules(remove_duplicate=False):
+        for rel, t in module_tensors(m).items():
+            name = f"{path}.{rel}" if path else rel
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+            if t.numel() and key in seen:
+                if seen[key] != name:
+                    notes.append(f"{name} is tied to {seen[key]}: written once")
+                continue
+            seen[key] = name
+            tensors[name] = t
+            specs.append(TensorSpec(name, t.dtype, tuple(t.shape)))
+    return TensorSource(specs, lambda s: tensors[s.name], notes)
+
+
+def _hf_obstacle(state: ModelState, records: dict[str, dict]) -> str | None:
+    """Why stock transformers cannot load this quantized model as it is, or None if it can."""
+    model, config = state.module, state.config
+    if state.moe_blocks() or any(isinstance(m, MoEBlock) for m in model.modules()):
+        return ("transformers 5.x keeps MoE experts as fused 3-D tensors that its bitsandbytes "
+                "integration leaves in float")
+    if config is None or not hasattr(model, "save_pretrained"):
+        return "not a Hugging Face model"
+    try:
+        from transformers import AutoModelForCausalLM
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ImportError):
+        cls = None
+    if cls is not type(model):
+        return f"{type(model).__name__} is not what AutoModelForCausalLM builds for {config.model_type!r}"
+    settings = {(r["method"], r.get("compute_dtype"), r.get("int8_threshold")) for r in records.values()}
+    if len(settings) != 1:
+        return "layers use different quantization settings; one quantization_config cannot describe them"
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if keep_fp32:
+        from transformers.quantizers.quantizers_utils import should_convert_module
+        clash = [p for p in records if not should_convert_module(p, keep_fp32)]
+        if clash:
+            return f"{clash[0]} is kept in fp32 by {type(model).__name__}"
+    return None
+
+
+def _hf_config(state: ModelState, records: dict[str, dict]) -> dict:
+    from transformers import BitsAndBytesConfig
+    model = state.module
+    rec = next(iter(records.values()))
+    skip = [p for p, m in model.named_modules() if (type(m) is nn.Linear or is_conv1d(m)) and p not in records]
+    if rec["method"] == "int8":
+        bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=rec["int8_threshold"],
+                                 llm_int8_skip_modules=skip)
+    else:
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=rec["method"],
+                                 bnb_4bit_use_double_quant=bool(rec.get("double_quant")),
+                                 bnb_4bit_compute_dtype=getattr(torch, rec.get("compute_dtype") or "float32"),
+                                 llm_int8_skip_modules=skip)
+    qc = bnb.to_dict()
+    qc["quant_method"] = "bitsandbytes"
+    config = state.config.to_dict()
+    config["architectures"] = [type(model).__name__]
+    config["quantization_config"] = qc
+    config["dtype"] = _float_dtype(model)
+    return config
+
+
+def _moeconv_config(state: ModelState, records: dict[str, dict]) -> dict:
+    from moeconv import __version__
+    from moeconv.formats.native import FORMAT_VERSION
+    import bitsandbytes
+    sites = []
+    native_counts = set()
+    for path, m in state.module.named_modules():
+        if not isinstance(m, MoEBlock):
+            continue
+        site = getattr(m, "source_site", None)
+        if site is not None:  # upcycled by moeconv: rebuilt at its FFN site (as moeconv.formats.native)
+            sites.append({"site": site.to_dict(), "num_experts": m.num_experts, "top_k": m.top_k,
+                          "renormalize": m.renormalize, "router_bias": m.router.bias is not None,
+                          "shared_expert": m.shared_expert is not None,
+                          "shared_expert_gate": m.shared_expert_gate is not None})
+        elif getattr(m, "native_class", None):  # a family's own block: rebuilt by linearising it
+            native_counts.add((m.num_experts, m.top_k))
+        else:
+            raise UnsupportedError(f"{path}: MoE block of unknown origin cannot be saved")
+    if state.config is not None and hasattr(state.config, "to_dict"):
+        cfg = state.config.to_dict()
+        cfg.pop("quantization_config", None)
+        if native_counts:
+            from moeconv.formats.hf_moe import family_for_config, native_config_dict
+            family = family_for_config(cfg.get("model_type"))
+            if family is None or len(native_counts) != 1:
+                raise UnsupportedError(f"cannot describe MoE layers {sorted(native_counts)} in a "
+                                       f"{cfg.get('model_type')} config")
+            (n, k), = native_counts
+            cfg = native_config_dict(family, cfg, n, k)
+        source = {"kind": "hf", "config": cfg}
+    elif state.source.spec:
+        source = {"kind": "spec", "spec": state.source.spec}
+    else:
+        raise UnsupportedError("this model was built in memory; moeconv format needs a rebuildable source "
+                               "(a checkpoint, builtin:NAME or FILE.py:factory)")
+    quant = {"library": "bitsandbytes", "bitsandbytes_version": bitsandbytes.__version__,
+             "moeconv_version": __version__, "methods": sorted({r["method"] for r in records.values()}),
+             "layers": records}
+    return {"model_type": "moeconv", "architectures": ["MoeconvModel"],
+            "moeconv": {"format_version": FORMAT_VERSION, "source": source, "sites": sites, "quantization": quant}}
+
+
+def _float_dtype(model: nn.Module) -> str:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return str(p.dtype).replace("torch.", "")
+    return "float32"
+
+
+def _write_generation_config(model: nn.Module, out_dir: Path) -> None:
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and hasattr(gen, "save_pretrained"):
+        try:
+            gen.save_pretrained(out_dir)
+        except Exception:  # optional file: the model loads without it
+            pass
+
+
+# ---------------------------------------------------------------------------------- reading
+
+class _FloatSpecs:
+    """The checkpoint's specs with quantized weights shown at their float shape and dtype, so the
+    MoE blocks of an upcycled model are rebuilt exactly as for an unquantized checkpoint."""
+
+    def __init__(self, ckpt: SourceCheckpoint, layers: dict[str, dict]):
+        self.specs = dict(ckpt.specs)
+        for path, rec in layers.items():
+            shape = (int(rec["out_features"]), int(rec["in_features"]))
+            if rec.get("source_class") == "Conv1D":
+                shape = shape[::-1]
+            dtype = getattr(torch, rec.get("weight_dtype") or "float32")
+            self.specs[f"{path}.weight"] = TensorSpec(f"{path}.weight", dtype, shape)
+
+
+def load_quantized(path: Path, raw: dict, *, dtype=None) -> ModelState:
+    """Rebuild a quantized moeconv-format directory: the float architecture (MoE blocks included),
+    then each recorded layer as the bitsandbytes layer it was; every tensor is used exactly once."""
+    from moeconv.formats.native import _base_model, _install_block, _tied_names
+    from moeconv.nn.native_moe import linearise_native_moe
+    from moeconv.patterns import FfnSite
+    section = raw["moeconv"]
+    layers = (section.get("quantization") or {}).get("layers")
+    if not isinstance(layers, dict) or not layers:
+        raise InputError(f"{path / 'config.json'}: quantization section without layers")
+    model, config, info = _base_model(path, section.get("source") or {})
+    linearise_native_moe(model)
+    ckpt = SourceCheckpoint(path)
+    view = _FloatSpecs(ckpt, layers)
+    for rec in section.get("sites", []):
+        try:
+            _install_block(model, FfnSite(**rec["site"]), rec, view)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{path / 'config.json'}: bad site record ({exc.__class__.__name__}: {exc})") from None
+    owned = {}
+    for name in ckpt.names():
+        owner = next((lp for lp in _prefixes(name) if lp in layers), None)
+        if owner is not None:
+            owned.setdefault(owner, {})[name[len(owner) + 1:]] = name
+    quantized_names = {n for d in owned.values() for n in d.values()}
+    floats = {n: ckpt.get(n) for n in ckpt.names() if n not in quantized_names}
+    result = model.load_state_dict(floats, strict=False, assign=True)
+    tied = _tied_names(model)
+    missing = [k for k in result.missing_keys if k not in tied and not any(k.startswith(lp + ".") for lp in layers)]
+    if missing or result.unexpected_keys:
+        raise InputError(f"{path}: weights do not match the recorded model "
+                         f"(missing {missing[:2]}, unexpected {result.unexpected_keys[:2]})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for lp, rec in layers.items():
+        try:
+            old = model.get_submodule(lp)
+        except AttributeError:
+            raise InputError(f"{path}: quantized layer {lp} does not exist in the rebuilt model") from None
+        want = (int(rec["in_features"]), int(rec["out_features"]))
+        if not is_linear_like(old) or in_out_features(old) != want:
+            raise InputError(f"{path}: quantized layer {lp} does not match the rebuilt model's {type(old).__name__}")
+        tensors = {rel: ckpt.get(name) for rel, name in owned.get(lp, {}).items()}
+        model.set_submodule(lp, rebuild(rec, tensors, where=f"{path}: {lp}"))
+    if dtype is not None:
+        model = model.to(dtype)
+    info = SourceInfo("moeconv", path, tokenizer_dir=path, spec=info.spec)
+    return ModelState(model.eval(), config, info)
+
+
+def _prefixes(name: str):
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        yield ".".join(parts[:i])
+
+
+def quantized_summary(module: nn.Module, groups: dict[str, str] | None = None) -> list[dict]:
+    """Per quantized layer: path, module group, method, float shape (out, in), stored bytes
+    (for `moeconv inspect`)."""
+    from moeconv.nn.quantized import serialized_bytes
+    out = []
+    for p, m in module.named_modules():
+        if is_quantized_layer(m):
+            out.append({"path": p, "group": (groups or {}).get(p), "method": method_of(m),
+                        "shape": [m.out_features, m.in_features], "bytes": serialized_bytes(m)})
+    return out

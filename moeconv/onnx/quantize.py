@@ -1,0 +1,270 @@
+"""ONNX-level quantization with onnxruntime's own tools; routers stay float.
+
+- `int8`: `onnxruntime.quantization.quantize_dynamic` (int8 weights, activations quantized at run
+  time: `DynamicQuantizeMatMul` / `MatMulInteger`).
+- `int4`: `onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer` (block-wise
+  int4 weights, `MatMulNBits`; block size and accuracy level configurable).
+
+Both only see 2-D constant `MatMul` weights. The exporter writes the expert projections of the
+portable lowering as `Gemm(x, Wᵀ)` (their inputs are 2-D token lists), so `gemm_to_matmul` first
+rewrites every `Gemm` with a constant weight into `MatMul` (+ `Add` for the bias), exactly: one
+2-D MatMul per expert projection. Fused blocks (`com.microsoft.MoE`) become `com.microsoft.QMoE`
+with the experts quantized block-wise by onnxruntime's own kernels (`quantize_matmul_4bits` /
+`quantize_matmul_8bits`, the functions `MatMulNBitsQuantizer` calls).
+
+Never quantized: router weights and shared-expert gates (routing must not degrade, FIELD.md),
+and any weight the caller lists in `keep_float`.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from moeconv.errors import ConfigError
+from moeconv.onnx.graph import EXTERNAL_DATA_BYTES
+
+ROUTER_MARKERS = (".router.weight", ".router.bias", ".shared_expert_gate.weight")
+
+
+@dataclass
+class QuantResult:
+    mode: str
+    quantized_nodes: int
+    kept_float: list[str] = field(default_factory=list)
+    qmoe_blocks: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "quantized_nodes": self.quantized_nodes, "kept_float": self.kept_float,
+                "qmoe_blocks": self.qmoe_blocks, "notes": self.notes}
+
+
+# --------------------------------------------------------------------------- library hygiene
+
+
+@contextmanager
+def _ort_quantization():
+    """Import onnxruntime's quantizers and run them without their logging side effects:
+    `matmul_nbits_quantizer` calls `logging.basicConfig(level=INFO)` at import (root logger, for
+    the whole process) and both quantizers log every node. A pass never prints."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        import onnxruntime.quantization  # noqa: F401
+        import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+# --------------------------------------------------------------------------- graph rewrites
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """Rewrite `Gemm(A, B[, C])` with constant B (transA=0, alpha=beta=1) as `MatMul(A, B')` +
+    `Add(C)`; B' is B transposed when transB=1. Exact. Returns the number of rewritten nodes."""
+    inits = _initializers(model)
+    users: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    new_nodes, count = [], 0
+    for node in model.graph.node:
+        ok = (node.op_type == "Gemm" and node.domain in ("", "ai.onnx") and len(node.input) >= 2
+              and node.input[1] in inits and _attr(node, "transA", 0) == 0
+              and _attr(node, "alpha", 1.0) == 1.0 and _attr(node, "beta", 1.0) == 1.0)
+        if not ok:
+            new_nodes.append(node)
+            continue
+        b_name = node.input[1]
+        weight = inits[b_name]
+        if _attr(node, "transB", 0):
+            arr = numpy_helper.to_array(weight).T.copy()
+            new_name = b_name + ".T"
+            if new_name not in inits:
+                t = numpy_helper.from_array(arr, new_name)
+                model.graph.initializer.append(t)
+                inits[new_name] = t
+            users[b_name] -= 1
+            if users[b_name] == 0:
+                model.graph.initializer.remove(weight)
+                del inits[b_name]
+            b_name = new_name
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = node.output[0] + "_matmul" if has_bias else node.output[0]
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], b_name], [mm_out], name=node.name + "_matmul"))
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+        count += 1
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    return count
+
+
+def float_nodes(model: onnx.ModelProto, keep_float: set[str] = frozenset()) -> list[str]:
+    """Names of MatMul/Gemm nodes whose constant weight is a router (or listed in `keep_float`)."""
+    out = []
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        w = node.input[1].removesuffix(".T")
+        if w.endswith(ROUTER_MARKERS) or w in keep_float or node.input[1] in keep_float:
+            out.append(node.name)
+    return out
+
+
+def lm_head_weight(model: onnx.ModelProto, output: str = "logits") -> str | None:
+    """The constant weight of the MatMul that produces the `logits` output, if there is one."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = _initializers(model)
+    node = producers.get(output)
+    while node is not None and node.op_type in ("Reshape", "Identity", "Cast"):
+        node = producers.get(node.input[0])
+    if node is not None and node.op_type in ("MatMul", "Gemm") and node.input[1] in inits:
+        return node.input[1]
+    return None
+
+
+def _ensure_names(model: onnx.ModelProto) -> None:
+    seen = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+# --------------------------------------------------------------------------- QMoE
+
+
+def _block_quant(w_out_in: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """onnxruntime's own block quantizer (symmetric) on a (N, K) weight: packed (N, K·bits/8), scales (N, K/block)."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+    n, k = w_out_in.shape
+    kb = k // block
+    blob = block * bits // 8
+    packed = np.zeros((n, kb, blob), dtype=np.uint8)
+    scales = np.zeros((n, kb), dtype=np.float32)
+    zp = np.zeros((n, (kb + (8 // bits) - 1) // (8 // bits)), dtype=np.uint8)
+    fn = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    fn(packed, np.ascontiguousarray(w_out_in.T.astype(np.float32)), scales, zp, block, n, k, True)
+    return packed.reshape(n, kb * blob), scales
+
+
+def _qmoe_block(requested: int, widths: tuple[int, ...]) -> int | None:
+    """The largest power-of-two block ≤ `requested` (and ≥ 16, onnxruntime's minimum) dividing every width."""
+    b = requested
+    while b >= 16:
+        if all(w % b == 0 for w in widths):
+            return b
+        b //= 2
+    return None
+
+
+def fused_to_qmoe(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int) -> tuple[int, list[str]]:
+    """Replace every `com.microsoft.MoE` with `QMoE` holding block-quantized expert weights.
+    Returns (blocks converted, notes on blocks left float because no block size fits)."""
+    inits = _initializers(model)
+    count, notes = 0, []
+    for idx, node in enumerate(list(model.graph.node)):
+        if node.op_type != "MoE" or node.domain != "com.microsoft":
+            continue
+        ins = list(node.input) + [""] * (6 - len(node.input))
+        fc1, fc2 = numpy_helper.to_array(inits[ins[2]]), numpy_helper.to_array(inits[ins[4]])
+        block = _qmoe_block(block_size, (fc1.shape[2], fc2.shape[2]))
+        if block is None:
+            notes.append(f"{node.name}: experts kept float (widths {fc1.shape[2]}, {fc2.shape[2]} have no "
+                         "power-of-two block ≥ 16)")
+            continue
+        new_inputs = [ins[0], ins[1]]
+        for pos, (w, bias) in enumerate(((fc1, ins[3]), (fc2, ins[5])), start=1):
+            q, s = zip(*(_block_quant(w[e], bits, block) for e in range(w.shape[0])))
+            qn, sn = f"{ins[2 * pos]}_q{bits}", f"{ins[2 * pos]}_scales"
+            model.graph.initializer.extend([numpy_helper.from_array(np.stack(q), qn),
+                                            numpy_helper.from_array(np.stack(s), sn)])
+            new_inputs += [qn, sn, bias]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs.update(expert_weight_bits=bits, block_size=block, weights_prepacked=0)
+        if accuracy_level:
+            attrs["accuracy_level"] = accuracy_level
+        while new_inputs and new_inputs[-1] == "":
+            new_inputs.pop()
+        q_node = helper.make_node("QMoE", new_inputs, list(node.output), name=(node.name or f"MoE_{idx}") + "_q",
+                                  domain="com.microsoft", **attrs)
+        model.graph.node.insert(list(model.graph.node).index(node), q_node)
+        model.graph.node.remove(node)
+        for name in (ins[2], ins[4]):
+            if not any(name in n.input for n in model.graph.node) and name in inits:
+                model.graph.initializer.remove(inits.pop(name))
+        count += 1
+    return count, notes
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def quantize_model(model: onnx.ModelProto, mode: str, *, block_size: int = 32, accuracy_level: int = 4,
+                   keep_float: set[str] = frozenset(), work_dir: Path | None = None) -> tuple[onnx.ModelProto, QuantResult]:
+    """Quantize a float model (in memory) to `mode` (int8 | int4); the input proto is modified."""
+    if mode not in ("int8", "int4"):
+        raise ConfigError(f"quantize must be int8 or int4, not {mode!r}")
+    gemm_to_matmul(model)
+    _ensure_names(model)
+    qmoe, notes = fused_to_qmoe(model, 8 if mode == "int8" else 4, block_size, accuracy_level)
+    if model.graph.output and model.graph.output[0].name == "logits" and lm_head_weight(model) is None:
+        notes.append("the output projection shares the embedding matrix (tied weights): it stays float, "
+                     "stored once")
+    exclude = float_nodes(model, set(keep_float))
+    before = sum(1 for n in model.graph.node if n.op_type == "MatMul")
+    with _ort_quantization():
+        if mode == "int8":
+            out = _int8(model, exclude, work_dir)
+        else:
+            out = _int4(model, exclude, block_size, accuracy_level)
+    after = sum(1 for n in out.graph.node if n.op_type == "MatMul")
+    return out, QuantResult(mode, before - after, sorted(exclude), qmoe, notes)
+
+
+def _int8(model: onnx.ModelProto, exclude: list[str], work_dir: Path | None) -> onnx.ModelProto:
+    import tempfile
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        big = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+        onnx.save_model(model, str(src), save_as_external_data=big, all_tensors_to_one_file=True,
+                        location="float.onnx.data")
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         per_channel=False, reduce_range=False, nodes_to_exclude=exclude,
+                         use_external_data_format=big, extra_options={"MatMulConstBOnly": True})
+        return onnx.load(str(dst), load_external_data=True)
+
+
+def _int4(model: onnx.ModelProto, exclude: list[str], block_size: int, accuracy_level: int) -> onnx.ModelProto:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    q = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                             accuracy_level=accuracy_level or None, nodes_to_exclude=exclude,
+                             op_types_to_quantize=("MatMul",))
+    q.process()
+    return q.model.model

@@ -1,0 +1,158 @@
+"""Training data: text / JSONL tokenized with the student's tokenizer, or token-id tensors, packed
+into fixed-length rows, with a held-out split.
+
+Promises:
+- Packing: documents are tokenized one by one (no special tokens added), each followed by the
+  tokenizer's EOS id (when it has one), concatenated into one stream and cut into rows of
+  `seq_len`; the incomplete tail is dropped. Every row is full, so per-token means are the same
+  however rows are grouped into (micro-)batches.
+- Token-id files (`.safetensors`, one integer tensor; `.pt`, read with `weights_only=True`): a 1-D
+  stream is packed like text; a 2-D `(rows, seq_len)` tensor is used as is when its width is
+  `seq_len`, otherwise flattened and re-packed.
+- Held-out split: the *last* `eval_fraction` of the rows (contiguous, so adjacent chunks of one
+  document cannot leak into training), or a separate file. Train and held-out rows never overlap.
+- Every id is checked against the vocabulary size when one is given.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moeconv.errors import InputError
+
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
+TENSOR_SUFFIXES = (".safetensors", ".pt")
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """`train` and `eval` are (rows, seq_len) int64 tensors of token ids."""
+
+    train: torch.Tensor
+    eval: torch.Tensor | None
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.train.shape[1])
+
+
+def read_documents(path: Path) -> list[str]:
+    """Documents of a text file (separated by blank lines) or a JSONL file (a `text` field per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such data file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: data text is not UTF-8") from None
+    docs = []
+    if path.suffix == ".jsonl":
+        for i, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                docs.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise InputError(f"{path}:{i}: expected a JSON object with a 'text' field") from None
+    else:
+        docs = [d for d in raw.split("\n\n") if d.strip()]
+    if not docs:
+        raise InputError(f"{path}: no text")
+    return docs
+
+
+def tokenize_documents(tokenizer, docs: list[str]) -> torch.Tensor:
+    """One 1-D int64 stream: each document's ids (no special tokens) followed by EOS (if any)."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    stream: list[int] = []
+    for doc in docs:
+        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(int(eos))
+    return torch.tensor(stream, dtype=torch.int64)
+
+
+def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Cut a 1-D stream into (rows, seq_len); the incomplete tail is dropped."""
+    if seq_len < 2:
+        raise InputError(f"seq_len must be at least 2, got {seq_len}")
+    n = stream.numel() // seq_len
+    return stream[: n * seq_len].reshape(n, seq_len).clone()
+
+
+def read_token_file(path: Path) -> torch.Tensor:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such data file")
+    try:
+        if path.suffix == ".pt":
+            ids = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            from safetensors.torch import load_file
+            tensors = load_file(path)
+            if len(tensors) != 1:
+                raise InputError(f"{path}: expected exactly one tensor of token ids, found {len(tensors)}")
+            ids = next(iter(tensors.values()))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: unreadable token file ({exc.__class__.__name__})") from None
+    if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or ids.dtype not in (
+            torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise InputError(f"{path}: expected a 1-D or 2-D integer tensor of token ids")
+    return ids.long()
+
+
+def rows_from_file(path: Path, seq_len: int, tokenizer=None) -> torch.Tensor:
+    """(rows, seq_len) token ids from a text, JSONL or token-id file."""
+    path = Path(path)
+    if path.suffix in TENSOR_SUFFIXES:
+        ids = read_token_file(path)
+        rows = ids if ids.dim() == 2 and ids.shape[1] == seq_len else pack(ids.reshape(-1), seq_len)
+    else:
+        if tokenizer is None:
+            raise InputError(f"{path}: text data needs the student's tokenizer; give token ids "
+                             f"({', '.join(TENSOR_SUFFIXES)}) for a model without one")
+        rows = pack(tokenize_documents(tokenizer, read_documents(path)), seq_len)
+    if rows.shape[0] == 0:
+        raise InputError(f"{path}: too little data for one row of {seq_len} tokens")
+    return rows
+
+
+def check_vocab(rows: torch.Tensor, vocab_size: int | None, what: str) -> None:
+    if vocab_size is not None and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= vocab_size):
+        raise InputError(f"{what}: token ids outside the vocabulary (0..{vocab_size - 1})")
+
+
+def split_holdout(rows: torch.Tensor, eval_fraction: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(train, held-out): the last ⌈fraction·rows⌉ rows are held out (at least one row stays for training)."""
+    if not 0 <= eval_fraction < 1:
+        raise InputError(f"eval fraction must be in [0, 1), got {eval_fraction}")
+    if eval_fraction == 0:
+        return rows, None
+    n_eval = max(1, int(round(rows.shape[0] * eval_fraction)))
+    if n_eval >= rows.shape[0]:
+        raise InputError(f"only {rows.shape[0]} rows of data: too few to hold out {eval_fraction:.0%} for evaluation")
+    return rows[:-n_eval], rows[-n_eval:]
+
+
+def load_token_data(path: Path, *, seq_len: int, tokenizer=None, eval_fraction: float = 0.1,
+                    eval_path: Path | None = None, vocab_size: int | None = None) -> TokenData:
+    """Training rows (and held-out rows) from `path`; with `eval_path`, all of `path` is training data."""
+    rows = rows_from_file(path, seq_len, tokenizer)
+    check_vocab(rows, vocab_size, str(path))
+    if eval_path is not None:
+        held = rows_from_file(eval_path, seq_len, tokenizer)
+        check_vocab(held, vocab_size, str(eval_path))
+        return TokenData(rows, held)
+    train, held = split_holdout(rows, eval_fraction)
+    return TokenData(train, held)
+
+
+def fingerprint(rows: torch.Tensor) -> str:
+    """A short hash of the rows: a resumed run must see exactly the data the checkpoint saw."""
+    import hashlib
+    return hashlib.sha256(rows.contiguous().numpy().tobytes()).hexdigest()[:16] + f"-{tuple(rows.shape)}"
