@@ -42,10 +42,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _call(model, batch):
-    try:
-        return model(input_ids=batch, use_cache=False)
-    except TypeError:
-        return model(batch)
+    from moeconv.state import call_model
+    return call_model(model, batch)
 
 
 @dataclass

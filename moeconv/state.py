@@ -109,13 +109,18 @@ def _is_quantized(module: nn.Module) -> bool:
     return False
 
 
+def call_model(module: nn.Module, input_ids: torch.Tensor):
+    """Call a model on token ids: HF models by keyword (no KV cache), plain modules positionally."""
+    try:
+        return module(input_ids=input_ids, use_cache=False)
+    except TypeError:
+        return module(input_ids)
+
+
 def model_outputs(module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """The tensor a model's promise is checked on: logits for LMs, last hidden state otherwise."""
     with torch.inference_mode():
-        try:
-            out = module(input_ids=input_ids, use_cache=False)
-        except TypeError:
-            out = module(input_ids)
+        out = call_model(module, input_ids)
     if isinstance(out, torch.Tensor):
         return out
     for key in ("logits", "last_hidden_state"):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moeconv.nn.moe import MoEBlock
+from moeconv.state import call_model
 
 
 def _group(name: str, module_of: dict[str, nn.Module]) -> str:
@@ -73,10 +74,7 @@ def expert_load(model: nn.Module, batches: torch.Tensor) -> dict[str, list[int]]
             handles.append(m.register_forward_pre_hook(hook))
     try:
         for chunk in batches.split(4):
-            try:
-                model(input_ids=chunk, use_cache=False)
-            except TypeError:
-                model(chunk)
+            call_model(model, chunk)
     finally:
         for h in handles:
             h.remove()

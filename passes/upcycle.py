@@ -20,7 +20,7 @@ from moeconv.nn.moe import MoEBlock, RoutingConfig
 from moeconv.pass_base import Pass, PassConfig, PassResult
 from moeconv.report import PassReport
 from moeconv.sites import build_expert, dense_tensors, replace_site, select_sites, validate_selector
-from moeconv.state import ModelState
+from moeconv.state import ModelState, call_model
 
 
 class UpcycleConfig(PassConfig):
@@ -141,10 +141,7 @@ def _hidden_centroids(model, sites, cfg: UpcycleConfig, ctx: Context) -> dict[st
     try:
         with torch.inference_mode():
             for batch in ctx.calibration.split(8):
-                try:
-                    model(input_ids=batch, use_cache=False)
-                except TypeError:
-                    model(batch)
+                call_model(model, batch)
     finally:
         for h in handles:
             h.remove()
