@@ -37,6 +37,35 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _status_mb(key: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class AnonPeak:
+    """Peak *anonymous* RSS, sampled every 20 ms. ru_maxrss also counts file-backed pages of
+    memory-mapped safetensors, which the kernel can drop at will; this is the memory the work
+    itself holds."""
+
+    def __init__(self):
+        import threading
+        self.peak = _status_mb("RssAnon")
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _status_mb("RssAnon"))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._t.join()
+        return max(self.peak, _status_mb("RssAnon"))
+
+
 def prepare(model: str, work: Path) -> Path | None:
     """The SmolLM2 MoE as a Mixtral checkpoint (written once, reused): children load it the way
     `moeconv sparsify SRC` does."""
@@ -78,9 +107,13 @@ def child(args) -> dict:
     from moeconv.evaluate import output_error
     state, calib = build(args.model, args.samples, args.seq_len, Path(args.path) if args.path else None)
     fp32_bytes = sum(p.numel() for p in state.module.parameters()) * 4
+    import gc
+    gc.collect()
     rss_build = _rss_mb()
     out = {"what": args.child, "threads": torch.get_num_threads(), "fp32_model_mb": fp32_bytes / 2**20,
-           "rss_after_build_mb": rss_build, "calibration": list(calib.shape)}
+           "rss_after_build_mb": rss_build, "anon_after_build_mb": _status_mb("RssAnon"),
+           "file_after_build_mb": _status_mb("RssFile"), "calibration": list(calib.shape)}
+    sampler = AnonPeak()
     if args.child == "forward":
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -100,6 +133,7 @@ def child(args) -> dict:
         if ref is not None:
             out["output_error_on_calib"] = output_error(ref, result.state.module, check)
     out["peak_rss_mb"] = _peak_mb()
+    out["peak_anon_mb"] = sampler.stop()
     return out
 
 
@@ -146,7 +180,8 @@ def main(argv=None) -> dict:
         runs[what] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = runs[what]
         print(f"{what:10s} {r['seconds']:8.1f} s   peak RSS {r['peak_rss_mb']:7.0f} MiB "
-              f"(after build {r['rss_after_build_mb']:.0f} MiB)", flush=True)
+              f"(after build {r['rss_after_build_mb']:.0f} MiB)   peak anonymous {r['peak_anon_mb']:.0f} MiB "
+              f"(after build {r['anon_after_build_mb']:.0f})", flush=True)
     floor = runs["forward"]["seconds"]
     fp32 = runs["forward"]["fp32_model_mb"]
     summary = {"model": args.model, "calibration": [args.samples, args.seq_len], "fp32_model_mb": round(fp32, 1),
@@ -156,8 +191,9 @@ def main(argv=None) -> dict:
             continue
         summary[f"{m}_x_floor"] = round(runs[m]["seconds"] / floor, 2)
         summary[f"{m}_peak_rss_x_fp32"] = round(runs[m]["peak_rss_mb"] / fp32, 2)
+        summary[f"{m}_peak_anon_x_fp32"] = round(runs[m]["peak_anon_mb"] / fp32, 2)
         print(f"{m}: {summary[f'{m}_x_floor']}× the forward floor, peak RSS {summary[f'{m}_peak_rss_x_fp32']}× the fp32 model "
-              f"({fp32:.0f} MiB)")
+              f"({fp32:.0f} MiB), peak anonymous {summary[f'{m}_peak_anon_x_fp32']}×")
     from moeconv.sparsity import speed_note
     summary["speed"] = speed_note()
     print(summary["speed"])

@@ -126,13 +126,14 @@ def test_qwen3_moe_fused_without_renormalisation(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def llama_past_export(tmp_path_factory):
     state = upcycled("llama")
-    rep, path = export(state, tmp_path_factory.mktemp("llama_past"), with_past=True, strategy="portable")
+    rep, path = export(state, tmp_path_factory.mktemp("llama_past"), with_past=True)  # auto: fused
     return state, rep, path
 
 
 def test_upcycled_llama_with_past_parity(llama_past_export):
     _, rep, _ = llama_past_export
     rows = _check_parity_report(rep)
+    assert rep.metrics["ops"].get("com.microsoft.MoE") == 2
     assert any(r["past"] > 0 for r in rows) and any(r["padded"] for r in rows)
     assert all(r["present_max_abs_diff"] <= ATOL for r in rows)
     assert rep.metrics["parity"]["generation"]["equal"]

@@ -1,6 +1,6 @@
 """The other lowering for each model family (slow: portable MoE graphs with many experts take
 long to export): native Qwen3-MoE and Mixtral through standard ONNX ops, the upcycled Llama's
-KV-cache graph through the fused operator, GPT-2 (moeconv format) portable. Each matches the
+KV-cache graph through standard ops, GPT-2 (moeconv format) portable. Each matches the
 stock PyTorch model within 1e-4 on inputs of other shapes than the pass tried."""
 from __future__ import annotations
 
@@ -37,12 +37,13 @@ def test_native_portable(build, tmp_path):
         assert np.abs(ort_logits(sess, ids) - ref).max() <= ATOL
 
 
-def test_upcycled_llama_fused_with_past(tmp_path):
+def test_upcycled_llama_portable_with_past(tmp_path):
     state = upcycled("llama")
-    rep, _ = export(state, tmp_path, strategy="fused", with_past=True)
+    rep, _ = export(state, tmp_path, strategy="portable", with_past=True)
     par = rep.metrics["parity"]
     assert par["ok"] and par["max_abs_diff"] <= ATOL and par["generation"]["equal"]
-    assert rep.metrics["ops"].get("com.microsoft.MoE") == 2
+    assert "com.microsoft.MoE" not in rep.metrics["ops"] and rep.metrics["ops"].get("NonZero", 0) >= 8
+    assert any(r["past"] > 0 for r in rep.tables["parity"])
 
 
 def test_gpt2_portable(tmp_path):
