@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from moeconv.context import Context
 from moeconv.errors import VerificationError
@@ -52,6 +52,8 @@ class ExportOnnxConfig(PassConfig):
     opset: int = Field(18, ge=17, le=23)
     atol: float = Field(1e-4, gt=0, description="parity bound on max |Δ| of outputs (fp32)")
     quantize: Literal["int8", "int4"] | None = None
+    quant_scheme: Literal["block", "tensor", "hqq", "rtn"] | None = Field(
+        None, description="int8: block (default) | tensor; int4: hqq (default) | rtn (see moeconv.onnx.quantize)")
     block_size: int = Field(32, ge=16, le=256, description="int4 / QMoE block size")
     accuracy_level: int = Field(4, ge=0, le=4, description="MatMulNBits accuracy level (4: int8 activations)")
     quantize_lm_head: bool = Field(True, description="also quantize the output projection")
@@ -65,6 +67,24 @@ class ExportOnnxConfig(PassConfig):
         if v & (v - 1):
             raise ValueError(f"must be a power of two, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _scheme_fits_mode(self):
+        from moeconv.onnx.quantize import SCHEMES
+        if self.quant_scheme is not None:
+            if self.quantize is None:
+                raise ValueError("quant_scheme needs quantize")
+            if self.quant_scheme not in SCHEMES[self.quantize]:
+                raise ValueError(f"quant_scheme {self.quant_scheme!r} does not apply to {self.quantize} "
+                                 f"(choose {' or '.join(SCHEMES[self.quantize])})")
+        return self
+
+    def lowering_strategy(self) -> str:
+        """`auto` with int4 HQQ lowers MoE blocks portably: HQQ's float zero points then reach every
+        expert (2-D MatMuls), where the fused QMoE would hold round-to-nearest experts."""
+        if self.strategy == "auto" and self.quantize == "int4" and self.quant_scheme in (None, "hqq"):
+            return "portable"
+        return self.strategy
 
 
 class ParityError(VerificationError):
@@ -108,7 +128,7 @@ class ExportOnnx(Pass):
         t0 = time.perf_counter()
         sig = build_signature(module, with_past=cfg.with_past, seed=cfg.seed, example_ids=ctx.example_inputs)
         step("planning MoE lowering")
-        plans = plan_lowering(module, cfg.strategy)
+        plans = plan_lowering(module, cfg.lowering_strategy())
         fused = [p for p in plans if p.lowering == "fused"]
         lowering = _lowering_summary(plans)
         float_path = out_dir / MODEL_FILE if cfg.quantize is None else out_dir / "float" / MODEL_FILE
@@ -161,8 +181,9 @@ class ExportOnnx(Pass):
             if not cfg.quantize_lm_head and sig.output_is_logits:
                 head = lm_head_weight(model, sig.output_names[0])
                 keep = {head} if head else set()
-            qmodel, qres = quantize_model(model, cfg.quantize, block_size=cfg.block_size,
-                                          accuracy_level=cfg.accuracy_level, keep_float=keep, work_dir=out_dir)
+            qmodel, qres = quantize_model(model, cfg.quantize, scheme=cfg.quant_scheme, block_size=cfg.block_size,
+                                          accuracy_level=cfg.accuracy_level, keep_float=keep,
+                                          quantize_head=cfg.quantize_lm_head, work_dir=out_dir)
             del model
             report.warnings.extend(qres.notes)
             final_path = out_dir / MODEL_FILE
@@ -188,9 +209,12 @@ class ExportOnnx(Pass):
                           f"({lowering}{', ' + cfg.quantize if cfg.quantize else ''}); parity max |Δ| "
                           f"{summary['max_abs_diff']:.3g} on {summary['cases']} inputs")
         for p in plans:
-            if p.reason and cfg.strategy == "auto":
+            if p.reason and cfg.lowering_strategy() == "auto":
                 report.warnings.append(f"{p.path}: portable lowering ({p.reason})")
                 break
+        if cfg.lowering_strategy() != cfg.strategy:
+            report.warnings.append("int4 (HQQ): MoE blocks lowered portably so every expert is HQQ-quantized "
+                                   "(fused QMoE experts would be round-to-nearest)")
         step.done()
         report.metrics["step_seconds"] = step.seconds
         return report, files

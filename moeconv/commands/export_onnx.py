@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory (must not exist unless --force)."),
         strategy: str = typer.Option("auto", help="auto | portable (standard ONNX ops) | fused (onnxruntime's com.microsoft.MoE)."),
         quantize: Optional[str] = typer.Option(None, help="int8 (dynamic) | int4 (MatMulNBits / QMoE); routers stay float."),
+        quant_scheme: Optional[str] = typer.Option(None, help="int8: block (default) | tensor (quantize_dynamic); int4: hqq (default) | rtn."),
         with_past: bool = typer.Option(False, "--with-past", help="KV-cache decode graph (causal LMs) for generation."),
         opset: int = typer.Option(18, help="ONNX opset (17-23)."),
         atol: float = typer.Option(1e-4, help="Parity bound on max |Δ| between onnxruntime and PyTorch (fp32)."),
@@ -50,7 +51,8 @@ def register(app: typer.Typer) -> None:
             from passes.export_onnx import ExportOnnxConfig, export_onnx_to_dir
             from pydantic import ValidationError
             try:
-                cfg = ExportOnnxConfig(strategy=strategy, quantize=quantize, with_past=with_past, opset=opset, atol=atol,
+                cfg = ExportOnnxConfig(strategy=strategy, quantize=quantize, quant_scheme=quant_scheme,
+                                       with_past=with_past, opset=opset, atol=atol,
                                        block_size=block_size, accuracy_level=accuracy_level,
                                        quantize_lm_head=quantize_lm_head, seed=seed)
             except ValidationError as exc:
@@ -94,7 +96,7 @@ def render_export(console, report: dict) -> None:
         e = q["error_vs_float"]
         agree = f", top-1 agreement ≥ {e['min_top1_agreement']:.3f}" if "min_top1_agreement" in e else ""
         qmoe = f", {q['qmoe_blocks']} fused MoE → QMoE" if q["qmoe_blocks"] else ""
-        t.add_row("quantized", f"{q['mode']}: {q['quantized_nodes']} MatMuls{qmoe}, {len(q['kept_float'])} kept float "
+        t.add_row("quantized", f"{q['mode']} ({q['scheme']}): {q['quantized_nodes']} MatMuls{qmoe}, {len(q['kept_float'])} kept float "
                   f"(routers); max |Δ| vs float {e['max_abs_diff']:.3g}{agree}")
         t.add_row("size", f"{_bytes(q['bytes'])} ({q['size_ratio']:.2f}× the float {_bytes(m['float_bytes'])})")
     else:

@@ -149,8 +149,9 @@ def test_int4_quantizes_expert_matmuls_and_keeps_router_float(tiny_exports):
 def test_qmoe_agrees_with_matmulnbits(tiny_exports):
     state, paths = tiny_exports
     ids = torch.randint(0, 64, (3, 11), generator=torch.Generator().manual_seed(0))
-    port, _ = quantize_model(onnx.load(str(paths["portable"])), "int4", block_size=16, accuracy_level=0)
-    fused, res = quantize_model(onnx.load(str(paths["fused"])), "int4", block_size=16, accuracy_level=0)
+    # round-to-nearest on both sides (QMoE's integer zero points allow nothing else)
+    port, _ = quantize_model(onnx.load(str(paths["portable"])), "int4", scheme="rtn", block_size=16, accuracy_level=0)
+    fused, res = quantize_model(onnx.load(str(paths["fused"])), "int4", scheme="rtn", block_size=16, accuracy_level=0)
     assert res.qmoe_blocks == 1
     assert [n.op_type for n in fused.graph.node].count("QMoE") == 1
     assert "MoE" not in [n.op_type for n in fused.graph.node]
@@ -163,9 +164,29 @@ def test_qmoe_agrees_with_matmulnbits(tiny_exports):
 
 def test_int8_fused_becomes_8bit_qmoe(tiny_exports):
     _, paths = tiny_exports
-    q, res = quantize_model(onnx.load(str(paths["fused"])), "int8", block_size=16)
+    q, res = quantize_model(onnx.load(str(paths["fused"])), "int8", block_size=32)
     node = [n for n in q.graph.node if n.op_type == "QMoE"][0]
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    assert attrs["expert_weight_bits"] == 8 and attrs["block_size"] == 16
-    ops = {n.op_type for n in q.graph.node}
-    assert ops & {"DynamicQuantizeMatMul", "MatMulInteger"}
+    assert attrs["expert_weight_bits"] == 8 and attrs["block_size"] == 16  # 32 does not divide width 16
+    head = [n for n in q.graph.node if n.op_type == "MatMulNBits"]
+    assert len(head) == 1 and {a.name: helper.get_attribute_value(a) for a in head[0].attribute}["bits"] == 8
+    assert res.scheme == "block"
+
+
+def test_int8_tensor_scheme_and_int4_hqq(tiny_exports):
+    state, paths = tiny_exports
+    q, res = quantize_model(onnx.load(str(paths["portable"])), "int8", scheme="tensor")
+    ops = [n.op_type for n in q.graph.node]
+    assert {"DynamicQuantizeMatMul", "MatMulInteger"} & set(ops) and res.quantized_nodes == 9
+    q4, res4 = quantize_model(onnx.load(str(paths["portable"])), "int4", block_size=16)
+    assert res4.scheme == "hqq"
+    nbits = [n for n in q4.graph.node if n.op_type == "MatMulNBits"]
+    inits = {t.name: t for t in q4.graph.initializer}
+    zero_points = [inits[n.input[3]] for n in nbits if len(n.input) > 3]
+    assert len(nbits) == 9 and zero_points and all(z.data_type == TensorProto.FLOAT for z in zero_points)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = state.module(ids).numpy()
+    rtn, _ = quantize_model(onnx.load(str(paths["portable"])), "int4", scheme="rtn", block_size=16, accuracy_level=0)
+    # HQQ is no worse than round-to-nearest on the same weights
+    assert np.abs(_run(q4, ids) - ref).mean() <= np.abs(_run(rtn, ids) - ref).mean() * 1.05
