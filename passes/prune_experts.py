@@ -56,6 +56,8 @@ class PruneExpertsConfig(PassConfig):
     merge: bool = False
     recalibrate_router: bool = False
     max_tokens: int = Field(8192, ge=8, description="calibration tokens per layer used for scoring (evenly spaced)")
+    diagnostic_tokens: int = Field(1024, ge=8, description="tokens for the reported reconstruction scores and "
+                                   "block error when no decision needs every expert's output")
     batch_size: int = Field(8, ge=1, description="calibration sequences per forward")
     beam_width: int = Field(4, ge=1, description="reconstruction search beam, when exhaustive search is too big")
     max_combinations: int = Field(512, ge=1, description="reconstruction: search exhaustively up to this many subsets")
@@ -141,7 +143,11 @@ class PruneExperts(Pass):
     @torch.no_grad()
     def _prune_block(self, path: str, block: MoEBlock, x: torch.Tensor, keep: int):
         cfg = self.config
-        obs = observe_block(block, _subsample(x, _output_budget(block)))
+        # Every expert on every token costs E/k routed forwards: on all tokens only when a decision
+        # needs it, else on a sample for the reported reconstruction scores and block error.
+        decides = cfg.criterion == "reconstruction" or cfg.merge or cfg.recalibrate_router
+        limit = _output_budget(block) if decides else min(_output_budget(block), cfg.diagnostic_tokens)
+        obs = observe_block(block, _subsample(x, limit))
         scores = expert_scores(block, x, obs)
         e = block.num_experts
         search = None

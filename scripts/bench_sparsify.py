@@ -10,15 +10,16 @@ calibration from `pydoc_text("calib")`. `peer`: a random 8-expert Mixtral (hidde
 intermediate 1792, 8 layers) with 32×128 random calibration tokens — the shape llm-compressor
 0.14 was timed on (~51 s, 2.3 GB RSS on this machine, FIELD/issue notes).
 
-Each measurement runs in its own subprocess, so peak RSS (ru_maxrss) belongs to it alone; it
-includes building the model, which is reported separately (`rss_after_build_mb`).
+Each measurement runs in its own subprocess. Its peak RSS (VmHWM) is reset after the model is
+loaded, so `peak_rss_mb` is the measured work's (loading has its own, `peak_rss_during_build_mb`);
+RSS counts file-backed pages of the memory-mapped checkpoint, so the peak *anonymous* RSS (the
+memory the work holds) is sampled and reported too.
 Targets: SparseGPT within 6× the floor, peak RSS under 2× the model's fp32 size.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -34,7 +35,9 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork+exec, so a child would report
+    # the parent's peak (the parent may have just written the checkpoint).
+    return _status_mb("VmHWM")
 
 
 def _status_mb(key: str) -> float:
@@ -111,8 +114,13 @@ def child(args) -> dict:
     gc.collect()
     rss_build = _rss_mb()
     out = {"what": args.child, "threads": torch.get_num_threads(), "fp32_model_mb": fp32_bytes / 2**20,
-           "rss_after_build_mb": rss_build, "anon_after_build_mb": _status_mb("RssAnon"),
+           "rss_after_build_mb": rss_build, "peak_rss_during_build_mb": _peak_mb(), "anon_after_build_mb": _status_mb("RssAnon"),
            "file_after_build_mb": _status_mb("RssFile"), "calibration": list(calib.shape)}
+    try:  # reset VmHWM to the current RSS (Linux >= 4.0): the peak below is the measured work's
+        Path("/proc/self/clear_refs").write_text("5")
+        out["peak_reset"] = True
+    except OSError:
+        out["peak_reset"] = False
     sampler = AnonPeak()
     if args.child == "forward":
         t0 = time.perf_counter()

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         double_quant: bool = typer.Option(False, "--double-quant", help="4-bit: quantize the block scales too."),
         blocksize: Optional[int] = typer.Option(None, "--blocksize", help="4-bit: weights per scale, 32…4096 (default 64)."),
         compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", help="4-bit: float32 | bfloat16 | float16 (default: the model's)."),
-        int8_threshold: float = typer.Option(6.0, "--int8-threshold", help="int8: LLM.int8 outlier threshold (0 = none)."),
+        int8_threshold: float = typer.Option(6.0, "--int8-threshold", help="int8: LLM.int8 outlier threshold; activation columns above it run in fp16 (lower: more accurate, slower; 0 = none)."),
         targets: Optional[list[str]] = typer.Option(None, "--targets", help="Only these modules: a group (attention, experts, mlp, shared_expert), re:REGEX, layers:0-3, or a module path. Repeatable."),
         ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Leave these modules in float (same syntax). Repeatable."),
         quantize_routers: bool = typer.Option(False, "--quantize-routers", help="Also quantize MoE routers (not advised)."),
