@@ -307,9 +307,9 @@ def _streaming_source(ckpt: SourceCheckpoint, meta_model, chosen, cfg: UpcycleCo
             cache["site"] = site.path
             cache["dense"] = {}
             for role, p in role_paths(site).items():
-                cache["dense"][role] = _finite(f"{p}.weight", ckpt.get(f"{p}.weight"))
+                cache["dense"][role] = _finite(f"{p}.weight", ckpt.get(f"{p}.weight"), ckpt.path)
                 if f"{p}.bias" in ckpt.specs:
-                    cache["dense"][f"{role}.bias"] = _finite(f"{p}.bias", ckpt.get(f"{p}.bias"))
+                    cache["dense"][f"{role}.bias"] = _finite(f"{p}.bias", ckpt.get(f"{p}.bias"), ckpt.path)
             cache["partition"] = (split_partition(cache["dense"], site.intermediate_size, cfg.num_experts, spec_, index)
                                   if cfg.expert_init == "split" else None)
             cache["expert"] = (None, None)
@@ -319,7 +319,7 @@ def _streaming_source(ckpt: SourceCheckpoint, meta_model, chosen, cfg: UpcycleCo
         how = plan[s.name]
         if how[0] == "copy":
             t = ckpt.get(how[1])
-            _finite(how[1], t)
+            _finite(how[1], t, ckpt.path)
         elif how[0] == "router":
             _, index, site = how
             t = router_weight(cfg.num_experts, site.hidden_size, cfg.router_init, cfg.router_std, cfg.seed, index)
@@ -351,10 +351,10 @@ def _tied_param_names(model) -> set[str]:
     return tied
 
 
-def _finite(name: str, t: torch.Tensor) -> torch.Tensor:
+def _finite(name: str, t: torch.Tensor, where) -> torch.Tensor:
     from moeconv.io.load import allow_nonfinite_default
     if t.is_floating_point() and not allow_nonfinite_default() and not bool(torch.isfinite(t).all()):
-        raise InputError(f"weight {name} contains NaN or Inf (pass --allow-nonfinite to convert anyway)")
+        raise InputError(f"{where}: weight {name} contains NaN or Inf (pass --allow-nonfinite to convert anyway)")
     return t
 
 

@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
         experts than its top_k. report.json lists every expert's scores and fate, per layer.
         """
         def go():
-            from moeconv import Context
+            from moeconv import Context, load
             from moeconv.data import calibration_tokens
             from moeconv.errors import ConfigError, InputError, OutputExistsError
             from moeconv.job import run_to_dir
@@ -68,10 +68,11 @@ def register(app: typer.Typer) -> None:
                 raise OutputExistsError(f"{out_dir} exists; pass --force to replace it")
             if not Path(src).exists():
                 raise InputError(f"{src}: no such file or directory")
+            state = load(src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
             calibration = calibration_tokens(calib, src, num_samples=calib_samples, seq_len=calib_seq_len)
             with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
                 report = run_to_dir(src, out_dir, [p], ctx=Context(calibration=calibration, seed=seed, progress=progress),
-                                    fmt=_format_of(src), force=force)
+                                    fmt=_format_of(src), force=force, state=state)
             render_prune(cli.out, report)
         cli._run(go)
 

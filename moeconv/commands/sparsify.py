@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         saves storage (--compressed), not time.
         """
         def go():
-            from moeconv import Context
+            from moeconv import Context, load
             from moeconv.data import calibration_tokens
             from moeconv.errors import ConfigError, InputError, OutputExistsError
             from moeconv.job import run_to_dir
@@ -65,6 +65,7 @@ def register(app: typer.Typer) -> None:
                 raise OutputExistsError(f"{out_dir} exists; pass --force to replace it")
             if not str(src).startswith("builtin:") and ".py" not in str(src) and not Path(src).exists():
                 raise InputError(f"{src}: no such file or directory")
+            state = load(src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
             calibration = None
             if calib is not None:
                 calibration = calibration_tokens(calib, src, num_samples=num_samples, seq_len=seq_len)
@@ -76,7 +77,8 @@ def register(app: typer.Typer) -> None:
                     return {"compressed": write_compressed(tmp, pattern=label, shard_bytes=shard_bytes)}
             with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
                 report = run_to_dir(src, out_dir, [p], ctx=Context(calibration=calibration, seed=seed, progress=progress),
-                                    fmt=_format_of(src), shard_bytes=shard_bytes, force=force, extra_outputs=extra)
+                                    fmt=_format_of(src), shard_bytes=shard_bytes, force=force, extra_outputs=extra,
+                                    state=state)
             render_sparsify(cli.out, report)
         cli._run(go)
 

@@ -34,10 +34,11 @@ def allow_nonfinite_default() -> bool:
 def check_finite(state: ModelState, allow: bool | None = None) -> ModelState:
     """Refuse (or, when allowed, warn about) NaN/Inf weights: converting them only spreads them."""
     allow = allow_nonfinite_default() if allow is None else allow
+    where = f"{state.source.path}: " if state.source.path is not None else ""
     for name, t in list(state.module.named_parameters()) + list(state.module.named_buffers()):
         if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
             if not allow:
-                raise InputError(f"weight {name} contains NaN or Inf (pass --allow-nonfinite to convert anyway)")
+                raise InputError(f"{where}weight {name} contains NaN or Inf (pass --allow-nonfinite to convert anyway)")
             state.artifacts.setdefault("warnings", []).append(f"weight {name} contains NaN or Inf")
     return state
 
@@ -161,6 +162,8 @@ def _load_hf(path: Path, raw: dict, dtype) -> ModelState:
         for spec in ckpt.specs.values():
             if spec.name.endswith((".weight", ".bias")) and not spec.dtype.is_floating_point and not quantized:
                 raise InputError(f"{path}: tensor {spec.name} is {spec.dtype}, expected a floating-point weight")
+        if not quantized:  # bitsandbytes stores packed shapes
+            _check_shapes(path, cls, config, ckpt.specs)
         try:
             model, info = cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto",
                                               output_loading_info=True)
@@ -179,6 +182,21 @@ def _load_hf(path: Path, raw: dict, dtype) -> ModelState:
     return state
 
 
+def _check_shapes(path: Path, cls, config, specs: dict) -> None:
+    """Name the first tensor whose shape disagrees with the config, before any weight is read
+    (transformers would only say "ignore_mismatched_sizes is False"). Compared on a meta-device
+    instance, so it costs no memory; names the class renames on load are left to its own check."""
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
+    except Exception:  # a class that cannot be built on meta: from_pretrained still checks
+        return
+    for name in sorted(specs):
+        if name in expected and expected[name] != tuple(specs[name].shape):
+            raise InputError(f"{path}: tensor {name} has shape {list(specs[name].shape)}, the config implies "
+                             f"{list(expected[name])}")
+
+
 def _check_loading_info(path: Path, info: dict) -> None:
     # No weight is lost silently: a key the class does not expect, or one it had to invent, is fatal.
     missing = list(info.get("missing_keys") or [])
@@ -193,11 +211,14 @@ def _check_loading_info(path: Path, info: dict) -> None:
 
 
 def _load_bin(path: Path, cls, config, dtype):
+    import warnings
     try:
-        state_dict = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing: one line only
+            warnings.simplefilter("ignore")
+            state_dict = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"{path / 'pytorch_model.bin'}: refused or unreadable "
-                         f"(only plain tensors are loaded: {' '.join(str(exc).split())[:160]})") from None
+        raise InputError(f"{path / 'pytorch_model.bin'}: refused or unreadable: only plain tensors are loaded, "
+                         f"never code ({_unpickler_reason(exc)})") from None
     if not isinstance(state_dict, dict):
         raise InputError(f"{path / 'pytorch_model.bin'}: not a state dict")
     # Built on CPU, not meta: non-persistent buffers (rotary inv_freq, position ids) are not in
@@ -212,6 +233,16 @@ def _load_bin(path: Path, cls, config, dtype):
     if dtype is not None:
         model = model.to(dtype)
     return model
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The useful part of torch's weights-only refusal (its message is a paragraph of advice)."""
+    import re
+    text = " ".join(str(exc).split())
+    m = re.search(r"trusted source\.\s*(.+?)\s*(?:Check the documentation|$)", text)
+    if not m:
+        return f"{exc.__class__.__name__}: {text}"[:160]
+    return re.sub(r"^Please file an issue.*?WeightsUnpickler error:\s*", "", m.group(1))[:160]
 
 
 def _load_gguf(path: Path, dtype) -> ModelState:

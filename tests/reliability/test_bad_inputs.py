@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,25 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from moeconv.cli import app
+from tests.passes.upcycle_helpers import tiny_tokenizer
 from tests.tiny import tiny_hf
+
+DATA = "\n\n".join(" ".join(f"w{(i * 7 + j * 13) % 120 + 3}" for j in range(40)) for i in range(12))
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory) -> Path:
+    """A tiny dense llama with a tokenizer (so text data is valid for it)."""
     path = tmp_path_factory.mktemp("good") / "llama"
     tiny_hf("llama", path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "data.txt"
+    path.write_text(DATA)
     return path
 
 
@@ -75,10 +88,10 @@ class _Evil:
         return (os.system, (f"touch {os.environ.get('MOECONV_EVIL_MARKER', '/tmp/moeconv-evil')}",))
 
 
-def _malicious_pickle(d):
+def _malicious_pickle(d, protocol=pickle.DEFAULT_PROTOCOL):
     (d / "model.safetensors").unlink()
     with open(d / "pytorch_model.bin", "wb") as fh:
-        pickle.dump({"model.embed_tokens.weight": _Evil()}, fh)
+        pickle.dump({"model.embed_tokens.weight": _Evil()}, fh, protocol=protocol)
 
 
 def _empty_dir(d):
@@ -104,34 +117,70 @@ MODEL_CASES = {
     "wrong-dtype": _wrong_dtype,
     "nan-weights": _nan_weights,
     "malicious-pickle": _malicious_pickle,
+    "malicious-pickle-p2": lambda d: _malicious_pickle(d, protocol=2),  # torch.load's own protocol: refused at the global
     "empty-dir": _empty_dir,
     "unknown-model-type": _unknown_model_type,
     "config-not-json": _config_not_json,
 }
 
+# What each case's message must name (besides the source path).
+NAMES = {
+    "corrupt-header": "model.safetensors", "truncated-shard": "truncated",
+    "index-missing-tensor": "model.layers.9.mlp.up_proj.weight", "shape-mismatch": "shape",
+    "wrong-dtype": "int64", "nan-weights": "NaN", "malicious-pickle": "pytorch_model.bin",
+    "malicious-pickle-p2": "pytorch_model.bin", "empty-dir": "config.json",
+    "unknown-model-type": "definitely-not-a-model", "config-not-json": "config.json",
+}
+
 RECIPE = "steps:\n  - pass: upcycle\n    num_experts: 4\n    top_k: 2\n"
 
-# Every command that takes a model, with how it is called.
+# Every command that takes a model, with how it is called: (bad model, OUT, recipe, good model, data file).
+# Each would run on the good model (or, for MoE-only commands, fail on it for a different reason):
+# the failure must come from the bad model.
 COMMANDS = {
-    "inspect": lambda m, out, r: ["inspect", str(m)],
-    "upcycle": lambda m, out, r: ["upcycle", str(m), str(out), "-e", "4", "-k", "2"],
-    "upcycle-moeconv": lambda m, out, r: ["upcycle", str(m), str(out), "-e", "4", "-k", "2", "--format", "moeconv"],
-    "run": lambda m, out, r: ["run", str(r), "--model", str(m), "--out", str(out)],
+    "inspect": lambda m, out, r, g, d: ["inspect", m],
+    "upcycle": lambda m, out, r, g, d: ["upcycle", m, out, "-e", "4", "-k", "2"],
+    "upcycle-moeconv": lambda m, out, r, g, d: ["upcycle", m, out, "-e", "4", "-k", "2", "--format", "moeconv"],
+    "run": lambda m, out, r, g, d: ["run", r, "--model", m, "--out", out],
+    "quantize": lambda m, out, r, g, d: ["quantize", m, out, "--method", "int8"],
+    "sparsify": lambda m, out, r, g, d: ["sparsify", m, out, "--method", "wanda", "--targets", "dense-ffn",
+                                         "--calib", d, "--num-samples", "2", "--seq-len", "16"],
+    "prune-experts": lambda m, out, r, g, d: ["prune-experts", m, out, "--keep", "2", "--calib", d,
+                                              "--calib-samples", "2", "--calib-seq-len", "16"],
+    "export-onnx": lambda m, out, r, g, d: ["export", "onnx", m, out],
+    "distill-teacher": lambda m, out, r, g, d: ["distill", out, "--teacher", m, "--student", g, "--data", d,
+                                                "--steps", "1", "--batch-size", "2", "--seq-len", "16"],
+    "distill-student": lambda m, out, r, g, d: ["distill", out, "--teacher", g, "--student", m, "--data", d,
+                                                "--steps", "1", "--batch-size", "2", "--seq-len", "16"],
 }
 
 
-def _assert_clean_failure(result, out: Path):
-    assert result.exit_code == 2, (result.exit_code, result.output)
+# Python shows these to a user by default: any one of them would be a second line on stderr.
+_SHOWN = (UserWarning, RuntimeWarning, FutureWarning, SyntaxWarning, BytesWarning, UnicodeWarning)
+
+
+def _invoke(args) -> tuple:
+    """Run the CLI in process; also returns the warnings a real run would print (pytest hides them)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    return result, [f"{w.category.__name__}: {w.message}" for w in caught if issubclass(w.category, _SHOWN)]
+
+
+def _assert_clean_failure(result, out: Path, shown=()):
+    assert result.exit_code == 2, (result.exit_code, result.output, repr(result.exception))
     err = result.stderr.strip()
     assert err.startswith("error:") and "\n" not in err, err
     assert "Traceback" not in result.output
+    assert not shown, shown
     assert not out.exists()
     assert not [p for p in out.parent.iterdir() if ".moeconv-tmp-" in p.name]
+    return err
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
-def test_bad_model_inputs(command, case, good, tmp_path, monkeypatch):
+def test_bad_model_inputs(command, case, good, data, tmp_path, monkeypatch):
     marker = tmp_path / "evil-ran"
     monkeypatch.setenv("MOECONV_EVIL_MARKER", str(marker))
     src = _copy(good, tmp_path / "src")
@@ -141,8 +190,9 @@ def test_bad_model_inputs(command, case, good, tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     out = work / "out"
-    result = CliRunner().invoke(app, COMMANDS[command](src, out, recipe))
-    _assert_clean_failure(result, out)
+    result, shown = _invoke(COMMANDS[command](src, out, recipe, good, data))
+    err = _assert_clean_failure(result, out, shown)
+    assert str(src) in err and NAMES[case] in err, err
     assert not marker.exists(), "a pickle payload was executed"
 
 
