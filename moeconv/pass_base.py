@@ -2,7 +2,11 @@
 
 A pass is a class with a typed, frozen `Config` (pydantic, `extra="forbid"`, validated at
 construction) and one method `run(state, ctx) -> PassResult`. It declares the facts it needs
-(`requires`), establishes (`provides`) and destroys (`invalidates`), and its numerical promise:
+(`requires`), establishes (`provides`) and destroys (`invalidates`), and its numerical promise.
+`requires_any` lists groups of alternatives (at least one fact of each group must hold: an
+export that takes float *or* int8 weights). A pass whose needs depend on its config sets these
+on the instance; `fix_for(fact)` lets it name the fix for a missing fact it knows best.
+Its numerical promise:
 
 - `output_tolerance = 0.0`  exact: outputs equal the input model's to fp rounding
   (checked against `EXACT_RTOL` scaled by the dtype);
@@ -48,6 +52,7 @@ class Pass(ABC):
     requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
+    requires_any: ClassVar[tuple[frozenset[str], ...]] = ()
     output_tolerance: ClassVar[float | None] = None
 
     def __init__(self, config: PassConfig | None = None, **fields):
@@ -61,6 +66,11 @@ class Pass(ABC):
         elif not isinstance(config, self.Config):
             raise ConfigError(f"{self.name}: expected {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
+
+    def fix_for(self, fact: str) -> str | None:
+        """How to provide a missing `fact` (or `a | b` for a `requires_any` group), when this pass
+        knows better than the generic hint; None otherwise."""
+        return None
 
     def check(self, state: ModelState, ctx: Context) -> None:
         """Preconditions that need the model's numbers; raise a `MoeconvError` to refuse."""

@@ -17,6 +17,7 @@ FACT_HINTS = {
     "dense-ffn": "`{name}` needs a model with dense FFN blocks; start from a dense model",
     "calibration": "give calibration data (`--calib FILE`, or `Context(calibration=...)`)",
     "float-weights": "move `{name}` before `quantize`; it needs float weights",
+    "int8-weights": "quantize with `method: int8` before `{name}`",
     "teacher": "keep a teacher snapshot (`--teacher`) before `{name}`",
     "hf-config": "`{name}` needs a Hugging Face model with a config",
 }
@@ -57,19 +58,31 @@ class Pipeline:
         plan = Plan()
         current = frozenset(facts)
         for i, p in enumerate(self.passes):
-            missing = frozenset(p.requires - current)
+            missing = set(p.requires - current)
             for fact in sorted(missing):
                 plan.problems.append(f"step {i + 1} `{p.name}` requires `{fact}`: {self._hint(i, fact)}")
+            needs = set(p.requires)
+            assumed = set(missing)
+            for group in p.requires_any:
+                label = " | ".join(sorted(group))
+                needs.add(label)
+                if not group & current:
+                    missing.add(label)
+                    assumed.add(sorted(group)[0])
+                    plan.problems.append(f"step {i + 1} `{p.name}` requires one of `{label}`: {self._hint(i, label)}")
             after = (current - p.invalidates) | p.provides
-            plan.steps.append(PlanStep(p.name, frozenset(p.requires), current, after, missing))
-            current = after | missing  # assume fixed, so later problems are reported independently
+            plan.steps.append(PlanStep(p.name, frozenset(needs), current, after, frozenset(missing)))
+            current = after | assumed  # assume fixed, so later problems are reported independently
         return plan
 
     def _hint(self, index: int, fact: str) -> str:
         name = self.passes[index].name
         for later in self.passes[index + 1:]:
-            if fact in later.provides:
+            if fact in later.provides or set(fact.split(" | ")) & later.provides:
                 return f"move `{later.name}` before `{name}`"
+        own = self.passes[index].fix_for(fact)
+        if own:
+            return own
         return FACT_HINTS.get(fact, "add a pass that provides it before `{name}`").format(name=name)
 
     def run(self, state: ModelState, ctx: Context | None = None) -> PipelineResult:

@@ -58,6 +58,8 @@ class ModelState:
             facts.add("dense-ffn")
         if _is_quantized(self.module):
             facts.add("quantized")
+            if _all_int8(self.module):
+                facts.add("int8-weights")  # bitsandbytes LLM.int8: exact int8 + row scales, exportable
         else:
             facts.add("float-weights")
         if self.config is not None:
@@ -107,6 +109,12 @@ def _is_quantized(module: nn.Module) -> bool:
         if type(m).__module__.startswith("bitsandbytes"):
             return True
     return False
+
+
+def _all_int8(module: nn.Module) -> bool:
+    from moeconv.nn.quantized import method_of
+    methods = {method_of(m) for m in module.modules() if type(m).__module__.startswith("bitsandbytes")}
+    return methods == {"int8"}
 
 
 def call_model(module: nn.Module, input_ids: torch.Tensor):

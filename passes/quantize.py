@@ -116,6 +116,12 @@ class Quantize(Pass):
     invalidates = frozenset({"float-weights"})
     output_tolerance = None  # lossy on purpose: the measured error is reported
 
+    def __init__(self, config: QuantizeConfig | None = None, **fields):
+        super().__init__(config, **fields)
+        if self.config.method == "int8":
+            # LLM.int8 weights are int8 + one scale per output row: exact in ONNX (DequantizeLinear)
+            self.provides = frozenset({"quantized", "int8-weights"})
+
     def check(self, state: ModelState, ctx: Context) -> None:
         if any(is_quantized_layer(m) for m in state.module.modules()):
             raise UnsupportedError("quantize: the model is already quantized; quantizing twice is not supported "
