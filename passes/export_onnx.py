@@ -33,8 +33,9 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from moeconv.context import Context
-from moeconv.errors import VerificationError
+from moeconv.errors import UnsupportedError, VerificationError
 from moeconv.onnx import graph, parity, runtime
+from moeconv.onnx.int8_weights import FLOAT_ARITHMETIC, FOURBIT_HINT, bnb_methods, carry_int8, dequantized, int8_layers, refuse_4bit
 from moeconv.onnx.exporter import export_program
 from moeconv.onnx.moe_export import custom_translation_table, lowered, plan_lowering
 from moeconv.onnx.quantize import lm_head_weight, quantize_model
@@ -100,7 +101,10 @@ class ExportOnnx(Pass):
     name = "export-onnx"
     summary = "Export to ONNX with live routing (portable ops or onnxruntime's fused MoE), parity-checked, optionally int8/int4."
     Config = ExportOnnxConfig
-    requires = frozenset({"float-weights"})
+    # float weights, or bitsandbytes int8 ones (carried as int8 + row scales, `moeconv.onnx.int8_weights`);
+    # with `quantize` (onnxruntime quantizes the float graph) float weights only: see __init__
+    requires = frozenset()
+    requires_any = (frozenset({"float-weights", "int8-weights"}),)
     provides = frozenset()
     invalidates = frozenset()
     output_tolerance = 0.0  # the PyTorch model is not changed; the ONNX promise is the parity check
@@ -108,21 +112,44 @@ class ExportOnnx(Pass):
     def __init__(self, config: ExportOnnxConfig | None = None, *, workdir: Path | None = None, **fields):
         super().__init__(config, **fields)
         self.workdir = Path(workdir) if workdir is not None else None  # where files go (default: a temp dir)
+        if self.config.quantize is not None:
+            self.requires, self.requires_any = frozenset({"float-weights"}), ()
+
+    def fix_for(self, fact: str) -> str | None:
+        if fact == "float-weights" and self.config.quantize is not None:
+            return ("the model is quantized already (bitsandbytes), and export's `quantize` would quantize it "
+                    "twice: drop `quantize` from `export-onnx` (int8 weights are carried into ONNX as they are), "
+                    "or move `export-onnx` before `quantize`")
+        if fact == "float-weights | int8-weights":
+            return "4-bit (nf4/fp4) weights have no exact ONNX form: " + FOURBIT_HINT
+        return None
+
+    def check(self, state: ModelState, ctx: Context) -> None:
+        methods = set(bnb_methods(state.module).values())
+        if methods and self.config.quantize is not None:
+            raise UnsupportedError(
+                f"export-onnx: the model is quantized already (bitsandbytes {', '.join(sorted(methods))}); "
+                f"--quantize {self.config.quantize} would quantize it twice",
+                hint="drop --quantize (int8 weights are carried into ONNX as they are), or export the float model")
+        refuse_4bit(state.module)
 
     def run(self, state: ModelState, ctx: Context) -> PassResult:
         cfg = self.config
+        self.check(state, ctx)  # also when called outside a Pipeline
+        temporary = self.workdir is None
         out_dir = self.workdir or Path(tempfile.mkdtemp(prefix="moeconv-onnx-"))
         out_dir.mkdir(parents=True, exist_ok=True)
         module = state.module
-        with _float32(module) as cast_from:
-            report, files = self._export(state, module, ctx, out_dir)
+        layers = int8_layers(module)
+        with dequantized(module, layers) as swap, _float32(module) as cast_from:
+            report, files = self._export(state, module, ctx, out_dir, layers, swap)
         if cast_from is not None:
             report.warnings.append(f"exported in float32 (the model is {cast_from}; cast back afterwards, exactly)")
-        state.artifacts["onnx"] = {"dir": str(out_dir), "model": MODEL_FILE, "files": files}
+        state.artifacts["onnx"] = {"dir": str(out_dir), "model": MODEL_FILE, "files": files, "temporary": temporary}
         return PassResult(state, False, report)
 
     # ------------------------------------------------------------------------------------------
-    def _export(self, state: ModelState, module, ctx: Context, out_dir: Path):
+    def _export(self, state: ModelState, module, ctx: Context, out_dir: Path, layers=(), swap=None):
         cfg = self.config
         step = _Steps(ctx)
         t0 = time.perf_counter()
@@ -144,11 +171,24 @@ class ExportOnnx(Pass):
         graph.finish_exported(program, sig, props)
         external = graph.save_program(program, float_path)
         del program
+        int8 = None
+        if layers:
+            step("carrying bitsandbytes int8 weights (int8 + row scales → DequantizeLinear)")
+            dequantized_bytes = graph.file_bytes(float_path)
+            model = graph.load_model(float_path)
+            carried = carry_int8(model, layers)
+            external = graph.save_model(model, float_path, {
+                "moeconv.onnxruntime_session_config": json.dumps(FLOAT_ARITHMETIC)})
+            del model
+            int8 = {**carried.to_dict(), "dequantized_float_bytes": dequantized_bytes,
+                    "bytes": graph.file_bytes(float_path)}
+            int8["size_ratio"] = round(int8["bytes"] / dequantized_bytes, 4)
         export_s = time.perf_counter() - t0
 
         step("parity: onnxruntime vs PyTorch")
         threads = torch.get_num_threads()
-        sess = runtime.session(float_path, threads)
+        session_config = FLOAT_ARITHMETIC if layers else None
+        sess = runtime.session(float_path, threads, config=session_config)
         baseline = parity.routed(sig, sig.example)
         cases = parity.parity_cases(sig, baseline, seed=cfg.seed)
         rows, refs = parity.compare(sess, sig, cases, baseline=baseline, atol=cfg.atol)
@@ -158,10 +198,37 @@ class ExportOnnx(Pass):
             summary["ok"] = summary["ok"] and summary["generation"]["equal"]
         float_bytes = graph.file_bytes(float_path)
         report = PassReport(self.name, tables={"parity": rows, "moe_blocks": [p.row() for p in plans]})
+        if int8 is not None:
+            # bitsandbytes' CPU kernel also quantizes activations (per row, int8): its distance to the
+            # ONNX graph is measured, not promised. The promise (above) is against the same weights in
+            # float arithmetic.
+            step("measuring: onnxruntime vs the bitsandbytes model")
+            with swap.bnb():
+                bnb_refs = [runtime.run_torch(sig, c.ids, c.mask, c.past) for c in cases]
+            bnb_rows, _ = parity.compare(sess, sig, cases, bnb_refs)
+            report.tables["vs_bitsandbytes"] = bnb_rows
+            int8["parity_against"] = "the dequantized float model (int8 weights × row scales, float arithmetic)"
+            int8["parity_session_config"] = dict(FLOAT_ARITHMETIC)
+            int8["vs_bitsandbytes"] = parity.summarise(bnb_rows)
+            # A default onnxruntime session fuses DequantizeLinear → MatMul into MatMulNBits with
+            # int8 activations: measured against both references.
+            step("measuring: a default onnxruntime session (int8 activations)")
+            default_sess = runtime.session(float_path, threads)
+            d_rows, _ = parity.compare(default_sess, sig, cases, refs)
+            d_bnb_rows, _ = parity.compare(default_sess, sig, cases, bnb_refs)
+            del default_sess
+            report.tables["default_session_vs_dequantized"] = d_rows
+            int8["default_session"] = {"vs_dequantized": parity.summarise(d_rows),
+                                       "vs_bitsandbytes": parity.summarise(d_bnb_rows)}
+            if carried.missing:
+                report.warnings.append(f"{len(carried.missing)} int8 layer(s) were exported as float weights "
+                                       f"(their rows were not found in the graph): {', '.join(carried.missing[:3])}")
         metrics = {"graph": sig.kind + (" with past" if sig.with_past else ""), "strategy": cfg.strategy,
                    "lowering": lowering, "opset": cfg.opset, "external_data": external,
                    "export_seconds": round(export_s, 2), "float_bytes": float_bytes,
                    "parity": summary, "ops": graph.op_counts(float_path)}
+        if int8 is not None:
+            metrics["int8_weights"] = int8
         report.metrics.update(metrics)
         if not summary["ok"]:
             del sess
@@ -191,7 +258,7 @@ class ExportOnnx(Pass):
             del qmodel
             shutil.rmtree(float_path.parent)
             step("measuring quantized error")
-            final_sess = runtime.session(final_path, threads)
+            final_sess = runtime.session(final_path, threads, config=session_config)
             qrows, _ = parity.compare(final_sess, sig, cases, refs)
             report.tables["quantized_error"] = qrows
             qsum = parity.summarise(qrows)
@@ -205,9 +272,13 @@ class ExportOnnx(Pass):
         files = [p.name for p in graph.data_files(final_path)]
         report.metrics["bytes"] = graph.file_bytes(final_path)
         report.metrics["files"] = files
+        carried_note = (f", {int8['int8_layers_carried']} bitsandbytes int8 layers carried as int8"
+                        if int8 is not None else "")
         report.summary = (f"{sig.kind}{' + KV cache' if sig.with_past else ''} → {MODEL_FILE} "
-                          f"({lowering}{', ' + cfg.quantize if cfg.quantize else ''}); parity max |Δ| "
-                          f"{summary['max_abs_diff']:.3g} on {summary['cases']} inputs")
+                          f"({lowering}{', ' + cfg.quantize if cfg.quantize else ''}{carried_note}); parity max |Δ| "
+                          f"{summary['max_abs_diff']:.3g} on {summary['cases']} inputs"
+                          + (f"; vs the bitsandbytes model {int8['vs_bitsandbytes']['max_abs_diff']:.3g}"
+                             if int8 is not None else ""))
         for p in plans:
             if p.reason and cfg.lowering_strategy() == "auto":
                 report.warnings.append(f"{p.path}: portable lowering ({p.reason})")

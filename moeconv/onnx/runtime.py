@@ -11,9 +11,10 @@ import torch
 from moeconv.onnx.signature import Signature
 
 
-def session(path: Path, threads: int | None = None, *, spinning: bool = False):
+def session(path: Path, threads: int | None = None, *, spinning: bool = False, config: dict | None = None):
     """A CPU session. Thread spinning is off by default: parity alternates onnxruntime and PyTorch
-    calls, and spinning onnxruntime threads then starve PyTorch's (and vice versa) on few cores."""
+    calls, and spinning onnxruntime threads then starve PyTorch's (and vice versa) on few cores.
+    `config`: more session config entries (e.g. `moeconv.onnx.int8_weights.FLOAT_ARITHMETIC`)."""
     import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -23,6 +24,8 @@ def session(path: Path, threads: int | None = None, *, spinning: bool = False):
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    for key, value in (config or {}).items():
+        opts.add_session_config_entry(key, str(value))
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
