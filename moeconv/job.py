@@ -48,6 +48,7 @@ def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str =
                                        check_inputs(vocab, ctx.seed + 1),
                                        tolerance=reload_tolerance, what="in-memory result")
         copied = _copy_tokenizer(state, tmp)
+        onnx_files = _move_onnx(result.state, tmp, out)
         extra = extra_outputs(result.state, tmp) if extra_outputs is not None else None
         recipe = [{"pass": p.name, **p.config.model_dump()} for p in passes]
         report = {"moeconv_version": __version__, "source": str(src), "output": str(out),
@@ -55,12 +56,32 @@ def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str =
                   "verification": verification, "tokenizer_files": copied, "recipe": recipe,
                   "input_model": input_summary, "model": _model_summary(result.state, ctx, vocab),
                   "seconds": round(time.perf_counter() - t0, 2)}
+        if onnx_files:
+            report["onnx_files"] = onnx_files
         if extra is not None:
             report["extra_outputs"] = extra
         (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         write_html(report, tmp / "report.html")
     return report
+
+
+def _move_onnx(state: ModelState, tmp: Path, out: Path) -> list[str]:
+    """An export pass in the list left its files in a work directory (`artifacts["onnx"]`): they
+    belong in OUT, next to the checkpoint. Added for recipes that end with export-onnx."""
+    art = state.artifacts.get("onnx")
+    if not art:
+        return []
+    src = Path(art["dir"])
+    names = list(art.get("files") or [art["model"]])
+    for name in names:
+        if (tmp / name).exists():
+            raise FileExistsError(f"{name} would overwrite a checkpoint file")  # a bug, not a user error
+        shutil.copy2(src / name, tmp / name)
+    if art.get("temporary"):
+        shutil.rmtree(src, ignore_errors=True)
+    art.update(dir=str(out), temporary=False)
+    return names
 
 
 def _model_summary(state: ModelState, ctx: Context, vocab: int) -> dict:

@@ -54,6 +54,11 @@ def finish_exported(program, sig, props: dict[str, str]) -> None:
     values = list(model.graph.inputs) + list(model.graph.outputs)
     for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
         values.extend(node.outputs)
+    for node in model.graph.all_nodes() if hasattr(model.graph, "all_nodes") else model.graph:
+        # The exporter's stack traces name process-global FX keys (`<eval_with_key>.67`): two
+        # exports of the same model in two processes would differ. Debug text only; dropped so
+        # the same recipe and seed give a byte-identical file.
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
     for v in values:
         shape = v.shape
         if shape is None:
