@@ -60,7 +60,7 @@ def read_documents(path: Path) -> list[str]:
     else:
         docs = [d for d in raw.split("\n\n") if d.strip()]
     if not docs:
-        raise InputError(f"{path}: no text")
+        raise InputError(f"{path}: data file is empty (no text)")
     return docs
 
 

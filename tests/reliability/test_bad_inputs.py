@@ -13,26 +13,6 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from moeconv.cli import app
-from tests.passes.upcycle_helpers import tiny_tokenizer
-from tests.tiny import tiny_hf
-
-DATA = "\n\n".join(" ".join(f"w{(i * 7 + j * 13) % 120 + 3}" for j in range(40)) for i in range(12))
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory) -> Path:
-    """A tiny dense llama with a tokenizer (so text data is valid for it)."""
-    path = tmp_path_factory.mktemp("good") / "llama"
-    tiny_hf("llama", path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "data.txt"
-    path.write_text(DATA)
-    return path
 
 
 def _copy(good: Path, dst: Path) -> Path:
@@ -196,21 +176,48 @@ def test_bad_model_inputs(command, case, good, data, tmp_path, monkeypatch):
     assert not marker.exists(), "a pickle payload was executed"
 
 
+_PRUNE = ["--calib", "{data}", "--calib-samples", "2", "--calib-seq-len", "16"]  # a later --calib wins
+_DISTILL = ["--teacher", "{moe}", "--student", "{moe}", "--steps", "1", "--batch-size", "2", "--seq-len", "16"]
+
+# case: (what the message must name, command line)
 ARG_CASES = {
-    "top-k-0": ["upcycle", "{m}", "{out}", "-e", "4", "-k", "0"],
-    "num-experts-1": ["upcycle", "{m}", "{out}", "-e", "1", "-k", "1"],
-    "top-k-over-experts": ["upcycle", "{m}", "{out}", "-e", "2", "-k", "3"],
-    "calib-empty": ["upcycle", "{m}", "{out}", "--router-init", "hidden", "--calib", "{empty}"],
-    "calib-not-utf8": ["upcycle", "{m}", "{out}", "--router-init", "hidden", "--calib", "{binary}"],
-    "recipe-unknown-pass": ["run", "{bad_recipe}", "--model", "{m}", "--out", "{out}"],
-    "recipe-cycle": ["run", "{cycle_recipe}", "--model", "{m}", "--out", "{out}"],
-    "recipe-not-yaml": ["run", "{binary}", "--model", "{m}", "--out", "{out}"],
-    "missing-model": ["upcycle", "{tmp}/nope", "{out}"],
+    "top-k-0": ("top_k", ["upcycle", "{m}", "{out}", "-e", "4", "-k", "0"]),
+    "num-experts-1": ("num_experts", ["upcycle", "{m}", "{out}", "-e", "1", "-k", "1"]),
+    "top-k-over-experts": ("top_k", ["upcycle", "{m}", "{out}", "-e", "2", "-k", "3"]),
+    "calib-empty": ("empty", ["upcycle", "{m}", "{out}", "--router-init", "hidden", "--calib", "{empty}"]),
+    "calib-not-utf8": ("UTF-8", ["upcycle", "{m}", "{out}", "--router-init", "hidden", "--calib", "{binary}"]),
+    "recipe-unknown-pass": ("no-such-pass", ["run", "{bad_recipe}", "--model", "{m}", "--out", "{out}"]),
+    "recipe-cycle": ("FFN", ["run", "{cycle_recipe}", "--model", "{m}", "--out", "{out}"]),
+    "recipe-not-yaml": ("UTF-8", ["run", "{binary}", "--model", "{m}", "--out", "{out}"]),
+    "missing-model": ("nope", ["upcycle", "{tmp}/nope", "{out}"]),
+    # quantize
+    "quantize-unknown-method": ("method", ["quantize", "{moe}", "{out}", "--method", "int3"]),
+    "quantize-twice": ("already quantized", ["quantize", "{quantized}", "{out}", "--method", "int8"]),
+    "quantize-eval-empty": ("empty", ["quantize", "{moe}", "{out}", "--eval", "{empty}"]),
+    # prune-experts (the MoE routes top-2 of 4)
+    "prune-keep-below-top-k": ("top_k", ["prune-experts", "{moe}", "{out}", "--keep", "1", *_PRUNE]),
+    "prune-unknown-criterion": ("criterion", ["prune-experts", "{moe}", "{out}", "--keep", "2",
+                                              "--criterion", "vibes", *_PRUNE]),
+    "prune-dense-model": ("moe", ["prune-experts", "{m}", "{out}", "--keep", "2", *_PRUNE]),
+    "prune-calib-empty": ("empty", ["prune-experts", "{moe}", "{out}", "--keep", "2", *_PRUNE, "--calib", "{empty}"]),
+    "prune-calib-not-utf8": ("UTF-8", ["prune-experts", "{moe}", "{out}", "--keep", "2", *_PRUNE,
+                                       "--calib", "{binary}"]),
+    # sparsify
+    "sparsify-pattern-5:4": ("5:4", ["sparsify", "{moe}", "{out}", "--pattern", "5:4", "--method", "magnitude"]),
+    "sparsify-pattern-0:4": ("0:4", ["sparsify", "{moe}", "{out}", "--pattern", "0:4", "--method", "magnitude"]),
+    "sparsify-calib-empty": ("empty", ["sparsify", "{moe}", "{out}", "--method", "wanda", "--calib", "{empty}"]),
+    "sparsify-calib-not-utf8": ("UTF-8", ["sparsify", "{moe}", "{out}", "--method", "wanda", "--calib", "{binary}"]),
+    # distill
+    "distill-data-empty": ("empty", ["distill", "{out}", *_DISTILL, "--data", "{empty}"]),
+    "distill-data-not-utf8": ("UTF-8", ["distill", "{out}", *_DISTILL, "--data", "{binary}"]),
+    # export onnx
+    "onnx-opset-99": ("opset", ["export", "onnx", "{moe}", "{out}", "--opset", "99"]),
+    "onnx-opset-7": ("opset", ["export", "onnx", "{moe}", "{out}", "--opset", "7"]),
 }
 
 
 @pytest.mark.parametrize("case", sorted(ARG_CASES))
-def test_bad_arguments(case, good, tmp_path):
+def test_bad_arguments(case, good, moe, quantized, data, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 50)
     (tmp_path / "bad.yaml").write_text("steps:\n  - pass: upcycle\n  - pass: no-such-pass\n")
@@ -219,11 +226,14 @@ def test_bad_arguments(case, good, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     out = work / "out"
-    args = [a.format(m=good, out=out, empty=tmp_path / "empty.txt", binary=tmp_path / "binary.txt",
-                     bad_recipe=tmp_path / "bad.yaml", cycle_recipe=tmp_path / "cycle.yaml", tmp=tmp_path)
-            for a in ARG_CASES[case]]
-    result = CliRunner().invoke(app, args)
-    _assert_clean_failure(result, out)
+    args = [a.format(m=good, moe=moe, quantized=quantized, data=data, out=out, empty=tmp_path / "empty.txt",
+                     binary=tmp_path / "binary.txt", bad_recipe=tmp_path / "bad.yaml",
+                     cycle_recipe=tmp_path / "cycle.yaml", tmp=tmp_path)
+            for a in ARG_CASES[case][1]]
+    result, shown = _invoke(args)
+    err = _assert_clean_failure(result, out, shown)
+    assert ARG_CASES[case][0] in err, err
+    assert not out.with_name(out.name + ".run").exists()  # distill's run directory
 
 
 def test_existing_out_is_never_touched(good, tmp_path):

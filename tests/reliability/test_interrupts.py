@@ -45,14 +45,16 @@ def test_sigkill_at_random_points_never_leaves_out(src, tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".moeconv-tmp-" in p.name]
 
 
-def test_sigint_prints_one_line_and_cleans_up(src, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_prints_one_line_and_cleans_up(src, tmp_path, sig):
+    """Ctrl-C, and the SIGTERM a supervisor (systemd, docker stop, a job queue) sends, are one line."""
     out = tmp_path / "out"
     proc = _start(src, out)
     # wait until the run has started writing (its temp directory exists), then interrupt
     deadline = time.time() + 120
     while time.time() < deadline and not [p for p in tmp_path.iterdir() if ".moeconv-tmp-" in p.name]:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("the conversion finished before the interrupt arrived")
