@@ -61,6 +61,15 @@ class NumericCheck(Instrument):
                 f"{p.name} broke its promise: relative max |Δoutput| {rel:.3g} > {bound:.3g}")
 
 
+class ModelBytes(Instrument):
+    """Records the model's bytes after each pass (`model_bytes`: parameters and buffers as stored,
+    int8 weights at one byte), so every step of a report shows what it did to the size."""
+
+    def after(self, p, result, ctx):
+        from moeconv.summary import bytes_per_group
+        result.report.metrics.setdefault("model_bytes", sum(bytes_per_group(result.state.module).values()))
+
+
 def _vocab_size(state: ModelState) -> int | None:
     cfg = state.config
     for obj in (cfg, getattr(cfg, "text_config", None)):

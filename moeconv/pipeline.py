@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from moeconv.context import Context
 from moeconv.errors import PlanError
-from moeconv.instruments import Instrument, NumericCheck, Timing
+from moeconv.instruments import Instrument, ModelBytes, NumericCheck, Timing
 from moeconv.pass_base import Pass
 from moeconv.report import RunReport
 from moeconv.state import ModelState
@@ -51,7 +51,7 @@ class PipelineResult:
 class Pipeline:
     def __init__(self, passes: list[Pass], instruments: list[Instrument] | None = None):
         self.passes = list(passes)
-        self.instruments = instruments if instruments is not None else [Timing(), NumericCheck()]
+        self.instruments = instruments if instruments is not None else [Timing(), NumericCheck(), ModelBytes()]
 
     def plan(self, facts: set[str]) -> Plan:
         """Simulate facts through the list; collect *every* problem, each with a fix hint."""

@@ -77,6 +77,17 @@ def _plots(report: dict) -> list[tuple[str, str]]:
     return plots
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.3g} MiB" if n >= 2**20 else f"{n / 2**10:.3g} KiB"
+
+
+def _bytes_after(m: dict) -> str:
+    """The model's bytes after the pass; for an export, the file it wrote."""
+    if m.get("files") and m.get("bytes") is not None:
+        return f"{_mib(m['bytes'])} ({', '.join(m['files'])})"
+    return _mib(m["model_bytes"]) if m.get("model_bytes") is not None else "-"
+
+
 def write_html(report: dict, path: Path) -> None:
     rows = []
     for p in report.get("passes", []):
@@ -84,6 +95,7 @@ def write_html(report: dict, path: Path) -> None:
         rows.append(f"<tr><td>{html.escape(p['pass_name'])}</td><td>{html.escape(p.get('summary', ''))}</td>"
                     f"<td>{p.get('seconds') if p.get('seconds') is not None else '-'}</td>"
                     f"<td>{m.get('rel_max_diff', '-') if m.get('rel_max_diff') is None else format(m['rel_max_diff'], '.3g')}</td>"
+                    f"<td>{html.escape(_bytes_after(m))}</td>"
                     f"<td>{html.escape(', '.join(p.get('warnings', [])))}</td></tr>")
     v = report.get("verification", {})
     w = report.get("written", {})
@@ -96,7 +108,7 @@ td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left}}figure{{margin:1.5
 <p><b>source</b> {html.escape(str(report.get('source')))} → <b>output</b> {html.escape(str(report.get('output')))}
 ({html.escape(str(w.get('format')))}, loads with {html.escape(str(w.get('consumer')))})</p>
 <p><b>reload check</b>: relative max |Δ| {v.get('rel_max_diff', float('nan')):.3g} against the {html.escape(str(v.get('against')))}</p>
-<table><tr><th>pass</th><th>summary</th><th>time (s)</th><th>rel. max |Δ|</th><th>warnings</th></tr>{''.join(rows)}</table>
+<table><tr><th>pass</th><th>summary</th><th>time (s)</th><th>rel. max |Δ|</th><th>bytes after</th><th>warnings</th></tr>{''.join(rows)}</table>
 {figs}
 <details><summary>report.json</summary><pre>{html.escape(json.dumps(report, indent=2, default=str))}</pre></details>
 </body></html>"""

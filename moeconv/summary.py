@@ -44,13 +44,15 @@ def bytes_per_group(model: nn.Module) -> dict[str, int]:
 
 
 def expert_sparsity(model: nn.Module) -> dict[str, list[float]]:
-    """Per MoE layer, the fraction of zero weights in each expert's projections."""
+    """Per MoE layer, the fraction of zero weights in each expert's projections (bitsandbytes int8
+    weights included: a zero there is a zero weight; packed 4-bit weights are not counted)."""
     out = {}
     for path, m in model.named_modules():
         if isinstance(m, MoEBlock):
             fr = []
             for e in m.experts:
-                ws = [p for n, p in e.named_parameters() if n.endswith("weight") and p.dim() == 2 and p.is_floating_point()]
+                ws = [p for n, p in e.named_parameters() if n.endswith("weight") and p.dim() == 2
+                      and (p.is_floating_point() or p.dtype == torch.int8)]
                 total = sum(w.numel() for w in ws)
                 zeros = sum(int((w == 0).sum()) for w in ws)
                 fr.append(zeros / total if total else 0.0)
