@@ -118,7 +118,7 @@ class ExportOnnx(Pass):
     def fix_for(self, fact: str) -> str | None:
         if fact == "float-weights" and self.config.quantize is not None:
             return ("the model is quantized already (bitsandbytes), and export's `quantize` would quantize it "
-                    "twice: drop `quantize` from `export-onnx` (int8 weights are carried into ONNX as they are), "
+                    "twice: drop `quantize` from `export-onnx` (`--quantize`; int8 weights are carried into ONNX as they are), "
                     "or move `export-onnx` before `quantize`")
         if fact == "float-weights | int8-weights":
             return "4-bit (nf4/fp4) weights have no exact ONNX form: " + FOURBIT_HINT
@@ -229,6 +229,10 @@ class ExportOnnx(Pass):
                    "parity": summary, "ops": graph.op_counts(float_path)}
         if int8 is not None:
             metrics["int8_weights"] = int8
+        # The step's measured error, as for every pass: its output (the ONNX graph) against its input
+        # (the PyTorch model), relative to the output scale like the numeric-check instrument's.
+        metrics["max_abs_diff"] = summary["max_abs_diff"]
+        metrics["rel_max_diff"] = max((r["max_abs_diff"] / max(1.0, r["ref_max_abs"]) for r in rows), default=0.0)
         report.metrics.update(metrics)
         if not summary["ok"]:
             del sess

@@ -101,6 +101,15 @@ def render_export(console, report: dict) -> None:
         t.add_row("size", f"{_bytes(q['bytes'])} ({q['size_ratio']:.2f}× the float {_bytes(m['float_bytes'])})")
     else:
         t.add_row("size", _bytes(m["bytes"]))
+    i8 = m.get("int8_weights")
+    if i8:
+        d = i8["default_session"]
+        t.add_row("int8 weights", f"{i8['int8_layers_carried']} of {i8['int8_layers']} bitsandbytes int8 layers carried as "
+                  f"int8 + row scales (DequantizeLinear); {_bytes(i8['bytes'])} vs {_bytes(i8['dequantized_float_bytes'])} "
+                  f"with float weights; parity is against the dequantized float model")
+        t.add_row("vs bitsandbytes", f"max |Δ| {i8['vs_bitsandbytes']['max_abs_diff']:.3g} (bitsandbytes also quantizes "
+                  f"activations); a default onnxruntime session (int8 activations): {d['vs_dequantized']['max_abs_diff']:.3g} "
+                  f"vs dequantized, {d['vs_bitsandbytes']['max_abs_diff']:.3g} vs bitsandbytes")
     lat = m.get("latency")
     if lat:
         line = f"{lat['tokens']}-token forward: onnxruntime {_ms(lat['ort_prefill_ms'])} vs PyTorch {_ms(lat['torch_prefill_ms'])}"
