@@ -27,20 +27,29 @@ def test_html_is_self_contained_with_every_plot(report_dir):
     assert "http://" not in page and "https://" not in page  # nothing fetched at view time
 
 
-def test_html_renders_in_headless_chromium(report_dir, tmp_path):
+def screenshot(html_path, tmp_path, height: int = 2400):
+    """A headless-Chromium screenshot of `html_path` as an (H, W, channels) float array, or a skip."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium is not installed (.ci/run installs Debian's package)")
     shot = tmp_path / "shot.png"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1000,2400",
-                    (report_dir / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", f"--window-size=1000,{height}",
+                    html_path.as_uri()], check=True, capture_output=True, timeout=120)
     import matplotlib.image as mpimg
-    img = mpimg.imread(shot)
-    assert img.shape[0] > 1000 and img.shape[1] > 500
-    # not blank: many distinct colours (the plots), and clearly non-white content
+    return mpimg.imread(shot)
+
+
+def assert_not_blank(img):
+    """Many distinct colours (the plots), and clearly non-white content."""
     flat = (img[..., :3] * 255).astype(int).reshape(-1, 3)
     distinct = {tuple(c) for c in flat[:: max(1, len(flat) // 200000)]}
     assert len(distinct) > 50
     assert (flat.sum(axis=1) < 600).mean() > 0.02
+
+
+def test_html_renders_in_headless_chromium(report_dir, tmp_path):
+    img = screenshot(report_dir / "report.html", tmp_path)
+    assert img.shape[0] > 1000 and img.shape[1] > 500
+    assert_not_blank(img)
