@@ -105,7 +105,8 @@ def render_passes(console: Console, registry) -> None:
     for p in registry:
         promise = "exact or reported (depends on config)" if p.name == "upcycle" else (
             "reported" if p.output_tolerance is None else ("exact" if p.output_tolerance == 0 else f"≤ {p.output_tolerance}"))
-        t.add_row(p.name, ", ".join(sorted(p.requires)), ", ".join(sorted(p.provides)),
+        needs = sorted(p.requires) + [" | ".join(sorted(g)) for g in p.requires_any]
+        t.add_row(p.name, ", ".join(needs), ", ".join(sorted(p.provides)),
                   ", ".join(sorted(p.invalidates)) or "-", promise, p.summary)
     console.print(t)
 
