@@ -134,6 +134,8 @@ def select_sites(sites: list[FfnSite], targets: list[str] | None, ignore: list[s
         if any(_matches(t, i, s.path) for t in ignore):
             continue
         chosen.append((i, s))
+    if not chosen and not sites:  # e.g. a second upcycle: the first left no dense FFN
+        raise ConfigError("no FFN site selected: the model has no dense FFN left (already MoE?)")
     if not chosen:
         raise ConfigError(f"no FFN site selected (found {len(sites)}: {', '.join(s.path for s in sites[:3])}"
                           f"{', …' if len(sites) > 3 else ''}); check targets/ignore")

@@ -187,7 +187,7 @@ ARG_CASES = {
     "calib-empty": ("empty", ["upcycle", "{m}", "{out}", "--router-init", "hidden", "--calib", "{empty}"]),
     "calib-not-utf8": ("UTF-8", ["upcycle", "{m}", "{out}", "--router-init", "hidden", "--calib", "{binary}"]),
     "recipe-unknown-pass": ("no-such-pass", ["run", "{bad_recipe}", "--model", "{m}", "--out", "{out}"]),
-    "recipe-cycle": ("FFN", ["run", "{cycle_recipe}", "--model", "{m}", "--out", "{out}"]),
+    "recipe-cycle": ("no dense FFN", ["run", "{cycle_recipe}", "--model", "{m}", "--out", "{out}"]),
     "recipe-not-yaml": ("UTF-8", ["run", "{binary}", "--model", "{m}", "--out", "{out}"]),
     "missing-model": ("nope", ["upcycle", "{tmp}/nope", "{out}"]),
     # quantize
