@@ -141,7 +141,9 @@ class ExportOnnx(Pass):
         out_dir.mkdir(parents=True, exist_ok=True)
         module = state.module
         layers = int8_layers(module)
-        with dequantized(module, layers) as swap, _float32(module) as cast_from:
+        # fp32 first (the model's own dtype is read while the bitsandbytes layers are in place), then
+        # the int8 layers become float ones for the export, and everything is put back in reverse
+        with _float32(module) as cast_from, dequantized(module, layers) as swap:
             report, files = self._export(state, module, ctx, out_dir, layers, swap)
         if cast_from is not None:
             report.warnings.append(f"exported in float32 (the model is {cast_from}; cast back afterwards, exactly)")
