@@ -157,3 +157,15 @@ def test_plan_accepts_int8_then_export_and_refuses_4bit_with_the_fix():
     plan = Pipeline([Quantize(method="int8"), ExportOnnx(quantize="int8")]).plan(dense)
     assert len(plan.problems) == 1 and "twice" in plan.problems[0]
     assert Pipeline([ExportOnnx(quantize="int8"), Quantize(method="int8")]).plan(dense).ok
+
+
+def test_cli_refuses_4bit_before_export_and_a_second_quantization(runs):
+    d, _ = runs
+    nf4 = d / "nf4.yaml"
+    nf4.write_text(RECIPE.replace("method: int8", "method: nf4"))
+    result = CliRunner().invoke(app, ["plan", str(nf4), "--calib"])
+    assert result.exit_code == 2 and "--quantize int4" in " ".join(result.output.split())
+    # the chain's own output is an int8 checkpoint: exporting it again with --quantize is refused
+    result = CliRunner().invoke(app, ["export", "onnx", str(d / "cli"), str(d / "again"), "--quantize", "int8"])
+    assert result.exit_code == 2 and "twice" in " ".join(result.output.split())
+    assert not (d / "again").exists()
