@@ -67,11 +67,15 @@ def _base_model(path: Path, source: dict):
         from transformers import AutoConfig
         cfg_dict = dict(source["config"])
         model_type = cfg_dict.pop("model_type", None)
+        from transformers import CONFIG_MAPPING
+        if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+            raise UnsupportedError(f"{path / 'config.json'}: unsupported source model_type {model_type!r}")
         try:
             config = AutoConfig.for_model(model_type, **cfg_dict)
             model = _model_class(config)(config)
         except Exception as exc:
-            raise InputError(f"{path}: cannot rebuild source model {model_type!r} ({exc})") from None
+            raise InputError(f"{path}: cannot rebuild source model {model_type!r} "
+                             f"({' '.join(str(exc).split())[:200]})") from None
         return model, config, SourceInfo("moeconv", path, tokenizer_dir=path)
     if kind == "spec":
         state = load(source["spec"])
@@ -88,12 +92,20 @@ def load_moeconv(path: Path, raw: dict, *, dtype=None) -> ModelState:
         return load_quantized(path, raw, dtype=dtype)
     model, config, info = _base_model(path, section.get("source") or {})
     ckpt = SourceCheckpoint(path)
+    for spec in ckpt.specs.values():  # checked before any tensor is built from them
+        if spec.name.endswith((".weight", ".bias")) and not spec.dtype.is_floating_point:
+            raise InputError(f"{path}: tensor {spec.name} is {spec.dtype}, expected a floating-point weight")
     for rec in section.get("sites", []):
         try:
             site = FfnSite(**rec["site"])
             _install_block(model, site, rec, ckpt)
         except (KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"{path / 'config.json'}: bad site record ({exc.__class__.__name__}: {exc})") from None
+    expected = model.state_dict()
+    for name, spec in sorted(ckpt.specs.items()):
+        if name in expected and tuple(expected[name].shape) != tuple(spec.shape):
+            raise InputError(f"{path}: tensor {name} has shape {list(spec.shape)}, the recorded model implies "
+                             f"{list(expected[name].shape)}")
     state_dict = {}
     for name in ckpt.names():
         state_dict[name] = ckpt.get(name)
@@ -126,11 +138,20 @@ def _install_block(model, site: FfnSite, rec: dict, ckpt: SourceCheckpoint) -> N
     rel = expert_rel_names(site)
     paths = role_paths(site)
 
+    # An expert may be narrower than the FFN it came from (fine-grained split): only the hidden side
+    # of each projection must match the recorded site's.
+    widths = {site.intermediate_size, 2 * site.intermediate_size}
+
     def tensors(prefix: str) -> dict[str, torch.Tensor]:
         out = {}
         for role, r in rel.items():
             spec = ckpt.specs[f"{site.path}.{prefix}.{r}.weight"]
-            shape = spec.shape[::-1] if is_conv1d(model.get_submodule(paths[role])) else spec.shape
+            dense = model.get_submodule(paths[role])
+            shape = spec.shape[::-1] if is_conv1d(dense) else spec.shape
+            got, want = tuple(spec.shape), tuple(dense.weight.shape)  # both in the module's own layout
+            if len(got) != len(want) or any(g != w and w not in widths for g, w in zip(got, want)):
+                raise InputError(f"{ckpt.path}: tensor {spec.name} has shape {list(got)}, the recorded FFN "
+                                 f"{site.path} implies {list(want)} (up to the expert width)")
             out[role] = torch.empty(shape, dtype=spec.dtype)
             b = ckpt.specs.get(f"{site.path}.{prefix}.{r}.bias")
             if b is not None:

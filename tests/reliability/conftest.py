@@ -39,6 +39,18 @@ def moe(good, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def moe_native(good, tmp_path_factory) -> Path:
+    """`good` upcycled into moeconv's own format (read by a different loader than HF MoE families)."""
+    from passes.upcycle import UpcycleConfig
+    from passes.upcycle_checkpoint import upcycle_checkpoint
+    path = tmp_path_factory.mktemp("moe-native") / "moeconv"
+    with one_torch_thread():
+        upcycle_checkpoint(good, path, UpcycleConfig(num_experts=4, top_k=2, router_init="normal", router_std=0.5),
+                           fmt="moeconv")
+    return path
+
+
+@pytest.fixture(scope="session")
 def quantized(moe, tmp_path_factory) -> Path:
     """`moe` quantized to nf4 by the CLI (a bitsandbytes checkpoint in moeconv's format)."""
     from typer.testing import CliRunner

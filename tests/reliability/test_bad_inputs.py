@@ -41,10 +41,23 @@ def _index_missing_tensor(d):
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
 
 
+def _edit_config(d, **fields):
+    """Set model config fields: top level for HF checkpoints, the recorded source config for moeconv's format."""
+    raw = json.loads((d / "config.json").read_text())
+    (raw["moeconv"]["source"]["config"] if "moeconv" in raw else raw).update(fields)
+    (d / "config.json").write_text(json.dumps(raw))
+
+
 def _shape_mismatch(d):
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["intermediate_size"] = 48
-    (d / "config.json").write_text(json.dumps(cfg))
+    _edit_config(d, intermediate_size=48)
+
+
+def _cut_tensor(d, suffix, cut):
+    from safetensors.torch import load_file
+    sd = load_file(d / "model.safetensors")
+    name = next(n for n in sorted(sd) if n.endswith(suffix))
+    sd[name] = cut(sd[name]).contiguous()
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
 
 
 def _wrong_dtype(d):
@@ -80,9 +93,7 @@ def _empty_dir(d):
 
 
 def _unknown_model_type(d):
-    cfg = json.loads((d / "config.json").read_text())
-    cfg["model_type"] = "definitely-not-a-model"
-    (d / "config.json").write_text(json.dumps(cfg))
+    _edit_config(d, model_type="definitely-not-a-model")
 
 
 def _config_not_json(d):
@@ -94,6 +105,8 @@ MODEL_CASES = {
     "truncated-shard": _truncate,
     "index-missing-tensor": _index_missing_tensor,
     "shape-mismatch": _shape_mismatch,
+    "attn-shape-mismatch": lambda d: _cut_tensor(d, "q_proj.weight", lambda t: t[: t.shape[0] // 2]),
+    "ffn-shape-mismatch": lambda d: _cut_tensor(d, "up_proj.weight", lambda t: t[:, : t.shape[1] // 2]),
     "wrong-dtype": _wrong_dtype,
     "nan-weights": _nan_weights,
     "malicious-pickle": _malicious_pickle,
@@ -110,7 +123,10 @@ NAMES = {
     "wrong-dtype": "int64", "nan-weights": "NaN", "malicious-pickle": "pytorch_model.bin",
     "malicious-pickle-p2": "pytorch_model.bin", "empty-dir": "config.json",
     "unknown-model-type": "definitely-not-a-model", "config-not-json": "config.json",
+    "attn-shape-mismatch": "q_proj.weight", "ffn-shape-mismatch": "up_proj.weight",
 }
+# moeconv's format reads only safetensors: a pickle beside the config is never opened.
+NAMES_NATIVE = {**NAMES, "malicious-pickle": "model.safetensors", "malicious-pickle-p2": "model.safetensors"}
 
 RECIPE = "steps:\n  - pass: upcycle\n    num_experts: 4\n    top_k: 2\n"
 
@@ -158,12 +174,19 @@ def _assert_clean_failure(result, out: Path, shown=()):
     return err
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+# Commands that take an MoE model, run on a broken moeconv-format source (its own loader).
+NATIVE_COMMANDS = ["inspect", "quantize", "sparsify", "prune-experts", "export-onnx", "distill-teacher",
+                   "distill-student"]
+
+
+@pytest.mark.parametrize("command", [("hf", c) for c in sorted(COMMANDS)] + [("moeconv", c) for c in NATIVE_COMMANDS],
+                         ids=lambda fc: fc[1] if fc[0] == "hf" else f"moeconv-format-{fc[1]}")
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
-def test_bad_model_inputs(command, case, good, data, tmp_path, monkeypatch):
+def test_bad_model_inputs(command, case, good, moe_native, data, tmp_path, monkeypatch):
+    fmt, command = command
     marker = tmp_path / "evil-ran"
     monkeypatch.setenv("MOECONV_EVIL_MARKER", str(marker))
-    src = _copy(good, tmp_path / "src")
+    src = _copy(good if fmt == "hf" else moe_native, tmp_path / "src")
     MODEL_CASES[case](src)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
@@ -172,7 +195,7 @@ def test_bad_model_inputs(command, case, good, data, tmp_path, monkeypatch):
     out = work / "out"
     result, shown = _invoke(COMMANDS[command](src, out, recipe, good, data))
     err = _assert_clean_failure(result, out, shown)
-    assert str(src) in err and NAMES[case] in err, err
+    assert str(src) in err and (NAMES if fmt == "hf" else NAMES_NATIVE)[case] in err, err
     assert not marker.exists(), "a pickle payload was executed"
 
 
@@ -190,10 +213,18 @@ ARG_CASES = {
     "recipe-cycle": ("no dense FFN", ["run", "{cycle_recipe}", "--model", "{m}", "--out", "{out}"]),
     "recipe-not-yaml": ("UTF-8", ["run", "{binary}", "--model", "{m}", "--out", "{out}"]),
     "missing-model": ("nope", ["upcycle", "{tmp}/nope", "{out}"]),
+    # run: the same refusals reached through a recipe
+    "run-top-k-0": ("top_k", ["run", "{recipe}", "--model", "{m}", "--out", "{out}", "--set", "upcycle.top_k=0"]),
+    "run-num-experts-1": ("num_experts", ["run", "{recipe}", "--model", "{m}", "--out", "{out}",
+                                          "--set", "upcycle.num_experts=1", "--set", "upcycle.top_k=1"]),
+    "run-calib-empty": ("empty", ["run", "{wanda_recipe}", "--model", "{m}", "--out", "{out}", "--calib", "{empty}"]),
+    "run-calib-not-utf8": ("UTF-8", ["run", "{wanda_recipe}", "--model", "{m}", "--out", "{out}",
+                                     "--calib", "{binary}"]),
     # quantize
     "quantize-unknown-method": ("method", ["quantize", "{moe}", "{out}", "--method", "int3"]),
     "quantize-twice": ("already quantized", ["quantize", "{quantized}", "{out}", "--method", "int8"]),
     "quantize-eval-empty": ("empty", ["quantize", "{moe}", "{out}", "--eval", "{empty}"]),
+    "quantize-eval-not-utf8": ("UTF-8", ["quantize", "{moe}", "{out}", "--eval", "{binary}"]),
     # prune-experts (the MoE routes top-2 of 4)
     "prune-keep-below-top-k": ("top_k", ["prune-experts", "{moe}", "{out}", "--keep", "1", *_PRUNE]),
     "prune-unknown-criterion": ("criterion", ["prune-experts", "{moe}", "{out}", "--keep", "2",
@@ -210,6 +241,7 @@ ARG_CASES = {
     # distill
     "distill-data-empty": ("empty", ["distill", "{out}", *_DISTILL, "--data", "{empty}"]),
     "distill-data-not-utf8": ("UTF-8", ["distill", "{out}", *_DISTILL, "--data", "{binary}"]),
+    "distill-eval-data-empty": ("empty", ["distill", "{out}", *_DISTILL, "--data", "{data}", "--eval-data", "{empty}"]),
     # export onnx
     "onnx-opset-99": ("opset", ["export", "onnx", "{moe}", "{out}", "--opset", "99"]),
     "onnx-opset-7": ("opset", ["export", "onnx", "{moe}", "{out}", "--opset", "7"]),
@@ -223,12 +255,15 @@ def test_bad_arguments(case, good, moe, quantized, data, tmp_path):
     (tmp_path / "bad.yaml").write_text("steps:\n  - pass: upcycle\n  - pass: no-such-pass\n")
     # an upcycle after an upcycle: the second needs dense FFNs the first removed (a cycle back)
     (tmp_path / "cycle.yaml").write_text(RECIPE + "  - pass: upcycle\n    num_experts: 4\n")
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    (tmp_path / "wanda.yaml").write_text(RECIPE + "  - pass: sparsify\n    method: wanda\n")
     work = tmp_path / "work"
     work.mkdir()
     out = work / "out"
     args = [a.format(m=good, moe=moe, quantized=quantized, data=data, out=out, empty=tmp_path / "empty.txt",
                      binary=tmp_path / "binary.txt", bad_recipe=tmp_path / "bad.yaml",
-                     cycle_recipe=tmp_path / "cycle.yaml", tmp=tmp_path)
+                     cycle_recipe=tmp_path / "cycle.yaml", recipe=tmp_path / "recipe.yaml",
+                     wanda_recipe=tmp_path / "wanda.yaml", tmp=tmp_path)
             for a in ARG_CASES[case][1]]
     result, shown = _invoke(args)
     err = _assert_clean_failure(result, out, shown)
