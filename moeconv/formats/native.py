@@ -92,20 +92,14 @@ def load_moeconv(path: Path, raw: dict, *, dtype=None) -> ModelState:
         return load_quantized(path, raw, dtype=dtype)
     model, config, info = _base_model(path, section.get("source") or {})
     ckpt = SourceCheckpoint(path)
-    for spec in ckpt.specs.values():  # checked before any tensor is built from them
-        if spec.name.endswith((".weight", ".bias")) and not spec.dtype.is_floating_point:
-            raise InputError(f"{path}: tensor {spec.name} is {spec.dtype}, expected a floating-point weight")
+    check_float_weights(path, ckpt.specs)
     for rec in section.get("sites", []):
         try:
             site = FfnSite(**rec["site"])
             _install_block(model, site, rec, ckpt)
         except (KeyError, TypeError, AttributeError) as exc:
             raise InputError(f"{path / 'config.json'}: bad site record ({exc.__class__.__name__}: {exc})") from None
-    expected = model.state_dict()
-    for name, spec in sorted(ckpt.specs.items()):
-        if name in expected and tuple(expected[name].shape) != tuple(spec.shape):
-            raise InputError(f"{path}: tensor {name} has shape {list(spec.shape)}, the recorded model implies "
-                             f"{list(expected[name].shape)}")
+    check_shapes(path, model, ckpt.specs)
     state_dict = {}
     for name in ckpt.names():
         state_dict[name] = ckpt.get(name)
@@ -120,6 +114,23 @@ def load_moeconv(path: Path, raw: dict, *, dtype=None) -> ModelState:
     if dtype is not None:
         model = model.to(dtype)
     return ModelState(model.eval(), config, info)
+
+
+def check_float_weights(path: Path, specs: dict) -> None:
+    """Before any tensor is built from the specs: weights and biases are floating point."""
+    for spec in specs.values():
+        if spec.name.endswith((".weight", ".bias")) and not spec.dtype.is_floating_point:
+            raise InputError(f"{path}: tensor {spec.name} is {spec.dtype}, expected a floating-point weight")
+
+
+def check_shapes(path: Path, model, specs: dict) -> None:
+    """Every stored tensor the rebuilt model holds has the model's shape (load_state_dict would
+    raise a multi-line RuntimeError)."""
+    expected = model.state_dict()
+    for name, spec in sorted(specs.items()):
+        if name in expected and tuple(expected[name].shape) != tuple(spec.shape):
+            raise InputError(f"{path}: tensor {name} has shape {list(spec.shape)}, the recorded model implies "
+                             f"{list(expected[name].shape)}")
 
 
 def _tied_names(model) -> set[str]:

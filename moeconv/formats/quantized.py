@@ -194,6 +194,7 @@ class _FloatSpecs:
     MoE blocks of an upcycled model are rebuilt exactly as for an unquantized checkpoint."""
 
     def __init__(self, ckpt: SourceCheckpoint, layers: dict[str, dict]):
+        self.path = ckpt.path
         self.specs = dict(ckpt.specs)
         for path, rec in layers.items():
             shape = (int(rec["out_features"]), int(rec["in_features"]))
@@ -206,7 +207,7 @@ class _FloatSpecs:
 def load_quantized(path: Path, raw: dict, *, dtype=None) -> ModelState:
     """Rebuild a quantized moeconv-format directory: the float architecture (MoE blocks included),
     then each recorded layer as the bitsandbytes layer it was; every tensor is used exactly once."""
-    from moeconv.formats.native import _base_model, _install_block, _tied_names
+    from moeconv.formats.native import _base_model, _install_block, _tied_names, check_float_weights, check_shapes
     from moeconv.nn.native_moe import linearise_native_moe
     from moeconv.patterns import FfnSite
     section = raw["moeconv"]
@@ -217,6 +218,7 @@ def load_quantized(path: Path, raw: dict, *, dtype=None) -> ModelState:
     linearise_native_moe(model)
     ckpt = SourceCheckpoint(path)
     view = _FloatSpecs(ckpt, layers)
+    check_float_weights(path, view.specs)  # quantized weights appear at their float dtype here
     for rec in section.get("sites", []):
         try:
             _install_block(model, FfnSite(**rec["site"]), rec, view)
@@ -228,6 +230,7 @@ def load_quantized(path: Path, raw: dict, *, dtype=None) -> ModelState:
         if owner is not None:
             owned.setdefault(owner, {})[name[len(owner) + 1:]] = name
     quantized_names = {n for d in owned.values() for n in d.values()}
+    check_shapes(path, model, {n: spec for n, spec in ckpt.specs.items() if n not in quantized_names})
     floats = {n: ckpt.get(n) for n in ckpt.names() if n not in quantized_names}
     result = model.load_state_dict(floats, strict=False, assign=True)
     tied = _tied_names(model)

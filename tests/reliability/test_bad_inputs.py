@@ -71,8 +71,9 @@ def _wrong_dtype(d):
 def _nan_weights(d):
     from safetensors.torch import load_file
     sd = load_file(d / "model.safetensors")
-    name = next(n for n in sd if n.endswith("down_proj.weight"))
-    sd[name][0, 0] = float("nan")
+    name = next((n for n in sd if n.endswith("down_proj.weight") and sd[n].is_floating_point()), None)
+    name = name or next(n for n in sorted(sd) if n.endswith("norm.weight"))  # quantized: a float norm scale
+    sd[name].view(-1)[0] = float("nan")
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
 
 
@@ -123,9 +124,9 @@ NAMES = {
     "wrong-dtype": "int64", "nan-weights": "NaN", "malicious-pickle": "pytorch_model.bin",
     "malicious-pickle-p2": "pytorch_model.bin", "empty-dir": "config.json",
     "unknown-model-type": "definitely-not-a-model", "config-not-json": "config.json",
-    "attn-shape-mismatch": "q_proj.weight", "ffn-shape-mismatch": "up_proj.weight",
+    "attn-shape-mismatch": "q_proj", "ffn-shape-mismatch": "up_proj",
 }
-# moeconv's format reads only safetensors: a pickle beside the config is never opened.
+# moeconv's format (plain or quantized) reads only safetensors: a pickle beside the config is never opened.
 NAMES_NATIVE = {**NAMES, "malicious-pickle": "model.safetensors", "malicious-pickle-p2": "model.safetensors"}
 
 RECIPE = "steps:\n  - pass: upcycle\n    num_experts: 4\n    top_k: 2\n"
@@ -174,19 +175,23 @@ def _assert_clean_failure(result, out: Path, shown=()):
     return err
 
 
-# Commands that take an MoE model, run on a broken moeconv-format source (its own loader).
-NATIVE_COMMANDS = ["inspect", "quantize", "sparsify", "prune-experts", "export-onnx", "distill-teacher",
-                   "distill-student"]
+# Sources other than a dense HF checkpoint have their own loaders: moeconv's format (MoE) and its
+# quantized form (bitsandbytes layers), each broken in the same ways, × the commands that take them.
+OTHER_SOURCES = {
+    "moeconv-format": ["inspect", "quantize", "sparsify", "prune-experts", "export-onnx", "distill-teacher",
+                       "distill-student"],
+    "quantized": ["inspect", "quantize"],
+}
+SOURCE_COMMANDS = [("hf", c) for c in sorted(COMMANDS)] + [(f, c) for f, cs in OTHER_SOURCES.items() for c in cs]
 
 
-@pytest.mark.parametrize("command", [("hf", c) for c in sorted(COMMANDS)] + [("moeconv", c) for c in NATIVE_COMMANDS],
-                         ids=lambda fc: fc[1] if fc[0] == "hf" else f"moeconv-format-{fc[1]}")
+@pytest.mark.parametrize("command", SOURCE_COMMANDS, ids=lambda fc: fc[1] if fc[0] == "hf" else f"{fc[0]}-{fc[1]}")
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
-def test_bad_model_inputs(command, case, good, moe_native, data, tmp_path, monkeypatch):
+def test_bad_model_inputs(command, case, good, moe_native, quantized, data, tmp_path, monkeypatch):
     fmt, command = command
     marker = tmp_path / "evil-ran"
     monkeypatch.setenv("MOECONV_EVIL_MARKER", str(marker))
-    src = _copy(good if fmt == "hf" else moe_native, tmp_path / "src")
+    src = _copy({"hf": good, "moeconv-format": moe_native, "quantized": quantized}[fmt], tmp_path / "src")
     MODEL_CASES[case](src)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
