@@ -62,9 +62,13 @@ def native_config(state: ModelState) -> dict:
 
 def _base_model(path: Path, source: dict):
     from moeconv.io.load import _model_class, load
+    if not isinstance(source, dict):
+        raise InputError(f"{path / 'config.json'}: moeconv.source must be an object")
     kind = source.get("kind")
     if kind == "hf":
         from transformers import AutoConfig
+        if not isinstance(source.get("config"), dict):
+            raise InputError(f"{path / 'config.json'}: moeconv.source.config must be an object")
         cfg_dict = dict(source["config"])
         model_type = cfg_dict.pop("model_type", None)
         from transformers import CONFIG_MAPPING
@@ -78,6 +82,8 @@ def _base_model(path: Path, source: dict):
                              f"({' '.join(str(exc).split())[:200]})") from None
         return model, config, SourceInfo("moeconv", path, tokenizer_dir=path)
     if kind == "spec":
+        if not isinstance(source.get("spec"), str):
+            raise InputError(f"{path / 'config.json'}: moeconv.source.spec must be a string")
         state = load(source["spec"])
         return state.module, None, SourceInfo("moeconv", path, tokenizer_dir=path, spec=source["spec"])
     raise InputError(f"{path / 'config.json'}: unknown moeconv source kind {kind!r}")
@@ -93,11 +99,11 @@ def load_moeconv(path: Path, raw: dict, *, dtype=None) -> ModelState:
     model, config, info = _base_model(path, section.get("source") or {})
     ckpt = SourceCheckpoint(path)
     check_float_weights(path, ckpt.specs)
-    for rec in section.get("sites", []):
+    for rec in site_list(path, section):
         try:
             site = FfnSite(**rec["site"])
             _install_block(model, site, rec, ckpt)
-        except (KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{path / 'config.json'}: bad site record ({exc.__class__.__name__}: {exc})") from None
     check_shapes(path, model, ckpt.specs)
     state_dict = {}
@@ -114,6 +120,13 @@ def load_moeconv(path: Path, raw: dict, *, dtype=None) -> ModelState:
     if dtype is not None:
         model = model.to(dtype)
     return ModelState(model.eval(), config, info)
+
+
+def site_list(path: Path, section: dict) -> list[dict]:
+    sites = section.get("sites", [])
+    if not isinstance(sites, list) or not all(isinstance(r, dict) for r in sites):
+        raise InputError(f"{path / 'config.json'}: moeconv.sites must be a list of objects")
+    return sites
 
 
 def check_float_weights(path: Path, specs: dict) -> None:

@@ -207,22 +207,30 @@ class _FloatSpecs:
 def load_quantized(path: Path, raw: dict, *, dtype=None) -> ModelState:
     """Rebuild a quantized moeconv-format directory: the float architecture (MoE blocks included),
     then each recorded layer as the bitsandbytes layer it was; every tensor is used exactly once."""
-    from moeconv.formats.native import _base_model, _install_block, _tied_names, check_float_weights, check_shapes
+    from moeconv.formats.native import (_base_model, _install_block, _tied_names, check_float_weights, check_shapes,
+                                        site_list)
     from moeconv.nn.native_moe import linearise_native_moe
     from moeconv.patterns import FfnSite
     section = raw["moeconv"]
-    layers = (section.get("quantization") or {}).get("layers")
+    quantization = section.get("quantization")
+    layers = quantization.get("layers") if isinstance(quantization, dict) else None
     if not isinstance(layers, dict) or not layers:
         raise InputError(f"{path / 'config.json'}: quantization section without layers")
+    for lp, rec in layers.items():
+        try:
+            int(rec["in_features"]), int(rec["out_features"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path / 'config.json'}: quantized layer {lp} needs integer in_features and "
+                             "out_features") from None
     model, config, info = _base_model(path, section.get("source") or {})
     linearise_native_moe(model)
     ckpt = SourceCheckpoint(path)
     view = _FloatSpecs(ckpt, layers)
     check_float_weights(path, view.specs)  # quantized weights appear at their float dtype here
-    for rec in section.get("sites", []):
+    for rec in site_list(path, section):
         try:
             _install_block(model, FfnSite(**rec["site"]), rec, view)
-        except (KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InputError(f"{path / 'config.json'}: bad site record ({exc.__class__.__name__}: {exc})") from None
     owned = {}
     for name in ckpt.names():

@@ -72,8 +72,18 @@ recipe_texts = st.one_of(
                         json_values, max_size=4), max_size=3)),
     st.builds(lambda v: "steps:\n  - pass: upcycle\n    num_experts: " + json.dumps(v), json_values),
 )
+# moeconv's own format: a `moeconv` section (plain or quantized) with random parts
+moeconv_sections = st.fixed_dictionaries(
+    {"format_version": st.sampled_from([1, 2, "1", None])},
+    optional={"source": json_values | st.fixed_dictionaries({"kind": st.sampled_from(["hf", "spec", "x"])},
+                                                            optional={"config": json_values, "spec": json_values}),
+              "sites": json_values | st.lists(st.dictionaries(st.sampled_from(["site", "num_experts", "top_k"]),
+                                                              json_values, max_size=3), max_size=2),
+              "quantization": json_values})
 configs = st.one_of(json_values, st.fixed_dictionaries({"model_type": st.sampled_from(["llama", "bert", "gpt2", "x", ""])},
-                                                         optional={"hidden_size": json_values, "num_hidden_layers": json_values}))
+                                                         optional={"hidden_size": json_values, "num_hidden_layers": json_values}),
+                    st.fixed_dictionaries({"model_type": st.just("moeconv"), "moeconv": moeconv_sections}),
+                    st.fixed_dictionaries({"moeconv_sparse": json_values}))
 
 
 @FAST
