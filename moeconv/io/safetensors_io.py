@@ -65,7 +65,11 @@ class SourceCheckpoint:
             if not isinstance(weight_map, dict):
                 raise InputError(f"{index}: weight_map is not an object")
             for name, fname in weight_map.items():
-                self.files[name] = self.path / str(fname)
+                # a shard is a file of this directory: never a path elsewhere (../x, /etc/…)
+                if not isinstance(fname, str) or fname in ("", ".", "..") or "/" in fname or "\\" in fname:
+                    raise InputError(f"{index}: shard {str(fname)[:60]!r} of tensor {name} is not a file name "
+                                     "in the checkpoint directory")
+                self.files[name] = self.path / fname
         elif (self.path / SINGLE_NAME).is_file():
             self.files = {}
             for name in self._names_in(self.path / SINGLE_NAME):

@@ -48,6 +48,16 @@ def _edit_config(d, **fields):
     (d / "config.json").write_text(json.dumps(raw))
 
 
+def _index_outside(d):
+    """An index whose shard lies outside the checkpoint directory (a copy of the real one, so only the path is wrong)."""
+    from safetensors import safe_open
+    (d.parent / "outside.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        wm = {n: "../outside.safetensors" for n in f.keys()}
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+
+
 def _shape_mismatch(d):
     _edit_config(d, intermediate_size=48)
 
@@ -105,6 +115,7 @@ MODEL_CASES = {
     "corrupt-header": _corrupt_header,
     "truncated-shard": _truncate,
     "index-missing-tensor": _index_missing_tensor,
+    "index-shard-outside": _index_outside,
     "shape-mismatch": _shape_mismatch,
     "attn-shape-mismatch": lambda d: _cut_tensor(d, "q_proj.weight", lambda t: t[: t.shape[0] // 2]),
     "ffn-shape-mismatch": lambda d: _cut_tensor(d, "up_proj.weight", lambda t: t[:, : t.shape[1] // 2]),
@@ -120,7 +131,7 @@ MODEL_CASES = {
 # What each case's message must name (besides the source path).
 NAMES = {
     "corrupt-header": "model.safetensors", "truncated-shard": "truncated",
-    "index-missing-tensor": "model.layers.9.mlp.up_proj.weight", "shape-mismatch": "shape",
+    "index-missing-tensor": "model.layers.9.mlp.up_proj.weight", "index-shard-outside": "../outside.safetensors", "shape-mismatch": "shape",
     "wrong-dtype": "int64", "nan-weights": "NaN", "malicious-pickle": "pytorch_model.bin",
     "malicious-pickle-p2": "pytorch_model.bin", "empty-dir": "config.json",
     "unknown-model-type": "definitely-not-a-model", "config-not-json": "config.json",

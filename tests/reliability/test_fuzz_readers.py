@@ -49,6 +49,31 @@ def _check_safetensors(blob: bytes):
             pass
 
 
+index_values = st.one_of(
+    json_values,
+    st.fixed_dictionaries({"weight_map": st.dictionaries(st.sampled_from(["a", "b", "", "w.weight"]),
+                                                         st.sampled_from(["model-1.safetensors", "missing.safetensors",
+                                                                          "../x.safetensors", "", "/etc/passwd"])
+                                                         | json_values, max_size=3)},
+                          optional={"metadata": json_values}),
+)
+
+
+def _check_index(value):
+    """A random index next to one valid shard holding tensor `a`."""
+    import torch
+    from safetensors.torch import save_file
+    with tempfile.TemporaryDirectory() as d:
+        save_file({"a": torch.zeros(2)}, str(Path(d) / "model-1.safetensors"))
+        (Path(d) / "model.safetensors.index.json").write_text(json.dumps(value))
+        try:
+            ckpt = SourceCheckpoint(Path(d))
+            for name in ckpt.names():
+                ckpt.get(name)
+        except MoeconvError:
+            pass
+
+
 def _check_config(value):
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(value) if not isinstance(value, bytes) else "")
@@ -93,6 +118,12 @@ def test_safetensors_reader_fast(blob):
 
 
 @FAST
+@given(index_values)
+def test_index_reader_fast(value):
+    _check_index(value)
+
+
+@FAST
 @given(configs)
 def test_config_reader_fast(value):
     _check_config(value)
@@ -109,6 +140,13 @@ def test_recipe_reader_fast(text):
 @given(safetensors_blobs)
 def test_safetensors_reader_1000(blob):
     _check_safetensors(blob)
+
+
+@pytest.mark.slow
+@SLOW
+@given(index_values)
+def test_index_reader_1000(value):
+    _check_index(value)
 
 
 @pytest.mark.slow
