@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from moeconv.errors import InputError, VerificationError
+from moeconv.errors import InputError, MoeconvError, VerificationError
 
 COMPRESSED_DIR = "compressed"
 COMPRESSED_TYPE = "moeconv_sparse"
@@ -230,6 +230,8 @@ def load_compressed(path: Path, raw: dict, *, dtype=None):
     if not isinstance(section, dict) or section.get("format_version") != FORMAT_VERSION:
         raise InputError(f"{path / 'config.json'}: unsupported {COMPRESSED_TYPE} format version")
     compressed = section.get("compressed") or {}
+    if not isinstance(compressed, dict) or not isinstance(section.get("dense_config"), dict):
+        raise InputError(f"{path / 'config.json'}: {COMPRESSED_TYPE} needs `compressed` and `dense_config` objects")
     src = SourceCheckpoint(path)
     specs = []
     for name in src.names():
@@ -240,25 +242,43 @@ def load_compressed(path: Path, raw: dict, *, dtype=None):
             info = compressed.get(base)
             if info is None or base + MASK not in src.specs:
                 raise InputError(f"{path}: {name} has no mask or no record in config.json")
-            specs.append(TensorSpec(base, getattr(torch, info["dtype"]), tuple(info["shape"])))
+            specs.append(TensorSpec(base, *_record(path, base, info)))
         else:
             specs.append(src.specs[name])
 
     def produce(spec):
         if spec.name in compressed:
-            return decompress(src.get(spec.name + VALUES), src.get(spec.name + MASK), spec.shape, spec.dtype)
+            try:
+                return decompress(src.get(spec.name + VALUES), src.get(spec.name + MASK), spec.shape, spec.dtype)
+            except InputError as exc:
+                raise InputError(f"{path}: {spec.name}: {exc}") from None
         return src.get(spec.name)
 
     tmp = Path(tempfile.mkdtemp(prefix="moeconv-sparse-"))
     try:
         write_checkpoint(tmp, TensorSource(specs, produce, []), section["dense_config"], shard_bytes=5 * 10**9)
-        state = load(tmp, dtype=dtype)
+        try:
+            state = load(tmp, dtype=dtype)
+        except MoeconvError as exc:  # name the user's directory, not the private temporary one
+            raise InputError(str(exc).replace(str(tmp), str(path))) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # loaded tensors own their memory (or a still-open mapping)
     state.source.path = path
     parent = path.parent
     state.source.tokenizer_dir = parent if any((parent / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")) else None
     return state
+
+
+def _record(path: Path, base: str, info) -> tuple[torch.dtype, tuple[int, ...]]:
+    """(dtype, shape) of a compressed tensor's record in config.json, checked."""
+    try:
+        dtype = getattr(torch, info["dtype"], None)
+        shape = tuple(int(d) for d in info["shape"])
+    except (KeyError, TypeError, ValueError):
+        dtype, shape = None, ()
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or not shape or min(shape) < 0:
+        raise InputError(f"{path / 'config.json'}: record of compressed tensor {base} needs a float dtype and a shape")
+    return dtype, shape
 
 
 # ---- speed: honest about where 2:4 is faster ------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -168,7 +169,11 @@ def _load_hf(path: Path, raw: dict, dtype) -> ModelState:
             model, info = cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto",
                                               output_loading_info=True)
         except Exception as exc:
-            raise InputError(f"{path}: failed to load ({exc.__class__.__name__}: {' '.join(str(exc).split())[:200]})") from None
+            text = " ".join(str(exc).split())
+            if "ignore_mismatched_sizes" in text or "CONVERSION" in text:  # its details went to a log report
+                raise InputError(f"{path}: tensor shapes do not match config.json (transformers could not load "
+                                 "them; check hidden_size, intermediate_size and the expert counts)") from None
+            raise InputError(f"{path}: failed to load ({exc.__class__.__name__}: {text[:200]})") from None
         _check_loading_info(path, info)
     elif (path / "pytorch_model.bin").is_file():
         model = _load_bin(path, cls, config, dtype)
@@ -191,10 +196,29 @@ def _check_shapes(path: Path, cls, config, specs: dict) -> None:
             expected = {k: tuple(v.shape) for k, v in cls(config).state_dict().items()}
     except Exception:  # a class that cannot be built on meta: from_pretrained still checks
         return
+    hidden = getattr(config, "hidden_size", None)
+    width = getattr(config, "moe_intermediate_size", None) or getattr(config, "intermediate_size", None)
     for name in sorted(specs):
-        if name in expected and expected[name] != tuple(specs[name].shape):
+        want = expected.get(name)
+        if want is None and isinstance(hidden, int) and isinstance(width, int):
+            want = _expert_shape(name, hidden, width)  # per-expert names transformers fuses on load
+        if want is not None and want != tuple(specs[name].shape):
             raise InputError(f"{path}: tensor {name} has shape {list(specs[name].shape)}, the config implies "
-                             f"{list(expected[name])}")
+                             f"{list(want)}")
+
+
+_EXPERT_IN = re.compile(r"\.experts\.\d+\.(w1|w3|gate_proj|up_proj)\.weight$")
+_EXPERT_OUT = re.compile(r"\.experts\.\d+\.(w2|down_proj)\.weight$")
+
+
+def _expert_shape(name: str, hidden: int, width: int) -> tuple[int, int] | None:
+    """Shape of a routed expert's projection stored one expert at a time (Mixtral w1/w2/w3,
+    Qwen-MoE gate/up/down_proj): [expert width, hidden] in, [hidden, expert width] out."""
+    if _EXPERT_IN.search(name):
+        return (width, hidden)
+    if _EXPERT_OUT.search(name):
+        return (hidden, width)
+    return None
 
 
 def _check_loading_info(path: Path, info: dict) -> None:

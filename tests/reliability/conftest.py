@@ -76,6 +76,18 @@ def one_torch_thread():
         torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def compressed(moe, tmp_path_factory) -> Path:
+    """`moe` pruned to 2:4 by magnitude; its `compressed/` form (values + bitmask, own loader)."""
+    from typer.testing import CliRunner
+    from moeconv.cli import app
+    path = tmp_path_factory.mktemp("sparse") / "out"
+    with one_torch_thread():
+        result = CliRunner().invoke(app, ["sparsify", str(moe), str(path), "--method", "magnitude", "--compressed"])
+    assert result.exit_code == 0, result.output
+    return path / "compressed"
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     with one_torch_thread():

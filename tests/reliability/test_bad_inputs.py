@@ -44,7 +44,10 @@ def _index_missing_tensor(d):
 def _edit_config(d, **fields):
     """Set model config fields: top level for HF checkpoints, the recorded source config for moeconv's format."""
     raw = json.loads((d / "config.json").read_text())
-    (raw["moeconv"]["source"]["config"] if "moeconv" in raw else raw).update(fields)
+    if "moeconv_sparse" in raw:  # sparsify --compressed: the dense checkpoint's config is inside
+        raw["moeconv_sparse"]["dense_config"].update(fields)
+    else:
+        (raw["moeconv"]["source"]["config"] if "moeconv" in raw else raw).update(fields)
     (d / "config.json").write_text(json.dumps(raw))
 
 
@@ -65,15 +68,20 @@ def _shape_mismatch(d):
 def _cut_tensor(d, suffix, cut):
     from safetensors.torch import load_file
     sd = load_file(d / "model.safetensors")
-    name = next(n for n in sorted(sd) if n.endswith(suffix))
+    name = next(n for n in sorted(sd) if n.endswith(suffix))  # suffix: a str or a tuple
     sd[name] = cut(sd[name]).contiguous()
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+
+
+# the FFN's up projection: Llama-style, Mixtral experts, and the kept values of a compressed 2:4 one
+UP = ("up_proj.weight", ".w3.weight", ".w3.weight.sparse_values")
+DOWN = ("down_proj.weight", ".w2.weight")
 
 
 def _wrong_dtype(d):
     from safetensors.torch import load_file
     sd = load_file(d / "model.safetensors")
-    name = next(n for n in sd if n.endswith("up_proj.weight"))
+    name = next(n for n in sorted(sd) if n.endswith(UP))
     sd[name] = sd[name].to(torch.int64)
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
 
@@ -81,7 +89,7 @@ def _wrong_dtype(d):
 def _nan_weights(d):
     from safetensors.torch import load_file
     sd = load_file(d / "model.safetensors")
-    name = next((n for n in sd if n.endswith("down_proj.weight") and sd[n].is_floating_point()), None)
+    name = next((n for n in sorted(sd) if n.endswith(DOWN) and sd[n].is_floating_point()), None)
     name = name or next(n for n in sorted(sd) if n.endswith("norm.weight"))  # quantized: a float norm scale
     sd[name].view(-1)[0] = float("nan")
     save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
@@ -118,7 +126,7 @@ MODEL_CASES = {
     "index-shard-outside": _index_outside,
     "shape-mismatch": _shape_mismatch,
     "attn-shape-mismatch": lambda d: _cut_tensor(d, "q_proj.weight", lambda t: t[: t.shape[0] // 2]),
-    "ffn-shape-mismatch": lambda d: _cut_tensor(d, "up_proj.weight", lambda t: t[:, : t.shape[1] // 2]),
+    "ffn-shape-mismatch": lambda d: _cut_tensor(d, UP, lambda t: t[..., : t.shape[-1] // 2]),
     "wrong-dtype": _wrong_dtype,
     "nan-weights": _nan_weights,
     "malicious-pickle": _malicious_pickle,
@@ -137,8 +145,16 @@ NAMES = {
     "unknown-model-type": "definitely-not-a-model", "config-not-json": "config.json",
     "attn-shape-mismatch": "q_proj", "ffn-shape-mismatch": "up_proj",
 }
-# moeconv's format (plain or quantized) reads only safetensors: a pickle beside the config is never opened.
-NAMES_NATIVE = {**NAMES, "malicious-pickle": "model.safetensors", "malicious-pickle-p2": "model.safetensors"}
+# moeconv's formats (plain, quantized, compressed) read only safetensors: a pickle beside the config is never
+# opened; Mixtral names its expert projections w1/w2/w3.
+_SAFETENSORS_ONLY = {"malicious-pickle": "model.safetensors", "malicious-pickle-p2": "model.safetensors"}
+SOURCE_NAMES = {
+    "hf": NAMES,
+    "mixtral": {**NAMES, "ffn-shape-mismatch": "w3", "wrong-dtype": "int64"},
+    "moeconv-format": {**NAMES, **_SAFETENSORS_ONLY},
+    "quantized": {**NAMES, **_SAFETENSORS_ONLY},
+    "compressed": {**NAMES, **_SAFETENSORS_ONLY, "ffn-shape-mismatch": "w3", "wrong-dtype": "w3"},
+}
 
 RECIPE = "steps:\n  - pass: upcycle\n    num_experts: 4\n    top_k: 2\n"
 
@@ -189,6 +205,8 @@ def _assert_clean_failure(result, out: Path, shown=()):
 # Sources other than a dense HF checkpoint have their own loaders: moeconv's format (MoE) and its
 # quantized form (bitsandbytes layers), each broken in the same ways, × the commands that take them.
 OTHER_SOURCES = {
+    "mixtral": ["inspect", "quantize", "sparsify", "prune-experts", "export-onnx", "distill-student"],
+    "compressed": ["inspect", "sparsify"],
     "moeconv-format": ["inspect", "quantize", "sparsify", "prune-experts", "export-onnx", "distill-teacher",
                        "distill-student"],
     "quantized": ["inspect", "quantize"],
@@ -198,11 +216,12 @@ SOURCE_COMMANDS = [("hf", c) for c in sorted(COMMANDS)] + [(f, c) for f, cs in O
 
 @pytest.mark.parametrize("command", SOURCE_COMMANDS, ids=lambda fc: fc[1] if fc[0] == "hf" else f"{fc[0]}-{fc[1]}")
 @pytest.mark.parametrize("case", sorted(MODEL_CASES))
-def test_bad_model_inputs(command, case, good, moe_native, quantized, data, tmp_path, monkeypatch):
+def test_bad_model_inputs(command, case, good, moe, moe_native, quantized, compressed, data, tmp_path, monkeypatch):
     fmt, command = command
     marker = tmp_path / "evil-ran"
     monkeypatch.setenv("MOECONV_EVIL_MARKER", str(marker))
-    src = _copy({"hf": good, "moeconv-format": moe_native, "quantized": quantized}[fmt], tmp_path / "src")
+    sources = {"hf": good, "mixtral": moe, "moeconv-format": moe_native, "quantized": quantized, "compressed": compressed}
+    src = _copy(sources[fmt], tmp_path / "src")
     MODEL_CASES[case](src)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(RECIPE)
@@ -211,7 +230,7 @@ def test_bad_model_inputs(command, case, good, moe_native, quantized, data, tmp_
     out = work / "out"
     result, shown = _invoke(COMMANDS[command](src, out, recipe, good, data))
     err = _assert_clean_failure(result, out, shown)
-    assert str(src) in err and (NAMES if fmt == "hf" else NAMES_NATIVE)[case] in err, err
+    assert str(src) in err and SOURCE_NAMES[fmt][case] in err, err
     assert not marker.exists(), "a pickle payload was executed"
 
 
