@@ -82,9 +82,15 @@ def _base_model(path: Path, source: dict):
                              f"({' '.join(str(exc).split())[:200]})") from None
         return model, config, SourceInfo("moeconv", path, tokenizer_dir=path)
     if kind == "spec":
-        if not isinstance(source.get("spec"), str):
+        spec = source.get("spec")
+        if not isinstance(spec, str):
             raise InputError(f"{path / 'config.json'}: moeconv.source.spec must be a string")
-        state = load(source["spec"])
+        from moeconv.io.load import TRUSTED_SPECS, trust_code_default
+        if not spec.startswith("builtin:") and spec not in TRUSTED_SPECS and not trust_code_default():
+            raise UnsupportedError(f"{path / 'config.json'}: rebuilding this model would run the Python file "
+                                   f"{spec.rsplit(':', 1)[0]}; a checkpoint never makes moeconv run code",
+                                   hint="if you trust that file, set MOECONV_TRUST_CODE=1")
+        state = load(spec)
         return state.module, None, SourceInfo("moeconv", path, tokenizer_dir=path, spec=source["spec"])
     raise InputError(f"{path / 'config.json'}: unknown moeconv source kind {kind!r}")
 

@@ -28,6 +28,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja", "added_tokens.json")
 
 
+# `FILE.py:factory` specs the user named in this process (trusted: they chose to run that file).
+# A moeconv-format checkpoint built from one records the spec; loading it in another process runs
+# the file only with MOECONV_TRUST_CODE=1, since a checkpoint must never make moeconv run code.
+TRUSTED_SPECS: set[str] = set()
+
+
+def trust_code_default() -> bool:
+    return os.environ.get("MOECONV_TRUST_CODE", "") == "1"
+
+
 def allow_nonfinite_default() -> bool:
     return os.environ.get("MOECONV_ALLOW_NONFINITE", "") == "1"
 
@@ -116,8 +126,9 @@ def _load_python(path: Path, factory: str) -> ModelState:
     model = fn()
     if not isinstance(model, nn.Module):
         raise InputError(f"{path}:{factory}() returned {type(model).__name__}, not an nn.Module")
-    return ModelState(model.eval(), getattr(model, "config", None),
-                      SourceInfo("module", path, spec=f"{path.resolve()}:{factory}"))
+    spec = f"{path.resolve()}:{factory}"
+    TRUSTED_SPECS.add(spec)
+    return ModelState(model.eval(), getattr(model, "config", None), SourceInfo("module", path, spec=spec))
 
 
 def _model_class(config):

@@ -103,6 +103,17 @@ def _malicious_pickle(d, protocol=pickle.DEFAULT_PROTOCOL):
         pickle.dump({"model.embed_tokens.weight": _Evil()}, fh, protocol=protocol)
 
 
+def _config_runs_code(d):
+    """A moeconv-format config whose source is a Python file beside the checkpoint."""
+    (d.parent / "payload.py").write_text(
+        "import os, pathlib\n"
+        "pathlib.Path(os.environ.get('MOECONV_EVIL_MARKER', '/tmp/moeconv-evil')).touch()\n"
+        "def build_model():\n    import torch\n    return torch.nn.Linear(2, 2)\n")
+    source = {"kind": "spec", "spec": f"{d.parent / 'payload.py'}:build_model"}
+    raw = {"model_type": "moeconv", "moeconv": {"format_version": 1, "source": source, "sites": []}}
+    (d / "config.json").write_text(json.dumps(raw))
+
+
 def _empty_dir(d):
     for f in d.iterdir():
         f.unlink()
@@ -129,6 +140,7 @@ MODEL_CASES = {
     "malicious-pickle": _malicious_pickle,
     "malicious-pickle-p2": lambda d: _malicious_pickle(d, protocol=2),  # torch.load's own protocol: refused at the global
     "empty-dir": _empty_dir,
+    "config-runs-code": _config_runs_code,
     "unknown-model-type": _unknown_model_type,
     "config-not-json": _config_not_json,
 }
@@ -139,7 +151,7 @@ NAMES = {
     "index-missing-tensor": "model.layers.9.mlp.up_proj.weight", "index-shard-outside": "../outside.safetensors", "shape-mismatch": "shape",
     "wrong-dtype": "int64", "nan-weights": "NaN", "malicious-pickle": "pytorch_model.bin",
     "malicious-pickle-p2": "pytorch_model.bin", "empty-dir": "config.json",
-    "unknown-model-type": "definitely-not-a-model", "config-not-json": "config.json",
+    "unknown-model-type": "definitely-not-a-model", "config-not-json": "config.json", "config-runs-code": "payload.py",
     "attn-shape-mismatch": "q_proj", "ffn-shape-mismatch": "up_proj",
 }
 # moeconv's formats (plain, quantized, compressed) read only safetensors: a pickle beside the config is never

@@ -177,3 +177,20 @@ def test_input_is_never_modified(good, tmp_path):
     result = CliRunner().invoke(app, ["upcycle", str(src), str(src / "inside"), "-e", "4", "-k", "2"])
     assert result.exit_code == 2
     assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+
+
+def test_a_python_source_runs_again_only_when_trusted(tmp_path, monkeypatch):
+    """A moeconv-format checkpoint of a FILE.py model records the file; the user who named it may
+    reload it in the same run, anyone loading the checkpoint later must opt in."""
+    from moeconv.io import load as load_mod
+    mine = tmp_path / "mine.py"
+    mine.write_text((Path(__file__).resolve().parents[2] / "models" / "gpt.py").read_text())
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["upcycle", f"{mine}:build_model", str(out), "-e", "4", "-k", "2",
+                                      "--format", "moeconv"])
+    assert result.exit_code == 0, result.output  # verified by reloading it: the user's own file, trusted
+    monkeypatch.setattr(load_mod, "TRUSTED_SPECS", set())  # as in a new process
+    result, _ = _invoke(["inspect", out])
+    assert result.exit_code == 2 and "MOECONV_TRUST_CODE" in result.stderr and "mine.py" in result.stderr
+    monkeypatch.setenv("MOECONV_TRUST_CODE", "1")
+    assert CliRunner().invoke(app, ["inspect", str(out)]).exit_code == 0
