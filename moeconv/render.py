@@ -149,6 +149,11 @@ def render_demo(console: Console, result: dict) -> None:
     console.print(f"dense SmolLM2 : {result['texts']['dense']!r}")
     console.print(f"MoE ({result['moe_class']}): {result['texts']['moe']!r}")
     console.print(f"[green]identical greedy text[/green]; MoE checkpoint and report.json in {result['out']}")
+    if "chain" in result:
+        console.print()
+        render_run(console, result["chain"]["report"])
+        console.print(f"compressed (onnxruntime, int8, 2:4): {result['texts']['compressed']!r}")
+        console.print(f"the chain's recipe, ONNX graph and report.html (open it in a browser) are in {result['chain_out']}")
 
 
 def render_plan(console: Console, plan) -> None:
