@@ -153,6 +153,8 @@ def render_demo(console: Console, result: dict) -> None:
         console.print()
         render_run(console, result["chain"]["report"])
         console.print(f"compressed (onnxruntime, int8, 2:4): {result['texts']['compressed']!r}")
+        console.print("[yellow]2:4 sparsity without healing costs a 135M model much of its quality[/yellow] "
+                      "(measured per step above and in report.html); `moeconv distill --mode heal` trains it back.")
         console.print(f"the chain's recipe, ONNX graph and report.html (open it in a browser) are in {result['chain_out']}")
 
 
