@@ -10,14 +10,16 @@ import torch
 from moeconv.errors import InputError
 
 
-def read_texts(path: Path) -> list[str]:
+def read_texts(path: Path, what: str = "calibration") -> list[str]:
+    """Documents of a text file (separated by blank lines) or a JSONL file (a `text` field per
+    line); `what` names the file's role in error messages ("calibration", "data", …)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no such calibration file")
+        raise InputError(f"{path}: no such {what} file")
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise InputError(f"{path}: calibration text is not UTF-8") from None
+        raise InputError(f"{path}: {what} text is not UTF-8") from None
     if path.suffix == ".jsonl":
         texts = []
         for i, line in enumerate(raw.splitlines(), 1):
@@ -30,7 +32,7 @@ def read_texts(path: Path) -> list[str]:
     else:
         texts = [t for t in raw.split("\n\n") if t.strip()]
     if not texts:
-        raise InputError(f"{path}: calibration file is empty")
+        raise InputError(f"{path}: {what} file is empty" + (" (no text)" if what == "data" else ""))
     return texts
 
 

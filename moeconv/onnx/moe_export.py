@@ -245,11 +245,7 @@ class FusedMoE(nn.Module):
             # the top-k probability mass (standard Softmax / TopK / ReduceSum ops)
             mass = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1).values.sum(dim=-1, keepdim=True)
             out = out * mass.to(out.dtype)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(hidden)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(hidden.float())).to(shared.dtype) * shared
-            out = out + shared
+        out = MoEBlock.add_shared(self, hidden, out)  # same shared expert and gate as the block
         return out.reshape(shape[:-1] + (out.shape[-1],))
 
 

@@ -15,12 +15,12 @@ Promises:
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from moeconv.data import read_texts
 from moeconv.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
@@ -41,27 +41,7 @@ class TokenData:
 
 def read_documents(path: Path) -> list[str]:
     """Documents of a text file (separated by blank lines) or a JSONL file (a `text` field per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such data file")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: data text is not UTF-8") from None
-    docs = []
-    if path.suffix == ".jsonl":
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                docs.append(str(json.loads(line)["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(f"{path}:{i}: expected a JSON object with a 'text' field") from None
-    else:
-        docs = [d for d in raw.split("\n\n") if d.strip()]
-    if not docs:
-        raise InputError(f"{path}: data file is empty (no text)")
-    return docs
+    return read_texts(path, what="data")
 
 
 def tokenize_documents(tokenizer, docs: list[str]) -> torch.Tensor:
