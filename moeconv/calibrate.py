@@ -129,6 +129,21 @@ def observe_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tenso
 
 
 @contextmanager
+def observe_outputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call `fn(name, output_2d)` with every output (flattened to (tokens, features)) of each module."""
+    handles = []
+    for name, m in modules.items():
+        def hook(_m, _args, out, name=name):
+            fn(name, out.detach().reshape(-1, out.shape[-1]))
+        handles.append(m.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def expert_coverage(block: nn.Module) -> Iterator[dict[int, int]]:
     """Count the tokens each expert of an `MoEBlock` receives while the context is open."""
     counts = {e: 0 for e in range(len(block.experts))}

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from moeconv.calibrate import decoder_layers, expert_coverage, observe_inputs, run_layerwise
+from moeconv.calibrate import decoder_layers, expert_coverage, observe_inputs, observe_outputs, run_layerwise
 from moeconv.context import Context
 from moeconv.errors import ConfigError, InputError, VerificationError
 from moeconv.nn.linear_like import is_conv1d, is_linear_like, weight_out_in
@@ -40,7 +40,7 @@ from moeconv.pass_base import Pass, PassConfig, PassResult
 from moeconv.report import PassReport
 from moeconv.sparsity import SparsityPattern, check_pattern, compressed_nbytes, speed_note
 from moeconv.state import ModelState
-from passes.sparsify_methods import InputStats, magnitude, reconstruction_error, sparsegpt, wanda
+from passes.sparsify_methods import InputStats, magnitude, output_energy, relative_error, sparsegpt, wanda
 
 KEYWORDS = ("experts", "attention", "dense-ffn")
 _ATTN = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*(\.|$)", re.IGNORECASE)
@@ -275,6 +275,7 @@ class _Job:
 
         with ExitStack() as stack:
             stack.enter_context(observe_inputs(mine, stats.add))
+            stack.enter_context(observe_outputs(mine, self._energy_hook(stats, mine)))
             stack.enter_context(observe_inputs(dict(blocks), keep_block_input))
             counts = {p: stack.enter_context(expert_coverage(b)) for p, b in blocks}
             handle = layer.register_forward_hook(layer_hook, with_kwargs=True)
@@ -307,7 +308,9 @@ class _Job:
                     for n in names:
                         source[n] = "all tokens (fallback)" if self.cfg.fallback == "all-tokens" else "magnitude (fallback)"
                     if self.cfg.fallback == "all-tokens":
-                        with observe_inputs({n: mine[n] for n in names}, stats.add), torch.inference_mode():
+                        again = {n: mine[n] for n in names}
+                        with observe_inputs(again, stats.add), observe_outputs(again, self._energy_hook(stats, again)), \
+                                torch.inference_mode():
                             for x in block_inputs[bpath]:
                                 expert(x)
                         stats.release()
@@ -325,6 +328,10 @@ class _Job:
                 info = self._expert_info.get((bpath, e))
                 if info is not None:
                     self._expert_row(index, bpath, block, e, *info)
+
+    @staticmethod
+    def _energy_hook(stats: InputStats, modules: dict[str, nn.Module]):
+        return lambda name, y: stats.add_output(name, y, getattr(modules[name], "bias", None))
 
     def _after_layer(self, index: int, path: str, layer: nn.Module, new_outputs: list[torch.Tensor]) -> None:
         p = self._pending
@@ -345,10 +352,11 @@ class _Job:
         for name, m in mine.items():
             w = weight_out_in(m).detach().float()
             h = stats.hessian.get(name)
+            den = stats.energy.get(name)
             if h is None or method == "magnitude" or source[name].startswith("magnitude"):
-                self._apply(name, m, magnitude(w, self.pat), h, source[name])
+                self._apply(name, m, magnitude(w, self.pat), h, source[name], error_den=den)
             elif method == "wanda":
-                self._apply(name, m, wanda(w, h, self.pat), h, source[name])
+                self._apply(name, m, wanda(w, h, self.pat), h, source[name], error_den=den)
             else:
                 pending_gpt.append(name)
         if pending_gpt:
@@ -377,21 +385,36 @@ class _Job:
                 w = torch.stack([u["w"] for u in chunk])
                 h = torch.stack([u["h"] for u in chunk])
                 try:
-                    new, damp = sparsegpt(w, h, self.pat, block_size=self.cfg.effective_block_size(), dampening=self.cfg.dampening)
+                    new, damp, row_error = sparsegpt(w, h, self.pat, block_size=self.cfg.effective_block_size(),
+                                                     dampening=self.cfg.dampening)
                 except FloatingPointError as exc:
                     raise VerificationError(f"sparsify: {chunk[0]['names'][0]}: {exc}") from None
-                for u, nw, d in zip(chunk, new, damp.tolist()):
+                for u, nw, d, re in zip(chunk, new, damp.tolist(), row_error):
                     r0 = 0
                     for n in u["names"]:
                         r = weight_out_in(mine[n]).shape[0]
-                        self._apply(n, mine[n], nw[r0:r0 + r], u["h"], source[n], damp=d)
+                        # The sweep's own error is exact up to rounding, which the subtraction of
+                        # a large dampening would amplify: measure directly then.
+                        num = re[r0:r0 + r].sum() if d <= 0.1 else None
+                        self._apply(n, mine[n], nw[r0:r0 + r], u["h"], source[n], damp=d, error_num=num,
+                                    error_den=stats.energy.get(n))
                         r0 += r
 
-    def _apply(self, name: str, m: nn.Module, new: torch.Tensor, h: torch.Tensor | None, source: str, damp=None) -> None:
+    def _apply(self, name: str, m: nn.Module, new: torch.Tensor, h: torch.Tensor | None, source: str, damp=None,
+               error_num: torch.Tensor | None = None, error_den: torch.Tensor | None = None) -> None:
+        """Write `new` into `m`, check its pattern and record its row. The relative output error
+        is ‖ΔW X‖² / ‖W X‖² on the matrix's calibration inputs; both terms may come from what was
+        already computed (SparseGPT's sweep, the observed outputs), else from H."""
         old = weight_out_in(m).detach().float()
         if not torch.isfinite(new).all():
             raise VerificationError(f"sparsify: {name}: non-finite weights after pruning")
-        err = reconstruction_error(old.unsqueeze(0), new.unsqueeze(0), h.unsqueeze(0))[0] if h is not None else None
+        if h is None:
+            err = None
+        else:
+            h1 = h.unsqueeze(0)
+            num = error_num.reshape(1) if error_num is not None else output_energy((old - new).unsqueeze(0), h1)
+            den = error_den.reshape(1) if error_den is not None else output_energy(old.unsqueeze(0), h1)
+            err = relative_error(num, den)[0]
         _set_weight(m, new)
         stored = weight_out_in(m).detach()
         sp = check_pattern(stored, self.pat, name)

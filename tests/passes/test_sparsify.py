@@ -219,3 +219,30 @@ def test_moe_blocks_are_linearised_native_input_in_memory():
         for e in b.experts:
             for lin in (e.gate_proj, e.up_proj, e.down_proj):
                 assert nm_violations(lin.weight, 2, 4) == 0
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_reported_matrix_error_is_the_output_error_measured_directly(ckpts, method):
+    """The pass takes ‖ΔW X‖² from SparseGPT's sweep and ‖W X‖² from the observed outputs, not
+    from H products; both must equal the direct measurement. Layer 0 sees the embeddings, which
+    pruning cannot change, so its inputs can be recaptured from the unpruned model."""
+    from moeconv.calibrate import observe_inputs
+    from moeconv.nn.linear_like import weight_out_in
+    calib = calib_tokens()
+    state = load(ckpts["mixtral"])
+    before = {n: weight_out_in(m).detach().clone() for n, m in state.module.named_modules()
+              if ".layers.0." in n and ".experts." in n and hasattr(m, "weight")}
+    assert before
+    xs = {n: [] for n in before}
+    mods = dict(state.module.named_modules())
+    with observe_inputs({n: mods[n] for n in before}, lambda n, x: xs[n].append(x.clone())), torch.inference_mode():
+        for chunk in calib.split(Sparsify(method=method).config.batch_size):
+            state.module(input_ids=chunk)
+    result = Pipeline([Sparsify(method=method)]).run(state, Context(calibration=calib))
+    rows = {r["matrix"]: r for r in result.report.passes[0].tables["matrices"]}
+    pruned = dict(result.state.module.named_modules())
+    for n, w in before.items():
+        x = torch.cat(xs[n]).double()
+        new = weight_out_in(pruned[n]).detach().double()
+        direct = ((x @ (w.double() - new).t()) ** 2).sum() / ((x @ w.double().t()) ** 2).sum()
+        assert rows[n]["rel_error"] == pytest.approx(direct.item(), rel=2e-3), n

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moeconv.sparsity import SparsityPattern, check_pattern, keep_top, nm_violations
-from passes.sparsify_methods import InputStats, magnitude, reconstruction_error, sparsegpt, wanda
+from passes.sparsify_methods import InputStats, magnitude, output_energy, reconstruction_error, sparsegpt, wanda
 
 P24 = SparsityPattern.parse("2:4")
 
@@ -74,21 +74,33 @@ def test_sparsegpt_matches_the_reference_sweep_and_is_batched():
     pairs = [_data(s) for s in range(3)]
     w = torch.stack([p[0] for p in pairs])
     h = torch.stack([p[2] for p in pairs])
-    got, damp = sparsegpt(w, h, P24, block_size=16, dampening=0.01)
+    got, damp, row_error = sparsegpt(w, h, P24, block_size=16, dampening=0.01)
     for b, (w0, _, h0) in enumerate(pairs):
         ref = _reference_sparsegpt(w0, h0, 2, 4, 16, 0.01)
         assert torch.allclose(got[b], ref, rtol=1e-4, atol=1e-4), (got[b] - ref).abs().max()
         assert (got[b] == 0).equal(ref == 0)  # the same mask, exactly
-        single, _ = sparsegpt(w0[None], h0[None], P24, block_size=16)
+        single = sparsegpt(w0[None], h0[None], P24, block_size=16).weight
         assert torch.allclose(single[0], got[b], atol=1e-5)
+        # the error the sweep reports is the output error measured directly
+        direct = output_energy((w0 - got[b])[None], h0[None])[0]
+        assert row_error[b].sum().item() == pytest.approx(direct.item(), rel=1e-3)
     assert damp.tolist() == pytest.approx([0.01] * 3)
     assert nm_violations(got.reshape(-1, 64), 2, 4) == 0
+    assert not torch.signbit(got[got == 0]).any()  # pruned entries are +0.0, never -0.0
+
+
+def test_unstructured_sparsegpt_keeps_the_ratio_in_every_row():
+    w, _, h = _data(4, cols=96)
+    pat = SparsityPattern.parse("unstructured", 0.5)
+    got = sparsegpt(w[None], h[None], pat, block_size=32).weight
+    assert ((got[0] == 0).sum(1) >= 48).all()
+    assert not torch.signbit(got[got == 0]).any()
 
 
 def test_block_size_only_reorders_the_work_for_nm():
     w, _, h = _data(1)
-    a, _ = sparsegpt(w[None], h[None], P24, block_size=8)
-    b, _ = sparsegpt(w[None], h[None], P24, block_size=64)
+    a = sparsegpt(w[None], h[None], P24, block_size=8).weight
+    b = sparsegpt(w[None], h[None], P24, block_size=64).weight
     assert (a == 0).equal(b == 0) and torch.allclose(a, b, atol=1e-4)
 
 
@@ -119,7 +131,10 @@ def test_rank_deficient_and_dead_inputs_stay_finite():
     w, x, _ = _data(3, tokens=10)  # 10 tokens for 64 inputs: singular H
     x[:, 5] = 0  # an input never active
     h = x.t() @ x
-    new, damp = sparsegpt(w[None], h[None], P24, block_size=16, dampening=1e-8)
+    new, damp, row_error = sparsegpt(w[None], h[None], P24, block_size=16, dampening=1e-8)
+    assert torch.isfinite(row_error).all()
+    direct = output_energy((w - new[0])[None], h[None])[0]
+    assert row_error.sum().item() == pytest.approx(direct.item(), rel=1e-2)
     assert torch.isfinite(new).all() and nm_violations(new[0], 2, 4) == 0
     assert damp.item() >= 1e-8
 
@@ -136,3 +151,21 @@ def test_input_stats_share_one_product_for_one_input():
     assert stats.tokens == {"gate": 14, "up": 7}
     stats.hessian["up"].add_(1)   # accumulators are independent tensors
     assert not torch.equal(stats.hessian["gate"], stats.hessian["up"])
+
+
+@pytest.mark.parametrize("nm", ["2:4", "1:4", "4:8", "3:8"])
+def test_group_masks_prune_exactly_m_minus_n_even_with_ties(nm):
+    from passes.sparsify_methods import _group_prune_mask
+    pat = SparsityPattern.parse(nm)
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 3, (2, pat.m, 50), generator=g).float()  # many ties, all-zero groups included
+    score[:, :, 0] = 0.0
+    prune = _group_prune_mask(score, pat)
+    assert (prune.sum(1) == pat.m - pat.n).all()
+    # the pruned ones never outscore a kept one
+    kept_min = score.masked_fill(prune.bool(), float("inf")).amin(1)
+    pruned_max = score.masked_fill(~prune.bool(), float("-inf")).amax(1)
+    assert (pruned_max <= kept_min).all()
+    # without ties, the same mask as keep_top
+    s = torch.randn(2, pat.m, 50, generator=g)
+    assert torch.equal(_group_prune_mask(s, pat).bool(), ~keep_top(s.transpose(1, 2), pat).transpose(1, 2))
