@@ -53,11 +53,13 @@ class ExportOnnxConfig(PassConfig):
     opset: int = Field(18, ge=17, le=23)
     atol: float = Field(1e-4, gt=0, description="parity bound on max |Δ| of outputs (fp32)")
     quantize: Literal["int8", "int4"] | None = None
-    quant_scheme: Literal["block", "tensor", "hqq", "rtn"] | None = Field(
+    quant_scheme: Literal["block", "tensor", "hqq", "rtn", "rtn-asym"] | None = Field(
         None, description="int8: block (default) | tensor; int4: hqq (default) | rtn (see moeconv.onnx.quantize)")
     block_size: int = Field(32, ge=16, le=256, description="int4 / QMoE block size")
     accuracy_level: int = Field(4, ge=0, le=4, description="MatMulNBits accuracy level (4: int8 activations)")
     quantize_lm_head: bool = Field(True, description="also quantize the output projection")
+    head_bits: Literal[4, 8] = Field(8, description="bits of the quantized output projection (int4 mode: 4-bit "
+                                                    "heads cost small models far more than 4-bit experts)")
     generation_tokens: int = Field(20, ge=0, le=256, description="with_past: greedy tokens compared")
     latency_runs: int = Field(5, ge=0, le=100)
     seed: int = 0
@@ -256,7 +258,8 @@ class ExportOnnx(Pass):
                 keep = {head} if head else set()
             qmodel, qres = quantize_model(model, cfg.quantize, scheme=cfg.quant_scheme, block_size=cfg.block_size,
                                           accuracy_level=cfg.accuracy_level, keep_float=keep,
-                                          quantize_head=cfg.quantize_lm_head, work_dir=out_dir)
+                                          quantize_head=cfg.quantize_lm_head, head_bits=cfg.head_bits,
+                                          work_dir=out_dir)
             del model
             report.warnings.extend(qres.notes)
             final_path = out_dir / MODEL_FILE

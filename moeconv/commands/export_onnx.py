@@ -26,13 +26,16 @@ def register(app: typer.Typer) -> None:
         out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory (must not exist unless --force)."),
         strategy: str = typer.Option("auto", help="auto | portable (standard ONNX ops) | fused (onnxruntime's com.microsoft.MoE)."),
         quantize: Optional[str] = typer.Option(None, help="int8 (dynamic) | int4 (MatMulNBits / QMoE); routers stay float."),
-        quant_scheme: Optional[str] = typer.Option(None, help="int8: block (default) | tensor (quantize_dynamic); int4: hqq (default) | rtn."),
+        quant_scheme: Optional[str] = typer.Option(None, help="int8: block (default) | tensor (quantize_dynamic); int4: hqq (default, most accurate; "
+                                                              "float zero points run through onnxruntime's slower CPU path) | rtn | "
+                                                              "rtn-asym (fast CPU kernels)."),
         with_past: bool = typer.Option(False, "--with-past", help="KV-cache decode graph (causal LMs) for generation."),
         opset: int = typer.Option(18, help="ONNX opset (17-23)."),
         atol: float = typer.Option(1e-4, help="Parity bound on max |Δ| between onnxruntime and PyTorch (fp32)."),
         block_size: int = typer.Option(32, help="int4 / QMoE block size (power of two ≥ 16)."),
         accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 0 fp32 activations … 4 int8 activations."),
         quantize_lm_head: bool = typer.Option(True, "--quantize-lm-head/--float-lm-head", help="Quantize the output projection too."),
+        head_bits: int = typer.Option(8, help="Bits of the quantized output projection (8 or 4; --quantize int4 keeps it at 8 unless told)."),
         seed: int = typer.Option(0, help="Seed for the example and parity inputs."),
         force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     ):
@@ -54,7 +57,7 @@ def register(app: typer.Typer) -> None:
                 cfg = ExportOnnxConfig(strategy=strategy, quantize=quantize, quant_scheme=quant_scheme,
                                        with_past=with_past, opset=opset, atol=atol,
                                        block_size=block_size, accuracy_level=accuracy_level,
-                                       quantize_lm_head=quantize_lm_head, seed=seed)
+                                       quantize_lm_head=quantize_lm_head, head_bits=head_bits, seed=seed)
             except ValidationError as exc:
                 raise ConfigError(f"export onnx: {_first_error(exc)}") from None
             with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
