@@ -68,6 +68,54 @@ def _build_model(args):
     return state, tok, f"SmolLM2-135M ({gguf.name}) upcycled in memory: {args.experts} experts, top-{args.top_k}"
 
 
+def _prefill_flops(model, tokens: int) -> float:
+    """Multiply-add FLOPs of a `tokens`-long prefill at batch 1: every weight matrix outside the
+    experts once per token (the output projection included), each MoE block's experts at top_k of
+    num_experts, plus attention scores and values (causal: half of T² per head dim)."""
+    from torch import nn
+    from moeconv.nn.moe import MoEBlock
+    dense, expert = 0, 0.0
+    in_experts = set()
+    for block in model.modules():
+        if isinstance(block, MoEBlock):
+            share = block.top_k / len(block.experts)
+            for m in block.experts.modules():
+                in_experts.add(id(m))
+                if isinstance(m, nn.Linear):
+                    expert += share * m.weight.numel()
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and id(m) not in in_experts:
+            dense += m.weight.numel()
+    cfg = getattr(model, "config", None)
+    layers = getattr(cfg, "num_hidden_layers", 0)
+    heads = getattr(cfg, "num_attention_heads", 0)
+    head_dim = getattr(cfg, "head_dim", None) or (getattr(cfg, "hidden_size", 0) // max(heads, 1))
+    attention = 2 * 2 * layers * heads * head_dim * tokens * (tokens + 1) / 2
+    return 2 * tokens * (dense + expert) + attention
+
+
+def _matmul_gflops(m: int, k: int, n: int, threads: int, runs: int, clock: str) -> float:
+    """onnxruntime's own fp32 MatMul throughput on one (m, k) x (k, n) product: the kernel the
+    model's projections run on, at this machine's speed."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from moeconv.onnx import runtime
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((k, n)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((m, k)).astype(np.float32)
+    ms = runtime.median_ms(lambda: sess.run(None, {"x": x}), warmup=5, runs=runs * 5, clock=clock)
+    return 2 * m * k * n / (ms * 1e6)
+
+
 def _param_bytes(module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -224,6 +272,21 @@ def main(argv=None) -> dict:
               f"{graph.file_bytes(paths[name]) / 2**20:8.1f} MiB", flush=True)
         del sess
         gc.collect()
+
+    # The compute floor of an fp32 prefill on this machine: its FLOPs at onnxruntime's own MatMul
+    # throughput on the model's largest projection shape. No fp32 engine can beat it by much.
+    flops = _prefill_flops(model, args.prefill)
+    widths = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)},
+                    key=lambda s: s[0] * s[1])
+    out_f, in_f = widths[-2] if len(widths) > 1 else widths[-1]  # the largest below the vocabulary head
+    gflops = _matmul_gflops(args.prefill, in_f, out_f, args.threads, args.runs, args.clock)
+    floor_ms = flops / (gflops * 1e6)
+    results["fp32_compute_floor"] = {"prefill_gflop": round(flops / 1e9, 2), "matmul_gflops": round(gflops, 1),
+                                     "matmul_shape": [args.prefill, in_f, out_f], "prefill_ms": round(floor_ms, 1),
+                                     "vs_eager": round(floor_ms / results["eager"]["prefill_ms"], 3)}
+    print(f"fp32 prefill compute floor: {flops / 1e9:.1f} GFLOP at onnxruntime's MatMul {gflops:.1f} GFLOP/s "
+          f"({args.prefill}x{in_f}x{out_f}) = {floor_ms:.0f} ms = {floor_ms / results['eager']['prefill_ms']:.2f}x eager; "
+          f"onnxruntime fp32 runs at {flops / (results['ort_fp32']['prefill_ms'] * 1e6):.1f} GFLOP/s", flush=True)
 
     e, f32, i8, i4 = results["eager"], results["ort_fp32"], results["ort_int8"], results["ort_int4"]
     checks = {
