@@ -112,15 +112,13 @@ def run_layerwise(model: nn.Module, batches: list[torch.Tensor],
         progress("calibrate", len(layers), len(layers))
 
 
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1, t.shape[-1])
+
+
 @contextmanager
-def observe_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """Call `fn(name, input_2d)` with every input (flattened to (tokens, features)) of each module."""
-    handles = []
-    for name, m in modules.items():
-        def hook(_m, args, name=name):
-            x = args[0]
-            fn(name, x.detach().reshape(-1, x.shape[-1]))
-        handles.append(m.register_forward_pre_hook(hook))
+def _hooks(modules: dict[str, nn.Module], register: Callable[[str, nn.Module], object]) -> Iterator[None]:
+    handles = [register(name, m) for name, m in modules.items()]
     try:
         yield
     finally:
@@ -128,19 +126,14 @@ def observe_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tenso
             h.remove()
 
 
-@contextmanager
-def observe_outputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """Call `fn(name, output_2d)` with every output (flattened to (tokens, features)) of each module."""
-    handles = []
-    for name, m in modules.items():
-        def hook(_m, _args, out, name=name):
-            fn(name, out.detach().reshape(-1, out.shape[-1]))
-        handles.append(m.register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+def observe_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
+    """Context: call `fn(name, input_2d)` with every input (flattened to (tokens, features)) of each module."""
+    return _hooks(modules, lambda name, m: m.register_forward_pre_hook(lambda _m, args: fn(name, _flat(args[0]))))
+
+
+def observe_outputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
+    """Context: call `fn(name, output_2d)` with every output (flattened to (tokens, features)) of each module."""
+    return _hooks(modules, lambda name, m: m.register_forward_hook(lambda _m, _args, out: fn(name, _flat(out))))
 
 
 @contextmanager
