@@ -150,7 +150,7 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, pattern: SparsityPattern, 
     dampening (and unit curvature given to dead inputs) is subtracted to report it against H.
 
     The reference sweep updates every later column of the block after each column; here the
-    update is lazy at three levels (within a group of M columns, then the rest of a sub-block of
+    update is lazy at four levels (within a group of M columns, then the rest of a sub-block of
     `_SUB` columns, then the rest of the block, then the rest of the matrix), which is the same
     arithmetic reordered: Python-level work per column is O(out·M) instead of O(out·block), and
     the rest are matrix products.
