@@ -133,6 +133,9 @@ ARG_CASES = {
     # export onnx
     "onnx-opset-99": ("opset", ["export", "onnx", "{moe}", "{out}", "--opset", "99"]),
     "onnx-opset-7": ("opset", ["export", "onnx", "{moe}", "{out}", "--opset", "7"]),
+    "onnx-head-bits-5": ("head_bits", ["export", "onnx", "{moe}", "{out}", "--quantize", "int4", "--head-bits", "5"]),
+    "onnx-int4-scheme-block": ("quant_scheme", ["export", "onnx", "{moe}", "{out}", "--quantize", "int4",
+                                                "--quant-scheme", "block"]),
 }
 
 
