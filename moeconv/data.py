@@ -32,7 +32,7 @@ def read_texts(path: Path, what: str = "calibration") -> list[str]:
     else:
         texts = [t for t in raw.split("\n\n") if t.strip()]
     if not texts:
-        raise InputError(f"{path}: {what} file is empty" + (" (no text)" if what == "data" else ""))
+        raise InputError(f"{path}: {what} file is empty")
     return texts
 
 

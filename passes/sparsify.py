@@ -40,7 +40,7 @@ from moeconv.pass_base import Pass, PassConfig, PassResult
 from moeconv.report import PassReport
 from moeconv.sparsity import SparsityPattern, check_pattern, compressed_nbytes, speed_note
 from moeconv.state import ModelState
-from passes.sparsify_methods import InputStats, magnitude, output_energy, relative_error, sparsegpt, wanda
+from passes.sparsify_methods import InputStats, magnitude, reconstruction_error, sparsegpt, wanda
 
 KEYWORDS = ("experts", "attention", "dense-ffn")
 _ATTN = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*(\.|$)", re.IGNORECASE)
@@ -408,13 +408,9 @@ class _Job:
         old = weight_out_in(m).detach().float()
         if not torch.isfinite(new).all():
             raise VerificationError(f"sparsify: {name}: non-finite weights after pruning")
-        if h is None:
-            err = None
-        else:
-            h1 = h.unsqueeze(0)
-            num = error_num.reshape(1) if error_num is not None else output_energy((old - new).unsqueeze(0), h1)
-            den = error_den.reshape(1) if error_den is not None else output_energy(old.unsqueeze(0), h1)
-            err = relative_error(num, den)[0]
+        err = None if h is None else reconstruction_error(
+            old[None], new[None], h[None], numerator=None if error_num is None else error_num.reshape(1),
+            denominator=None if error_den is None else error_den.reshape(1))[0]
         _set_weight(m, new)
         stored = weight_out_in(m).detach()
         sp = check_pattern(stored, self.pat, name)

@@ -269,11 +269,11 @@ def output_energy(w: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     return (torch.bmm(w, hessian) * w).sum((-2, -1))
 
 
-def reconstruction_error(w: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor) -> list[float | None]:
+def reconstruction_error(w: torch.Tensor, new: torch.Tensor, hessian: torch.Tensor, *,
+                         numerator: torch.Tensor | None = None, denominator: torch.Tensor | None = None) -> list[float | None]:
     """tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) per batch element of (B, out, in) weights and (B, in, in)
-    Hessians; None where the matrix saw no signal."""
-    return relative_error(output_energy(w - new, hessian), output_energy(w, hessian))
-
-
-def relative_error(num: torch.Tensor, den: torch.Tensor) -> list[float | None]:
+    Hessians; None where the matrix saw no signal. Either term (B,) may be given when already
+    known (SparseGPT's sweep, the observed outputs); the other is computed from H."""
+    num = numerator if numerator is not None else output_energy(w - new, hessian)
+    den = denominator if denominator is not None else output_energy(w, hessian)
     return [max(0.0, a) / b if b > 0 else None for a, b in zip(num.tolist(), den.tolist())]

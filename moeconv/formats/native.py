@@ -85,8 +85,8 @@ def _base_model(path: Path, source: dict):
         spec = source.get("spec")
         if not isinstance(spec, str):
             raise InputError(f"{path / 'config.json'}: moeconv.source.spec must be a string")
-        from moeconv.io.load import TRUSTED_SPECS, trust_code_default
-        if not spec.startswith("builtin:") and spec not in TRUSTED_SPECS and not trust_code_default():
+        from moeconv.io.load import may_run_spec
+        if not may_run_spec(spec):
             raise UnsupportedError(f"{path / 'config.json'}: rebuilding this model would run the Python file "
                                    f"{spec.rsplit(':', 1)[0]}; a checkpoint never makes moeconv run code",
                                    hint="if you trust that file, set MOECONV_TRUST_CODE=1")

@@ -38,6 +38,12 @@ def trust_code_default() -> bool:
     return os.environ.get("MOECONV_TRUST_CODE", "") == "1"
 
 
+def may_run_spec(spec: str) -> bool:
+    """Whether loading `spec` recorded in a checkpoint may run code: built-in models always; a
+    `FILE.py:factory` only when the user named it in this process or set MOECONV_TRUST_CODE=1."""
+    return spec.startswith("builtin:") or spec in TRUSTED_SPECS or trust_code_default()
+
+
 def allow_nonfinite_default() -> bool:
     return os.environ.get("MOECONV_ALLOW_NONFINITE", "") == "1"
 

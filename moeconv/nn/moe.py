@@ -122,17 +122,20 @@ class MoEBlock(nn.Module):
             token_idx, slot = torch.where(indices == e)
             y = expert(hidden.index_select(0, token_idx))
             out.index_add_(0, token_idx, y * weights[token_idx, slot].unsqueeze(-1))
-        out = self.add_shared(hidden, out)
+        out = add_shared_expert(out, hidden, self.shared_expert, self.shared_expert_gate)
         return out.reshape(shape[:-1] + (out.shape[-1],))
-
-    def add_shared(self, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """`out` plus the shared expert's output on `hidden` (sigmoid-gated when it has a gate)."""
-        if self.shared_expert is None:
-            return out
-        shared = self.shared_expert(hidden)
-        if self.shared_expert_gate is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(hidden.float())).to(shared.dtype) * shared
-        return out + shared
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, renormalize={self.renormalize}"
+
+
+def add_shared_expert(out: torch.Tensor, hidden: torch.Tensor, shared_expert: nn.Module | None,
+                      gate: nn.Module | None) -> torch.Tensor:
+    """`out` plus the shared expert's output on `hidden` (sigmoid-gated when there is a gate);
+    `out` itself without a shared expert. One definition for the block and its ONNX stand-in."""
+    if shared_expert is None:
+        return out
+    shared = shared_expert(hidden)
+    if gate is not None:
+        shared = torch.sigmoid(gate(hidden.float())).to(shared.dtype) * shared
+    return out + shared

@@ -33,7 +33,7 @@ from torch import nn
 
 from moeconv.errors import UnsupportedError
 from moeconv.nn.linear_like import is_conv1d, is_linear_like, weight_out_in
-from moeconv.nn.moe import MoEBlock
+from moeconv.nn.moe import MoEBlock, add_shared_expert
 
 PROBE_TOKENS = 64
 PROBE_RTOL = 1e-5   # relative max |Δ| of the probe: fp32 summation order, nothing more (erf vs tanh GELU is ~5e-5)
@@ -245,7 +245,7 @@ class FusedMoE(nn.Module):
             # the top-k probability mass (standard Softmax / TopK / ReduceSum ops)
             mass = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1).values.sum(dim=-1, keepdim=True)
             out = out * mass.to(out.dtype)
-        out = MoEBlock.add_shared(self, hidden, out)  # same shared expert and gate as the block
+        out = add_shared_expert(out, hidden, self.shared_expert, self.shared_expert_gate)
         return out.reshape(shape[:-1] + (out.shape[-1],))
 
 

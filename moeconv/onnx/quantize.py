@@ -265,7 +265,7 @@ SCHEMES = {"int8": ("block", "tensor"), "int4": ("hqq", "rtn", "rtn-asym")}
 
 def quantize_model(model: onnx.ModelProto, mode: str, *, scheme: str | None = None, block_size: int = 32,
                    accuracy_level: int = 4, keep_float: set[str] = frozenset(), quantize_head: bool = True,
-                   head_bits: int | None = None, work_dir: Path | None = None) -> tuple[onnx.ModelProto, QuantResult]:
+                   head_bits: int = 8, work_dir: Path | None = None) -> tuple[onnx.ModelProto, QuantResult]:
     """Quantize a float model (in memory) to `mode`; the input proto is modified.
 
     Schemes (first is the default):
@@ -305,23 +305,20 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, scheme: str | None = No
                          "stored once")
     exclude = float_nodes(model, set(keep_float))
     bits = 8 if mode == "int8" else 4
-    head_bits = head_bits or 8
+    # the output projection at its own bit width: held out of the main pass, quantized after it
     head = _head_node(model) if scheme != "tensor" and head_bits != bits else None
-    if head is not None and head not in exclude:
-        exclude.append(head)
-        notes.append(f"output projection quantized to {head_bits} bits (block-wise, symmetric)")
-    else:
+    if head in exclude:
         head = None
     before = sum(1 for n in model.graph.node if n.op_type == "MatMul")
     with _ort_quantization():
         if scheme == "tensor":
             out = _int8_tensor(model, exclude, work_dir)
         else:
-            out = _nbits(model, exclude, bits, block_size, accuracy_level, scheme=scheme)
+            out = _nbits(model, exclude + [head] if head else exclude, bits, block_size, accuracy_level, scheme=scheme)
         if head is not None:
             others = [n.name for n in out.graph.node if n.op_type in ("MatMul", "Gemm") and n.name != head]
             out = _nbits(out, others, head_bits, block_size, accuracy_level, scheme="rtn")
-            exclude.remove(head)
+            notes.append(f"output projection quantized to {head_bits} bits (block-wise, symmetric)")
         if mode == "int4" and quantize_head:
             out = _gather4(out, block_size)
     after = sum(1 for n in out.graph.node if n.op_type == "MatMul")
