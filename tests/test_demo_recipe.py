@@ -1,7 +1,7 @@
 """The demo's chain is an ordinary recipe: it parses, its steps are the five passes issue 9 names,
 and it plans cleanly against a dense float checkpoint with calibration data (the full run is the
 slow test tests/slow/test_demo.py)."""
-from moeconv.commands.recipe import DENSE_FACTS
+from moeconv.cli.commands.recipe import DENSE_FACTS
 from moeconv.demo import chain_recipe
 from moeconv.pipeline import Pipeline
 from moeconv.recipe import build_passes, load_recipe

@@ -118,8 +118,8 @@ def test_layering_core_never_imports_passes():
     root = pathlib.Path(__file__).resolve().parents[2] / "moeconv"
     offenders = []
     for f in root.rglob("*.py"):
-        if f.name in ("cli.py", "recipe.py") or f.parent.name == "commands":
-            continue  # the CLI shell
+        if f.relative_to(root).parts[0] == "cli" or f.name == "recipe.py":
+            continue  # the CLI shell (moeconv/cli/) and the recipe reader
         for node in ast.walk(ast.parse(f.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -216,14 +215,10 @@ def demo(
     _run(go)
 
 
-from moeconv.commands import register_all  # noqa: E402
+from moeconv.cli.commands import register_all  # noqa: E402
 
 register_all(app)
 
 
 def main():  # pragma: no cover - console entry point wrapper
     app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

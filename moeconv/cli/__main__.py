@@ -1,0 +1,6 @@
+"""`python -m moeconv.cli …` (torchrun runs the CLI this way): the same app as the `moeconv` command."""
+import sys
+
+from moeconv.cli import app
+
+sys.exit(app())
