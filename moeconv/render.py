@@ -49,6 +49,18 @@ class Progress:
         self._p.update(self._tasks[task], completed=done, total=total)
 
 
+def render_reloaded(console: Console, report: dict, versus: str, layout: str = "") -> None:
+    """The line every writing command ends with: what was written, and its reload against `versus`."""
+    w, v = report["written"], report["verification"]
+    console.print(f"written {w.get('tensors', '?')} tensors ({w['format']}{layout}), reloaded as "
+                  f"{v['consumer_class']}: max |Δ| {v['max_abs_diff']:.3g} vs {versus}")
+
+
+def render_warnings(console: Console, warnings) -> None:
+    for warning in warnings:
+        console.print("warning: " + warning, markup=False, style="yellow")
+
+
 def render_inspection(console: Console, info: dict) -> None:
     console.print(f"[bold]{info['architecture']}[/bold]  model_type={info['model_type']}  source={info['source']}")
     console.print(f"parameters: {_n(info['parameters'])} total, {_n(info['active_parameters'])} active per token; "

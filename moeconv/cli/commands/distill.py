@@ -259,6 +259,7 @@ def _leave_group(dist) -> None:
 
 
 def render_distill(console, report: dict, run_dir: Path) -> None:
+    from moeconv.render import render_reloaded, render_warnings
     rep = report["passes"][0]
     m = rep["metrics"]
     console.print(f"[bold]distill[/bold]: {rep['summary']}")
@@ -271,10 +272,7 @@ def render_distill(console, report: dict, run_dir: Path) -> None:
         console.print(f"kept {m['kept_zeros']:,} zeros fixed in {m['masked_matrices']} matrices (checked after training)")
     if "loss_first" in m:
         console.print(f"training loss {m['loss_first']:.4g} → {m['loss_last']:.4g}")
-    v = report["verification"]
-    console.print(f"written {report['written'].get('tensors', '?')} tensors ({report['written']['format']}), reloaded "
-                  f"as {v['consumer_class']}: max |Δ| {v['max_abs_diff']:.3g} vs the trained model")
-    for warning in rep.get("warnings", []):
-        console.print("warning: " + warning, markup=False, style="yellow")
+    render_reloaded(console, report, "the trained model")
+    render_warnings(console, rep.get("warnings", []))
     console.print(f"metrics: {run_dir}/metrics.jsonl; report: {report['output']}/report.json  ({report['seconds']} s)")
 

@@ -97,6 +97,7 @@ def _scores_cell(rows: list[dict], criterion: str) -> str:
 
 
 def render_prune(console, report: dict) -> None:
+    from moeconv.render import render_reloaded, render_warnings
     from rich.table import Table
     rep = report["passes"][0]
     m = rep["metrics"]
@@ -126,9 +127,6 @@ def render_prune(console, report: dict) -> None:
                      f"(improved {m['recal_layers_improved']} of {m['moe_layers']} layers)" if recal else ""))
     if "rel_max_diff" in m:
         console.print(f"output change vs the unpruned model (example inputs): relative max |Δ| {m['rel_max_diff']:.3g}")
-    v = report["verification"]
-    console.print(f"written {report['written']['tensors']} tensors ({report['written']['format']}), reloaded as "
-                  f"{v['consumer_class']}: max |Δ| {v['max_abs_diff']:.3g} vs the in-memory result")
-    for w in rep.get("warnings", []):
-        console.print("warning: " + w, markup=False, style="yellow")
+    render_reloaded(console, report, "the in-memory result")
+    render_warnings(console, rep.get("warnings", []))
     console.print(f"report: {report['output']}/report.json  ({report['seconds']} s)")

@@ -97,6 +97,7 @@ def _f(v, spec=".3g") -> str:
 
 
 def render_sparsify(console, report: dict) -> None:
+    from moeconv.render import render_reloaded, render_warnings
     from rich.table import Table
     rep = report["passes"][0]
     m, tables = rep["metrics"], rep["tables"]
@@ -128,16 +129,12 @@ def render_sparsify(console, report: dict) -> None:
                   f"max {_f(m['rel_error_max'])}")
     if "rel_max_diff" in m:
         console.print(f"output change vs the unpruned model (example inputs): relative max |Δlogits| {m['rel_max_diff']:.3g}")
-    v = report["verification"]
-    console.print(f"written {report['written']['tensors']} tensors ({report['written']['format']}, dense with zeros), "
-                  f"reloaded as {v['consumer_class']}: max |Δ| {v['max_abs_diff']:.3g} vs the in-memory result")
+    render_reloaded(console, report, "the in-memory result", layout=", dense with zeros")
     comp = (report.get("extra_outputs") or {}).get("compressed")
     if comp:
         console.print(f"compressed form: {report['output']}/{comp['path']} — {comp['bytes'] / 2**20:.1f} MiB vs {comp['dense_bytes'] / 2**20:.1f} MiB "
                       f"dense ({comp['ratio']:.1%}), {comp['compressed_tensors']} tensors as values + bitmask, "
                       "each restored and compared byte for byte")
     console.print(f"speed: {m['speed']}")
-    for w in rep.get("warnings", []):
-        if not w.startswith("2:4 on CPU"):
-            console.print("warning: " + w, markup=False, style="yellow")
+    render_warnings(console, [w for w in rep.get("warnings", []) if not w.startswith("2:4 on CPU")])
     console.print(f"report: {report['output']}/report.json  ({report['seconds']} s)")
