@@ -5,6 +5,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moeconv.errors import ConfigError
+
+# Seeds reach torch.Generator (64-bit) and numpy-style generators (32-bit): one range for all.
+SEED_MAX = 2**32 - 1
+
+
+def check_seed(seed) -> int:
+    """`seed` as an int in [0, SEED_MAX], or a `ConfigError` naming the range."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed must be an integer from 0 to {SEED_MAX}, not {str(seed)[:40]}")
+    return seed
+
 
 @dataclass(frozen=True)
 class Context:
@@ -22,6 +34,9 @@ class Context:
     # Held-out (batches, seq) token ids for lossy passes to report perplexity on (`--eval FILE`);
     # disjoint from `calibration`, never used to fit anything.
     evaluation: torch.Tensor | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        check_seed(self.seed)
 
     def facts(self) -> set[str]:
         return {"calibration"} if self.calibration is not None else set()

@@ -59,7 +59,7 @@ def run_demo(out: Path, *, upcycle_fn, config, force: bool = False, progress=Non
              chain: bool = True) -> dict:
     """`upcycle_fn(src, out, config, force=…, progress=…)` is the upcycle job (injected by the CLI).
     Returns the upcycle report, the chain report (with `chain`), the prompt and every text."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from moeconv.io.transformers_io import load_causal_lm, read_tokenizer
     gguf = smollm2_gguf()
     out = Path(out)
     if out.exists():
@@ -69,11 +69,10 @@ def run_demo(out: Path, *, upcycle_fn, config, force: bool = False, progress=Non
     out.mkdir(parents=True)
     try:  # OUT/moe and OUT/compressed are each atomic; a failed demo removes the OUT it created
         report = upcycle_fn(gguf, out / "moe", config, progress=progress)
-        tok = AutoTokenizer.from_pretrained(out / "moe", local_files_only=True)
+        tok = read_tokenizer(out / "moe")
         ids = tok(PROMPT, return_tensors="pt").input_ids
-        dense = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
-                                                     dtype=torch.float32).eval()
-        moe = AutoModelForCausalLM.from_pretrained(out / "moe", local_files_only=True, dtype=torch.float32).eval()
+        dense = load_causal_lm(gguf.parent, gguf_file=gguf.name).eval()
+        moe = load_causal_lm(out / "moe").eval()
         texts = {}
         for name, model in (("dense", dense), ("moe", moe)):
             if progress:

@@ -4,6 +4,7 @@ They keep passes pure: a pass transforms, the instruments measure and enforce.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -52,6 +53,11 @@ class NumericCheck(Instrument):
         rel = diff / scale
         result.report.metrics["max_abs_diff"] = diff
         result.report.metrics["rel_max_diff"] = rel
+        if not math.isfinite(diff) and math.isfinite(self._ref.abs().max().item()):
+            # A measured error that is not a number is a failure whatever the promise: the pass
+            # produced NaN/Inf from finite inputs (e.g. noise of absurd scale).
+            raise VerificationError(f"{p.name} produced non-finite outputs (max |Δoutput| {diff}) from a finite "
+                                    "model; nothing was written")
         tol = p.output_tolerance
         if tol is None:
             return

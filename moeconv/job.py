@@ -113,10 +113,8 @@ def _copy_tokenizer(state: ModelState, tmp: Path) -> list[str]:
         # A GGUF file carries its tokenizer inside: write it out so OUT is usable on its own.
         # Added for quantize (a .gguf SRC).
         try:
-            from transformers import AutoTokenizer
-            gguf = Path(state.source.path)
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-            copied = [Path(f).name for f in tok.save_pretrained(tmp)]
+            from moeconv.io.transformers_io import read_tokenizer
+            copied = [Path(f).name for f in read_tokenizer(state.source.path).save_pretrained(tmp)]
         except Exception:  # the weights are the job; report.json lists what was carried (nothing)
             copied = []
     return copied

@@ -21,9 +21,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from moeconv.context import Context
+from moeconv.context import SEED_MAX, Context
 from moeconv.errors import ConfigError
 from moeconv.report import PassReport
 from moeconv.state import ModelState
@@ -35,7 +35,15 @@ EXACT_RTOL = 1e-5
 class PassConfig(BaseModel):
     """Base for every pass config: immutable, unknown fields rejected."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN/Inf never configure anything: `noise_scale: inf` wrote non-finite experts once.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("seed", check_fields=False)
+    @classmethod
+    def _seed_in_range(cls, v):
+        if not 0 <= v <= SEED_MAX:
+            raise ValueError(f"seed must be from 0 to {SEED_MAX}")
+        return v
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Reload what was written with the consumer users have and compare outputs."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -17,9 +18,9 @@ def check_inputs(vocab: int, seed: int = 1, batch: int = 2, seq: int = 24) -> to
 def load_consumer(out_dir: Path, consumer: str, expected_class: str | None = None) -> torch.nn.Module:
     """`consumer`: "transformers" (AutoModelForCausalLM, fp32) or "moeconv" (`moeconv.load`)."""
     if consumer == "transformers":
-        from transformers import AutoModelForCausalLM
+        from moeconv.io.transformers_io import load_causal_lm
         try:
-            model = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True, dtype=torch.float32)
+            model = load_causal_lm(out_dir, dtype=torch.float32)
         except Exception as exc:
             raise VerificationError(f"written checkpoint does not load in transformers: "
                                     f"{' '.join(str(exc).split())[:200]}") from None
@@ -39,6 +40,8 @@ def compare_outputs(reference: torch.nn.Module, candidate: torch.nn.Module, inpu
     rel = diff / max(1.0, ref.abs().max().item())
     result = {"against": what, "consumer_class": type(candidate).__name__, "max_abs_diff": diff,
               "rel_max_diff": rel, "tolerance": tolerance}
+    if not math.isfinite(diff):  # a lossy writer reports its error; an error that is not a number fails
+        raise VerificationError(f"reloaded output differs from the {what} by a non-finite amount ({diff})")
     if tolerance is not None and not rel <= tolerance:
         raise VerificationError(f"reloaded output differs from the {what}: relative max |Δ| {rel:.3g} > {tolerance:.3g}")
     return result

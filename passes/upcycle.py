@@ -24,7 +24,8 @@ from moeconv.state import ModelState, call_model
 
 
 class UpcycleConfig(PassConfig):
-    num_experts: int = Field(8, ge=2, description="experts per MoE layer")
+    # 65,536: two orders of magnitude above any released MoE (512), and still a plan that fits memory
+    num_experts: int = Field(8, ge=2, le=2**16, description="experts per MoE layer")
     top_k: int = Field(2, ge=1, description="experts each token is routed to")
     targets: list[str] | None = Field(None, description="site paths, re:REGEX, layers:4-27, every:2")
     ignore: list[str] = Field(default_factory=list)
@@ -78,6 +79,18 @@ class Upcycle(Pass):
     def check(self, state: ModelState, ctx: Context) -> None:
         if self.config.router_init == "hidden" and ctx.calibration is None:
             raise ConfigError("upcycle: router_init='hidden' needs calibration data (--calib FILE)")
+        self._check_memory(state)
+
+    def _check_memory(self, state: ModelState) -> None:
+        """The expert copies must fit in memory: refused before the first one is made."""
+        from moeconv.io.config_checks import check_fits_memory
+        cfg = self.config
+        chosen = select_sites(state.ffn_sites(), cfg.targets, cfg.ignore)
+        ffn_bytes = sum(t.numel() * t.element_size() for _, site in chosen
+                        for t in dense_tensors(state.module, site).values())
+        copies = (1 if cfg.expert_init == "split" else cfg.num_experts) + int(cfg.shared_experts)
+        check_fits_memory("upcycle", ffn_bytes * copies,
+                          f"{cfg.num_experts} experts for each of {len(chosen)} FFNs ({copies} FFN copies)")
 
     def run(self, state: ModelState, ctx: Context) -> PassResult:
         cfg = self.config

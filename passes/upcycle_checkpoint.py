@@ -16,6 +16,7 @@ checksummed, the output is loaded with the consumer users have (stock transforme
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import time
@@ -30,8 +31,10 @@ from moeconv.expert_init import expert_tensors, router_weight, split_partition
 from moeconv.formats.hf_moe import FORMATS, MoeFormat, check_representable, format_for, moe_config_dict, rename
 from moeconv.formats.native import save_moeconv
 from moeconv.formats.writer import TensorSource, module_source, write_checkpoint
-from moeconv.io.atomic import atomic_output_dir
-from moeconv.io.load import TOKENIZER_FILES, _model_class, _read_json, hf_config, load
+from moeconv.io.atomic import atomic_output_dir, check_new_output
+from moeconv.io.config_checks import check_fits_disk, check_layers_present
+from moeconv.io.load import TOKENIZER_FILES, _read_json, hf_config, load
+from moeconv.io.transformers_io import load_causal_lm, model_class, read_tokenizer
 from moeconv.io.safetensors_io import SourceCheckpoint, TensorSpec
 from moeconv.pass_base import EXACT_RTOL
 from moeconv.patterns import find_ffn_sites
@@ -40,6 +43,7 @@ from moeconv.state import model_outputs
 from passes.upcycle import Upcycle, UpcycleConfig
 
 FormatChoice = Literal["auto", "hf", "moeconv"]
+MAX_PLANNED_TENSORS = 2_000_000  # DeepSeek-V3 upcycled-size plans are ~50k
 FULL_VERIFY_MAX_BYTES = 3 * 2**30  # functional check loads dense + MoE; above this, weights only
 
 
@@ -75,9 +79,7 @@ def upcycle_checkpoint(src, out, cfg: UpcycleConfig, *, fmt: FormatChoice = "aut
         what = raw.get("model_type") if raw else str(src)
         raise UnsupportedError(f"--format hf: no Hugging Face MoE family for {what!r} (llama/mistral → Mixtral, "
                                "qwen2 → Qwen2-MoE, qwen3 → Qwen3-MoE); use --format moeconv")
-    if out.exists() and not force:
-        from moeconv.errors import OutputExistsError
-        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    check_new_output(out, force=force)
     streaming = (family is not None and fmt != "moeconv" and cfg.router_init != "hidden"
                  and ((src_path / "model.safetensors").is_file() or (src_path / "model.safetensors.index.json").is_file()))
     inputs = tuple(p for p in (src_path,) if p is not None and p.exists())
@@ -192,8 +194,9 @@ def _stream_hf(src: Path, raw: dict, tmp: Path, cfg: UpcycleConfig, family: MoeF
                verify, progress) -> dict:
     ckpt = SourceCheckpoint(src)
     config = hf_config(src, raw)
+    check_layers_present(src / "config.json", raw, ckpt.specs)  # before a skeleton of that many layers
     with torch.device("meta"):
-        meta_model = _model_class(config)(config)
+        meta_model = model_class(config)(config)
     sites = find_ffn_sites(meta_model)
     chosen = select_sites(sites, cfg.targets, cfg.ignore)
     dense_dict = config.to_dict()
@@ -205,6 +208,15 @@ def _stream_hf(src: Path, raw: dict, tmp: Path, cfg: UpcycleConfig, family: MoeF
     if dtype is not None:
         dense_dict["dtype"] = str(dtype).replace("torch.", "")
     moe_cfg = moe_config_dict(family, dense_dict, **_moe_args(cfg, sites, chosen, dense_dict))
+    # The expert copies' bytes, from the headers alone: before planning millions of tensors.
+    copies = (1 if cfg.expert_init == "split" else cfg.num_experts) + int(cfg.shared_experts)
+    ffn_bytes = sum(ckpt.specs[f"{p}.weight"].nbytes for _, s in chosen for p in role_paths(s).values()
+                    if f"{p}.weight" in ckpt.specs)
+    check_fits_disk(tmp, sum(s.nbytes for s in ckpt.specs.values()) + ffn_bytes * (copies - 1))
+    planned = len(ckpt.specs) + copies * sum(len(role_paths(s)) + 1 for _, s in chosen)
+    if planned > MAX_PLANNED_TENSORS:  # each planned tensor costs memory before any byte moves
+        raise UnsupportedError(f"upcycle: {cfg.num_experts} experts × {len(chosen)} FFNs would write {planned:,} "
+                               f"tensors; at most {MAX_PLANNED_TENSORS:,} are planned in one run")
     source, accounting = _streaming_source(ckpt, meta_model, chosen, cfg, family, dtype)
     stats = write_checkpoint(tmp, source, moe_cfg, shard_bytes=shard_bytes,
                              on_tensor=_tensor_progress(progress, len(source.specs)))
@@ -218,10 +230,9 @@ def _stream_hf(src: Path, raw: dict, tmp: Path, cfg: UpcycleConfig, family: MoeF
     src_bytes = sum(s.nbytes for s in ckpt.specs.values())
     mode = verify if verify != "auto" else ("full" if out_bytes + src_bytes <= FULL_VERIFY_MAX_BYTES else "weights")
     if mode == "full":
-        from transformers import AutoModelForCausalLM
         # The reference is the dense model with its weights rounded to the output dtype (when
         # --dtype casts), so the check measures the upcycling, not the requested cast.
-        dense = AutoModelForCausalLM.from_pretrained(src, local_files_only=True, dtype=dtype or torch.float32)
+        dense = load_causal_lm(src, dtype=dtype or torch.float32)
         dense = dense.float().eval()
         report["verification"] = _verify_reload(tmp, dense, family, cfg, vocab=config.vocab_size,
                                                 exact=cfg.is_exact(), what="dense source")
@@ -261,6 +272,7 @@ def _streaming_source(ckpt: SourceCheckpoint, meta_model, chosen, cfg: UpcycleCo
     specs: list[TensorSpec] = []
     plan: dict[str, tuple] = {}  # out name → how to produce it
     accounting = {"copied": 0, "transformed": 0, "dropped": []}
+    ignorable = list(getattr(meta_model, "_keys_to_ignore_on_load_unexpected", None) or [])
     emitted: set[str] = set()
 
     def out_dtype(src_dtype):
@@ -294,7 +306,12 @@ def _streaming_source(ckpt: SourceCheckpoint, meta_model, chosen, cfg: UpcycleCo
                 plan[out_name] = how
             continue
         if name not in expected:
-            accounting["dropped"].append(f"{name} (not a parameter or buffer of {type(meta_model).__name__})")
+            # One rule with the in-memory loaders (transformers' own): names the class declares
+            # ignorable are dropped and reported; any other stray tensor is refused, never lost.
+            if not any(re.search(p, name) for p in ignorable):
+                raise InputError(f"{ckpt.path}: weights do not match the config: tensor {name} is not a parameter "
+                                 f"or buffer of {type(meta_model).__name__}")
+            accounting["dropped"].append(f"{name} (ignored on load by {type(meta_model).__name__})")
             continue
         accounting["copied"] += 1
         specs.append(TensorSpec(name, out_dtype(spec.dtype), spec.shape))
@@ -335,7 +352,12 @@ def _streaming_source(ckpt: SourceCheckpoint, meta_model, chosen, cfg: UpcycleCo
             t = dense_for(index, site)[role]
         else:
             t = torch.zeros(1, how[2].hidden_size)
-        return t.to(s.dtype)
+        t = t.to(s.dtype)
+        if how[0] != "copy" and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            # finite source weights made non-finite (noise of absurd scale, or overflow in the
+            # output dtype): never written, whatever --verify says
+            raise VerificationError(f"upcycling produced NaN/Inf in {s.name} ({s.dtype}); nothing was written")
+        return t
 
     notes = [f"dropped {d}" for d in accounting["dropped"]]
     return TensorSource(specs, produce, notes), accounting
@@ -365,9 +387,8 @@ def _verify_reload(tmp: Path, reference: torch.nn.Module, family: MoeFormat | No
                    vocab: int, exact: bool, what: str) -> dict:
     """Load what was written with the consumer users have and compare outputs with `reference`."""
     if family is not None:
-        from transformers import AutoModelForCausalLM
         try:
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, local_files_only=True, dtype=torch.float32)
+            reloaded = load_causal_lm(tmp, dtype=torch.float32)
         except Exception as exc:
             raise VerificationError(f"written checkpoint does not load in transformers: {exc}") from None
         if type(reloaded).__name__ != family.architecture:
@@ -386,6 +407,9 @@ def _verify_reload(tmp: Path, reference: torch.nn.Module, family: MoeFormat | No
     rel = diff / max(1.0, ref.abs().max().item())
     result = {"mode": "full", "against": what, "consumer_class": type(reloaded).__name__,
               "max_abs_diff": diff, "rel_max_diff": rel, "exact_promised": exact}
+    if not math.isfinite(diff):
+        raise VerificationError(f"reloaded output differs from the {what} by a non-finite amount ({diff}); "
+                                "nothing was written")
     if exact and not rel <= EXACT_RTOL:
         raise VerificationError(f"reloaded output differs from the {what}: relative max |Δ| {rel:.3g} > {EXACT_RTOL}")
     return result
@@ -400,9 +424,7 @@ def _copy_tokenizer(src_path: Path | None, tmp: Path, report: dict) -> None:
                 copied.append(name)
     elif src_path is not None and src_path.suffix == ".gguf":
         try:
-            from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(src_path.parent, gguf_file=src_path.name, local_files_only=True)
-            copied = list(tok.save_pretrained(tmp))
+            copied = list(read_tokenizer(src_path).save_pretrained(tmp))
             copied = [Path(c).name for c in copied]
         except Exception as exc:  # the weights are the job; a tokenizer we cannot rebuild is reported
             report.setdefault("warnings", []).append(f"tokenizer not carried over: {exc.__class__.__name__}")

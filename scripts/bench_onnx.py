@@ -53,13 +53,13 @@ def _build_model(args):
     import torch
     from moeconv import Context, Pipeline, load
     from moeconv.demo import smollm2_gguf
-    from transformers import AutoTokenizer
+    from moeconv.io.transformers_io import read_tokenizer
     gguf = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = read_tokenizer(gguf)
     if args.moe:
         state = load(args.moe, dtype=torch.float32)
         if (Path(args.moe) / "tokenizer.json").is_file():
-            tok = AutoTokenizer.from_pretrained(args.moe)
+            tok = read_tokenizer(args.moe)
         return state, tok, f"{args.moe}"
     from passes import Upcycle
     state = load(gguf)

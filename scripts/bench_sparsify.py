@@ -88,10 +88,10 @@ def build(model: str, samples: int, seq_len: int, path: Path | None = None):
     import torch
     from moeconv import load
     if model == "smollm2":
-        from transformers import AutoTokenizer
         from moeconv.evaluate import pydoc_text, token_batches
+        from moeconv.io.transformers_io import read_tokenizer
         state = load(path)
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = read_tokenizer(path)
         calib = token_batches(tok, pydoc_text("calib"), seq_len=seq_len, max_batches=samples)
     else:
         import transformers

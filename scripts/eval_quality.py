@@ -19,11 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-    p = Path(path)
-    if p.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-    return AutoTokenizer.from_pretrained(p)
+    from moeconv.io.transformers_io import read_tokenizer
+    return read_tokenizer(path)
 
 
 def _bytes(path: str) -> int:

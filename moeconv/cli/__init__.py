@@ -6,8 +6,11 @@ after the atomic writers have removed their temporary output.
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +22,37 @@ from rich.console import Console  # noqa: E402
 
 from moeconv.errors import MoeconvError  # noqa: E402
 
+try:  # typer ≥ 0.22 vendors click
+    from typer import _click as _clicklib  # noqa: E402
+except ImportError:  # pragma: no cover
+    import click as _clicklib  # noqa: E402
+
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """A bad option value or an unknown option is bad input too: one line and exit code 2, not
+    click's usage block (a help request and `moeconv` alone still print the help)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _clicklib.exceptions.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except _clicklib.exceptions.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            sys.stderr.write(f"error: {' '.join(exc.format_message().split())}{hint}\n")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            sys.stderr.write("interrupted\n")
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     help="moeconv: turn dense PyTorch / Hugging Face models into verified Mixture-of-Experts models.\n\n"
@@ -30,6 +63,7 @@ app = typer.Typer(
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # errors stay on one line
 out = Console(highlight=False)
 _state = {"verbose": False}
+_LIBRARIES = r"(torch|transformers|accelerate|bitsandbytes|onnx|onnxscript|onnxruntime|safetensors|gguf|tokenizers)(\.|$)"
 
 
 @app.callback()
@@ -40,6 +74,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show trac
     if allow_nonfinite:
         os.environ["MOECONV_ALLOW_NONFINITE"] = "1"
     if not verbose:
+        # Libraries' own warnings (torch, transformers, …) would be extra stderr lines around our one
+        # line; what matters to the user is in the report. -v shows them.
+        warnings.filterwarnings("ignore", module=_LIBRARIES)
         _quiet_library_bars()
         try:
             from transformers.utils import logging as hf_logging
@@ -81,8 +118,35 @@ def _run(fn):
     except KeyboardInterrupt:
         err.print("interrupted: no output was written", markup=False)
         raise typer.Exit(130)
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        if _state["verbose"]:
+            err.print_exception()
+        err.print(f"error: {_os_error_line(exc)}", markup=False)
+        raise typer.Exit(2)
+    except MemoryError:
+        if _state["verbose"]:
+            err.print_exception()
+        err.print("error: out of memory (no output was written); use a smaller model, fewer calibration "
+                  "tokens, or a machine with more memory", markup=False)
+        raise typer.Exit(2)
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+# What the machine, not moeconv, ran out of or refused: one line (the atomic writers have already
+# removed their temporary output). Any other OSError is a bug and keeps its traceback.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                       errno.ENAMETOOLONG, errno.EMFILE, errno.ENFILE, errno.EIO, errno.ENOTDIR, errno.EISDIR}
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = exc.filename if exc.filename is not None else ""
+    what = exc.strerror or exc.__class__.__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"{what} while writing {where or 'the output'} (no output was written; free space or choose another OUT)"
+    return f"{what}: {where}" if where else what
 
 
 @app.command()

@@ -105,7 +105,7 @@ def check_representable(fmt: MoeFormat, dense: dict, *, layers_selected: int, la
 
 def moe_config_dict(fmt: MoeFormat, dense: dict, **moe) -> dict:
     """The target config as a dict: every behavioural key of the dense config carried over, checked."""
-    from transformers import AutoConfig
+    from moeconv.io.transformers_io import config_for
     base = {k: v for k, v in dense.items() if k not in _IGNORED_KEYS}
     base.update(fmt.config(dense, **moe))
     if fmt.name == "qwen2_moe":
@@ -114,7 +114,7 @@ def moe_config_dict(fmt: MoeFormat, dense: dict, **moe) -> dict:
     if "dtype" in dense:
         base["dtype"] = dense["dtype"]
     try:
-        cfg = AutoConfig.for_model(fmt.target_type, **base)
+        cfg = config_for(fmt.target_type, **base)
     except Exception as exc:
         raise UnsupportedError(f"cannot build a {fmt.architecture} config: {exc}") from None
     out = cfg.to_dict()

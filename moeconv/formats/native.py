@@ -61,12 +61,13 @@ def native_config(state: ModelState) -> dict:
 
 
 def _base_model(path: Path, source: dict):
-    from moeconv.io.load import _model_class, load
+    from moeconv.io.load import load
+    from moeconv.io.transformers_io import model_class
     if not isinstance(source, dict):
         raise InputError(f"{path / 'config.json'}: moeconv.source must be an object")
     kind = source.get("kind")
     if kind == "hf":
-        from transformers import AutoConfig
+        from moeconv.io.transformers_io import config_for
         if not isinstance(source.get("config"), dict):
             raise InputError(f"{path / 'config.json'}: moeconv.source.config must be an object")
         cfg_dict = dict(source["config"])
@@ -75,8 +76,8 @@ def _base_model(path: Path, source: dict):
         if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
             raise UnsupportedError(f"{path / 'config.json'}: unsupported source model_type {model_type!r}")
         try:
-            config = AutoConfig.for_model(model_type, **cfg_dict)
-            model = _model_class(config)(config)
+            config = config_for(model_type, **cfg_dict)
+            model = model_class(config)(config)
         except Exception as exc:
             raise InputError(f"{path}: cannot rebuild source model {model_type!r} "
                              f"({' '.join(str(exc).split())[:200]})") from None
@@ -102,8 +103,9 @@ def load_moeconv(path: Path, raw: dict, *, dtype=None) -> ModelState:
     if "quantization" in section:  # bitsandbytes layers: rebuilt by the quantized format
         from moeconv.formats.quantized import load_quantized
         return load_quantized(path, raw, dtype=dtype)
+    ckpt = SourceCheckpoint(path)  # headers only: the checks below come before anything is built
+    _check_source_size(path, section.get("source"), ckpt)
     model, config, info = _base_model(path, section.get("source") or {})
-    ckpt = SourceCheckpoint(path)
     check_float_weights(path, ckpt.specs)
     for rec in site_list(path, section):
         try:
@@ -126,6 +128,21 @@ def load_moeconv(path: Path, raw: dict, *, dtype=None) -> ModelState:
     if dtype is not None:
         model = model.to(dtype)
     return ModelState(model.eval(), config, info)
+
+
+def _check_source_size(path: Path, source, ckpt: SourceCheckpoint) -> None:
+    """The recorded source config's sizes, its layer count against the weights, and the weights'
+    bytes against free memory: refused before the source model is built."""
+    from moeconv.io.config_checks import (check_config_values, check_fits_memory, check_layers_present,
+                                          estimate_parameters)
+    config = source.get("config") if isinstance(source, dict) else None
+    built = 0
+    if isinstance(config, dict):
+        check_config_values(path / "config.json", config)
+        check_layers_present(path / "config.json", config, ckpt.specs)
+        built = 4 * estimate_parameters(config)  # the source architecture is built in float32 first
+    check_fits_memory(path, built + sum(s.nbytes for s in ckpt.specs.values()),
+                      "its weights and the model they are loaded into")
 
 
 def site_list(path: Path, section: dict) -> list[dict]:

@@ -88,8 +88,8 @@ def _hf_obstacle(state: ModelState, records: dict[str, dict]) -> str | None:
     if config is None or not hasattr(model, "save_pretrained"):
         return "not a Hugging Face model"
     try:
-        from transformers import AutoModelForCausalLM
-        cls = AutoModelForCausalLM._model_mapping[type(config)]
+        from moeconv.io.transformers_io import causal_lm_class
+        cls = causal_lm_class(config)
     except (KeyError, ImportError):
         cls = None
     if cls is not type(model):
@@ -207,8 +207,8 @@ class _FloatSpecs:
 def load_quantized(path: Path, raw: dict, *, dtype=None) -> ModelState:
     """Rebuild a quantized moeconv-format directory: the float architecture (MoE blocks included),
     then each recorded layer as the bitsandbytes layer it was; every tensor is used exactly once."""
-    from moeconv.formats.native import (_base_model, _install_block, _tied_names, check_float_weights, check_shapes,
-                                        site_list)
+    from moeconv.formats.native import (_base_model, _check_source_size, _install_block, _tied_names,
+                                        check_float_weights, check_shapes, site_list)
     from moeconv.nn.native_moe import linearise_native_moe
     from moeconv.patterns import FfnSite
     section = raw["moeconv"]
@@ -222,9 +222,10 @@ def load_quantized(path: Path, raw: dict, *, dtype=None) -> ModelState:
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{path / 'config.json'}: quantized layer {lp} needs integer in_features and "
                              "out_features") from None
+    ckpt = SourceCheckpoint(path)
+    _check_source_size(path, section.get("source"), ckpt)
     model, config, info = _base_model(path, section.get("source") or {})
     linearise_native_moe(model)
-    ckpt = SourceCheckpoint(path)
     view = _FloatSpecs(ckpt, layers)
     check_float_weights(path, view.specs)  # quantized weights appear at their float dtype here
     for rec in site_list(path, section):

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moeconv.errors import InputError, UnsupportedError
+from moeconv.errors import InputError, MoeconvError, UnsupportedError
+from moeconv.io.config_checks import check_config_values, check_fits_memory, check_layers_present, estimate_parameters
+from moeconv.io.safetensors_io import TensorSpec
+from moeconv.io.transformers_io import load_causal_lm, load_model, model_class, read_config, refuse_custom_code
 from moeconv.state import ModelState, SourceInfo
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a converter never downloads behind a user's back
 
 BUILTINS = ("gpt", "llama", "bert")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -103,6 +104,10 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to be a config") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise InputError(f"{path}: unreadable JSON value ({' '.join(str(exc).split())[:100]})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")
     return data
@@ -137,30 +142,20 @@ def _load_python(path: Path, factory: str) -> ModelState:
     return ModelState(model.eval(), getattr(model, "config", None), SourceInfo("module", path, spec=spec))
 
 
-def _model_class(config):
-    import transformers
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    from transformers import AutoModel, AutoModelForCausalLM
-    try:
-        return AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        return AutoModel._model_mapping[type(config)]
-
-
 def hf_config(path: Path, raw: dict):
-    from transformers import AutoConfig
     if "model_type" not in raw:
         raise InputError(f"{path / 'config.json'}: no model_type")
     if not isinstance(raw["model_type"], str):
         raise InputError(f"{path / 'config.json'}: model_type must be a string")
     from transformers import CONFIG_MAPPING
     if raw["model_type"] not in CONFIG_MAPPING:
+        refuse_custom_code(path)  # says "custom code" where that is why the type is unknown
         raise UnsupportedError(f"{path / 'config.json'}: unsupported model_type {raw['model_type']!r}")
+    check_config_values(path / "config.json", raw)
     try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
+        return read_config(path)
+    except MoeconvError:
+        raise
     except Exception as exc:  # transformers validates fields with several exception types
         raise InputError(f"{path / 'config.json'}: invalid {raw['model_type']} config "
                          f"({' '.join(str(exc).split())[:160]})") from None
@@ -169,13 +164,15 @@ def hf_config(path: Path, raw: dict):
 def _load_hf(path: Path, raw: dict, dtype) -> ModelState:
     config = hf_config(path, raw)
     try:
-        cls = _model_class(config)
+        cls = model_class(config)
     except KeyError:
         raise UnsupportedError(f"{path}: no model class for model_type {config.model_type!r}") from None
     has_st = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
     if has_st:
         from moeconv.io.safetensors_io import validate_checkpoint
         ckpt = validate_checkpoint(path)
+        check_layers_present(path / "config.json", raw, ckpt.specs)
+        check_fits_memory(path, sum(s.nbytes for s in ckpt.specs.values()))
         quantized = "quantization_config" in raw  # bitsandbytes checkpoints store int8 / uint8 weights
         for spec in ckpt.specs.values():
             if spec.name.endswith((".weight", ".bias")) and not spec.dtype.is_floating_point and not quantized:
@@ -183,8 +180,9 @@ def _load_hf(path: Path, raw: dict, dtype) -> ModelState:
         if not quantized:  # bitsandbytes stores packed shapes
             _check_shapes(path, cls, config, ckpt.specs)
         try:
-            model, info = cls.from_pretrained(path, local_files_only=True, dtype=dtype or "auto",
-                                              output_loading_info=True)
+            model, info = load_model(cls, path, dtype=dtype or "auto", output_loading_info=True)
+        except MoeconvError:
+            raise
         except Exception as exc:
             text = " ".join(str(exc).split())
             if "ignore_mismatched_sizes" in text or "CONVERSION" in text:  # its details went to a log report
@@ -195,7 +193,7 @@ def _load_hf(path: Path, raw: dict, dtype) -> ModelState:
         if not quantized:
             _own_memory(model)
     elif (path / "pytorch_model.bin").is_file():
-        model = _load_bin(path, cls, config, dtype)
+        model = _load_bin(path, cls, config, raw, dtype)
     else:
         raise InputError(f"{path}: no weights (model.safetensors, model.safetensors.index.json or pytorch_model.bin)")
     from moeconv.nn.native_moe import linearise_native_moe
@@ -263,8 +261,10 @@ def _check_loading_info(path: Path, info: dict) -> None:
         raise InputError(f"{path}: weights do not match the config: " + ", ".join(parts))
 
 
-def _load_bin(path: Path, cls, config, dtype):
+def _load_bin(path: Path, cls, config, raw: dict, dtype):
     import warnings
+    bin_path = path / "pytorch_model.bin"
+    check_fits_memory(bin_path, bin_path.stat().st_size, "its contents")
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol before refusing: one line only
             warnings.simplefilter("ignore")
@@ -272,8 +272,13 @@ def _load_bin(path: Path, cls, config, dtype):
     except Exception as exc:
         raise InputError(f"{path / 'pytorch_model.bin'}: refused or unreadable: only plain tensors are loaded, "
                          f"never code ({_unpickler_reason(exc)})") from None
-    if not isinstance(state_dict, dict):
-        raise InputError(f"{path / 'pytorch_model.bin'}: not a state dict")
+    state_dict = _plain_state_dict(bin_path, state_dict)
+    check_layers_present(path / "config.json", raw, state_dict)
+    specs = {k: TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in state_dict.items()}
+    _check_shapes(path, cls, config, specs)  # on meta: a config that disagrees costs nothing to refuse
+    held = sum(s.nbytes for s in specs.values())
+    check_fits_memory(path, held + 4 * estimate_parameters(raw), "its tensors and the model the config describes")
+    state_dict = _own_contiguous(state_dict)
     # Built on CPU, not meta: non-persistent buffers (rotary inv_freq, position ids) are not in
     # the state dict and must come from the constructor.
     model = cls(config)
@@ -288,6 +293,33 @@ def _load_bin(path: Path, cls, config, dtype):
     return model
 
 
+def _plain_state_dict(path: Path, state_dict) -> dict:
+    """`state_dict` if it is a `{str: dense tensor}` mapping with floating-point weights, else
+    `InputError` naming the first entry that is not (weights_only admits any container of plain
+    values: lists, ints, strings, sparse tensors)."""
+    if not isinstance(state_dict, dict):
+        raise InputError(f"{path}: not a state dict (a {type(state_dict).__name__})")
+    plain = {}
+    for name, value in state_dict.items():
+        if not isinstance(name, str):
+            raise InputError(f"{path}: key {str(name)[:40]!r} is not a tensor name")
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"{path}: {name[:80]} is a {type(value).__name__}, not a tensor")
+        if name.endswith((".weight", ".bias")) and not value.is_floating_point():
+            raise InputError(f"{path}: tensor {name} is {value.dtype}, expected a floating-point weight")
+        if value.is_sparse or value.layout != torch.strided:
+            raise InputError(f"{path}: tensor {name} is not a dense tensor ({value.layout})")
+        plain[name] = value
+    return plain
+
+
+def _own_contiguous(state_dict: dict) -> dict:
+    """Each tensor in memory of its own (an expanded stride-0 view would fail in-place writes);
+    called after the shapes were checked, so a huge expanded view is never materialised."""
+    return {k: v if v.is_contiguous() and 0 not in v.stride() else v.clone(memory_format=torch.contiguous_format)
+            for k, v in state_dict.items()}
+
+
 def _unpickler_reason(exc: Exception) -> str:
     """The useful part of torch's weights-only refusal (its message is a paragraph of advice)."""
     import re
@@ -300,9 +332,7 @@ def _unpickler_reason(exc: Exception) -> str:
 
 def _load_gguf(path: Path, dtype) -> ModelState:
     try:
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
-                                                     dtype=dtype or torch.float32)
+        model = load_causal_lm(path.parent, gguf_file=path.name, dtype=dtype or torch.float32)
     except ImportError as exc:
         raise InputError(f"{path}: reading GGUF needs the `gguf` package ({exc})") from None
     except Exception as exc:

@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
         def go():
             from moeconv import Context, load
             from moeconv.data import calibration_tokens
-            from moeconv.errors import ConfigError, InputError, OutputExistsError
+            from moeconv.io.atomic import check_new_output
+            from moeconv.errors import ConfigError, InputError
             from moeconv.job import run_to_dir
             from moeconv.render import Progress
             from passes.prune_experts import PruneExperts
@@ -64,8 +65,7 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError("prune-experts needs calibration data: --calib FILE (text, .jsonl, or token ids)")
             if calib_samples < 1 or calib_seq_len < 2:
                 raise ConfigError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
-            if out_dir.exists() and not force:
-                raise OutputExistsError(f"{out_dir} exists; pass --force to replace it")
+            check_new_output(out_dir, force=force)
             if not Path(src).exists():
                 raise InputError(f"{src}: no such file or directory")
             state = load(src)  # a broken model is named as such, not as "no tokenizer for the calibration text"

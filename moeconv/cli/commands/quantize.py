@@ -54,7 +54,8 @@ def register(app: typer.Typer) -> None:
             from pydantic import ValidationError
 
             from moeconv import Context, load
-            from moeconv.errors import ConfigError, OutputExistsError, UnsupportedError
+            from moeconv.io.atomic import check_new_output
+            from moeconv.errors import ConfigError, UnsupportedError
             from moeconv.job import run_to_dir
             from moeconv.pass_base import _first_error
             from moeconv.render import Progress
@@ -70,8 +71,7 @@ def register(app: typer.Typer) -> None:
             except ValidationError as exc:
                 raise ConfigError(f"quantize: {_first_error(exc)}") from None
             shard_bytes = parse_size(shard_size)
-            if out_dir.exists() and not force:
-                raise OutputExistsError(f"{out_dir} exists; pass --force to replace it")
+            check_new_output(out_dir, force=force)
             state = load(src)
             if "quantized" in state.facts():
                 raise UnsupportedError(f"{src} is already quantized (bitsandbytes layers); quantizing twice "

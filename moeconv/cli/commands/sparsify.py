@@ -46,7 +46,8 @@ def register(app: typer.Typer) -> None:
         def go():
             from moeconv import Context, load
             from moeconv.data import calibration_tokens
-            from moeconv.errors import ConfigError, InputError, OutputExistsError
+            from moeconv.io.atomic import check_new_output
+            from moeconv.errors import ConfigError, InputError
             from moeconv.job import run_to_dir
             from moeconv.render import Progress
             from moeconv.sparsity import write_compressed
@@ -61,8 +62,7 @@ def register(app: typer.Typer) -> None:
             if num_samples < 1 or seq_len < 2:
                 raise ConfigError("--num-samples must be >= 1 and --seq-len >= 2")
             shard_bytes = parse_size(shard_size)
-            if out_dir.exists() and not force:
-                raise OutputExistsError(f"{out_dir} exists; pass --force to replace it")
+            check_new_output(out_dir, force=force)
             if not str(src).startswith("builtin:") and ".py" not in str(src) and not Path(src).exists():
                 raise InputError(f"{src}: no such file or directory")
             state = load(src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
