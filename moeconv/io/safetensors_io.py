@@ -76,21 +76,25 @@ class SourceCheckpoint:
                 self.files[name] = self.path / SINGLE_NAME
         else:
             raise InputError(f"{self.path}: no {SINGLE_NAME} or {INDEX_NAME}")
-        self.specs: dict[str, TensorSpec] = {}
+        specs: dict[str, TensorSpec] = {}
         for fname in sorted(set(self.files.values())):
             if not fname.is_file():
                 raise InputError(f"{fname}: shard named in the index is missing")
             with self._open(fname) as f:
-                present = set(f.keys())
-                for name in present:
+                present = set(f.keys())  # membership only: never iterated, its order follows the hash seed
+                for name in f.keys():
                     sl = f.get_slice(name)
                     dt = sl.get_dtype()
                     if dt not in _FROM_ST:
                         raise InputError(f"{fname}: tensor {name} has unsupported dtype {dt}")
-                    self.specs[name] = TensorSpec(name, _FROM_ST[dt], tuple(sl.get_shape()))
+                    specs[name] = TensorSpec(name, _FROM_ST[dt], tuple(sl.get_shape()))
             for name, f2 in self.files.items():
                 if f2 == fname and name not in present:
                     raise InputError(f"{fname}: tensor {name} named in the index is not in the shard")
+        # Sorted by name, the order the safetensors library itself writes and lists: everything
+        # planned from `names()` (the streaming upcycle's output order) is then the same in every
+        # process and whatever way the source was sharded.
+        self.specs: dict[str, TensorSpec] = dict(sorted(specs.items()))
 
     @staticmethod
     def _open(fname: Path):
@@ -104,6 +108,7 @@ class SourceCheckpoint:
             return list(f.keys())
 
     def names(self) -> list[str]:
+        """Every tensor name, sorted: the same list in every process."""
         return list(self.specs)
 
     def get(self, name: str) -> torch.Tensor:
