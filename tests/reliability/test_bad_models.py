@@ -91,7 +91,7 @@ def _to_bin(src: Path) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(UNBOUNDED))
-@pytest.mark.parametrize("command", ["inspect", "upcycle", "upcycle-moeconv"])
+@pytest.mark.parametrize("command", [pytest.param("inspect", marks=pytest.mark.slow), "upcycle", "upcycle-moeconv"])
 def test_absurd_sizes_are_refused_before_the_work(case, command, good, tmp_path):
     if case == "million-experts" and command == "inspect":
         pytest.skip("inspect takes no expert count")
