@@ -1,69 +1,419 @@
 """Calibration and evaluation data: text / JSONL (`text` field) tokenized with the model's own
-tokenizer, or a safetensors / torch tensor file of token ids."""
+tokenizer, or a safetensors / torch tensor file of token ids.
+
+Bounded by construction, so hostile files are refused (or read in part) before any expensive work:
+- text is read only as far as the requested tokens need (`num_samples × seq_len` tokens at up to
+  `CHARS_PER_TOKEN` characters each, at most `MAX_CALIB_CHARS`), so the tokenizer never sees a
+  200 MB document; a JSONL line is at most `MAX_JSONL_LINE_BYTES`;
+- token-id files are checked (one integer tensor, its shape) from their header before being read,
+  and only the rows asked for are read;
+- every token id is checked against the model's vocabulary, and the sequence length against its
+  position table (`max_position_embeddings`, read from config.json without building the model);
+- `num_samples × seq_len` is bounded by an estimate of the activation memory it needs.
+"""
 from __future__ import annotations
 
+import itertools
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from moeconv.errors import InputError
+from moeconv.errors import ConfigError, InputError
+
+DEFAULT_SEQ_LEN = 128                  # calibration sequence length when none is asked for
+CHARS_PER_TOKEN = 16                   # text read per requested token (first try; grows ×4 if short)
+MIN_CALIB_CHARS = 64 * 1024
+MAX_CALIB_CHARS = 4 * 1024 * 1024      # never more text than this goes to the tokenizer at once
+MAX_JSONL_LINE_BYTES = 16 * 2**20      # one JSON document per line, at most this long
+MAX_CONFIG_BYTES = 16 * 2**20          # config.json read for the model's limits
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+_SAFETENSORS_INTEGERS = {"I64", "I32", "I16", "U8", "I8"}
 
 
-def read_texts(path: Path, what: str = "calibration") -> list[str]:
+# ---- reading text ------------------------------------------------------------------------------
+def read_texts(path: Path, what: str = "calibration", *, max_chars: int | None = None,
+               max_bytes: int | None = None) -> list[str]:
     """Documents of a text file (separated by blank lines) or a JSONL file (a `text` field per
-    line); `what` names the file's role in error messages ("calibration", "data", …)."""
+    line); `what` names the file's role in error messages ("calibration", "data", …). With
+    `max_chars`, only about that many characters are read (the last document is cut); with
+    `max_bytes`, a larger file is refused before it is read."""
+    return _read_texts(path, what, max_chars=max_chars, max_bytes=max_bytes)[0]
+
+
+def _read_texts(path: Path, what: str, *, max_chars: int | None = None,
+                max_bytes: int | None = None) -> tuple[list[str], bool]:
+    """(documents, whether the file holds more than was read)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such {what} file")
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: {what} text is not UTF-8") from None
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise InputError(f"{path}: {_mib(size)} of {what} text; at most {_mib(max_bytes)} is read "
+                         "(give token ids as a .safetensors file instead)")
     if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(str(json.loads(line)["text"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise InputError(f"{path}:{i}: expected a JSON object with a 'text' field") from None
+        texts, truncated = _read_jsonl(path, what, max_chars)
     else:
+        try:
+            with open(path, encoding="utf-8") as f:  # universal newlines, as Path.read_text
+                raw = f.read(max_chars) if max_chars else f.read()
+                truncated = bool(max_chars) and len(raw) >= max_chars and f.read(1) != ""
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: {what} text is not UTF-8") from None
         texts = [t for t in raw.split("\n\n") if t.strip()]
     if not texts:
         raise InputError(f"{path}: {what} file is empty")
-    return texts
+    return texts, truncated
 
 
-def calibration_tokens(path: Path, model_source, *, num_samples: int = 32, seq_len: int = 128) -> torch.Tensor:
-    """(num_samples, seq_len) int64 token ids, packed from the file's text."""
+def _read_jsonl(path: Path, what: str, max_chars: int | None) -> tuple[list[str], bool]:
+    texts: list[str] = []
+    total = 0
+    with open(path, "rb") as f:
+        for lineno in itertools.count(1):
+            line = f.readline(MAX_JSONL_LINE_BYTES + 1)
+            if not line:
+                return texts, False
+            if len(line) > MAX_JSONL_LINE_BYTES:
+                raise InputError(f"{path}:{lineno}: line longer than {_mib(MAX_JSONL_LINE_BYTES)} "
+                                 f"(one {what} document per line)")
+            try:
+                line_text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{lineno}: {what} text is not UTF-8") from None
+            if not line_text.strip():
+                continue
+            try:
+                obj = json.loads(line_text)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, a 5000-digit number, [[[[…
+                raise InputError(f"{path}:{lineno}: not valid JSON ({exc.__class__.__name__}); "
+                                 "expected a JSON object with a 'text' field") from None
+            if not isinstance(obj, dict) or "text" not in obj:
+                raise InputError(f"{path}:{lineno}: expected a JSON object with a 'text' field")
+            text = obj["text"]
+            if not isinstance(text, str):
+                raise InputError(f"{path}:{lineno}: field 'text' must be a string, not "
+                                 f"{_json_type(text)}")
+            if max_chars is not None and total + len(text) >= max_chars:
+                texts.append(text[:max_chars - total])
+                return texts, True
+            texts.append(text)
+            total += len(text)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _json_type(v) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object",
+            type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+# ---- reading token ids -------------------------------------------------------------------------
+def read_token_tensor(path: Path, what: str = "calibration", *, dims: tuple[int, ...] = (2,),
+                      max_rows: int | None = None) -> torch.Tensor:
+    """The one integer tensor of token ids in a `.safetensors` or `.pt` file (read with
+    `weights_only=True`: a pickle payload is refused, never run), as int64. Its dimensionality
+    must be one of `dims`; with `max_rows`, only that many rows of a 2-D tensor are read."""
     path = Path(path)
-    if path.suffix in (".safetensors", ".pt"):
-        if path.suffix == ".pt":
-            ids = torch.load(path, weights_only=True)
+    if not path.is_file():
+        raise InputError(f"{path}: no such {what} file")
+    shape_text = " or ".join(("(tokens,)", "(rows, seq_len)")[d - 1] for d in dims)
+    if path.suffix == ".safetensors":
+        ids = _read_safetensors_ids(path, what, dims, shape_text, max_rows)
+    else:
+        try:
+            try:
+                ids = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                ids = torch.load(path, map_location="cpu", weights_only=True)  # the legacy format
+        except Exception as exc:  # torch raises a dozen types on a broken file; all mean "unreadable"
+            raise InputError(f"{path}: unreadable {what} token file ({exc.__class__.__name__}); "
+                             f"expected a tensor saved with torch.save") from None
+        if not isinstance(ids, torch.Tensor):
+            raise InputError(f"{path}: expected one integer tensor of token ids {shape_text}, "
+                             f"found {type(ids).__name__}")
+        if ids.layout != torch.strided or ids.device.type != "cpu" or ids.is_quantized:
+            raise InputError(f"{path}: expected a plain (dense, CPU) tensor of token ids {shape_text}, "
+                             f"found a {str(ids.layout).removeprefix('torch.')} tensor on {ids.device.type}")
+        _check_ids_shape(path, ids.dtype in INTEGER_DTYPES, str(ids.dtype).removeprefix("torch."),
+                         tuple(ids.shape), dims, shape_text)
+        if max_rows is not None and ids.dim() == 2:
+            ids = ids[:max_rows]
+    return ids.long()
+
+
+def _read_safetensors_ids(path, what, dims, shape_text, max_rows) -> torch.Tensor:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())
+            if len(names) != 1:
+                raise InputError(f"{path}: expected exactly one tensor of token ids, found {len(names)}")
+            sl = f.get_slice(names[0])
+            shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+            _check_ids_shape(path, dtype in _SAFETENSORS_INTEGERS, dtype, shape, dims, shape_text)
+            return sl[:max_rows] if max_rows is not None and len(shape) == 2 else sl[:]
+    except InputError:
+        raise
+    except Exception as exc:  # SafetensorError, OSError, …: a broken file
+        raise InputError(f"{path}: unreadable {what} token file ({exc.__class__.__name__}: "
+                         f"{' '.join(str(exc).split())[:120]})") from None
+
+
+def _check_ids_shape(path, integer: bool, dtype: str, shape: tuple, dims, shape_text) -> None:
+    if not integer or len(shape) not in dims:
+        raise InputError(f"{path}: expected an integer tensor of token ids {shape_text}, "
+                         f"found {dtype} of shape {list(shape)}")
+    if any(n == 0 for n in shape):
+        raise InputError(f"{path}: the tensor of token ids is empty (shape {list(shape)})")
+
+
+def check_token_ids(ids: torch.Tensor, vocab_size: int | None, where: str, *, model: str = "the model") -> None:
+    """Every id in [0, vocab_size) (or ≥ 0 when the vocabulary is unknown); the first offender is
+    named with its position."""
+    if not ids.numel():
+        return
+    bad = ids < 0 if vocab_size is None else (ids < 0) | (ids >= vocab_size)
+    if bool(bad.any()):
+        pos = [int(i) for i in bad.nonzero()[0]]
+        value = int(ids[tuple(pos)])
+        at = f"row {pos[0]}, position {pos[1]}" if len(pos) == 2 else f"position {pos[0]}"
+        span = f"the vocabulary of {model} (0..{vocab_size - 1})" if vocab_size is not None else "any vocabulary"
+        raise InputError(f"{where}: token id {value} at {at} is outside {span}")
+
+
+# ---- what the model accepts --------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the model's configuration says about its inputs, read without building it; None where
+    the source does not say (a GGUF file, a Python model)."""
+
+    name: str
+    vocab_size: int | None = None
+    max_positions: int | None = None
+    hidden: int | None = None
+    intermediate: int | None = None
+    heads: int | None = None
+    layers: int | None = None
+    position_key: str = "max_position_embeddings"
+
+
+_KEYS = {
+    "vocab_size": ("vocab_size", "n_vocab"),
+    "max_positions": ("max_position_embeddings", "n_positions", "max_seq_len", "block_size", "max_position",
+                      "n_ctx", "seq_length"),
+    "hidden": ("hidden_size", "n_embd", "d_model", "dim", "hidden"),
+    "intermediate": ("intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size"),
+    "heads": ("num_attention_heads", "n_head", "n_heads"),
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+}
+
+
+def _limits_from_mapping(name: str, cfg) -> ModelLimits:
+    if not isinstance(cfg, dict):
+        return ModelLimits(name)
+    text = cfg.get("text_config")
+    if "vocab_size" not in cfg and isinstance(text, dict):
+        cfg = text
+    found, position_key = {}, "max_position_embeddings"
+    for field, keys in _KEYS.items():
+        for k in keys:
+            v = cfg.get(k)
+            if isinstance(v, int) and not isinstance(v, bool) and 0 < v < 2**40:
+                found[field] = v
+                if field == "max_positions":
+                    position_key = k
+                break
+    return ModelLimits(name, position_key=position_key, **found)
+
+
+def model_limits(source, name: str | None = None) -> ModelLimits:
+    """`ModelLimits` of a model source (checkpoint dir, moeconv-format dir, `builtin:NAME`, a
+    `ModelState` or module); fields the source does not state are None. Never raises: a source
+    that cannot be read is left to its loader, which names the problem."""
+    if not isinstance(source, (str, os.PathLike)):
+        info = getattr(source, "source", None)  # a ModelState's SourceInfo
+        name = name or str(getattr(info, "path", None) or getattr(info, "spec", None) or "the model")
+        module = getattr(source, "module", source)
+        cfg = getattr(source, "config", None) or getattr(module, "config", None)
+        raw = cfg.to_dict() if hasattr(cfg, "to_dict") else (vars(cfg) if cfg is not None and hasattr(cfg, "__dict__") else {})
+        limits = _limits_from_mapping(name, raw)
+        if limits.vocab_size is None and isinstance(module, torch.nn.Module):
+            emb = next((m for m in module.modules() if isinstance(m, torch.nn.Embedding)), None)
+            if emb is not None:
+                limits = ModelLimits(**{**limits.__dict__, "vocab_size": emb.num_embeddings})
+        return limits
+    text = str(source)
+    name = name or text
+    if text.startswith("builtin:"):
+        return _builtin_limits(text.split(":", 1)[1], name)
+    path = Path(text)
+    cfg_path = path / "config.json"
+    try:
+        if not cfg_path.is_file() or cfg_path.stat().st_size > MAX_CONFIG_BYTES:
+            return ModelLimits(name)
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return ModelLimits(name)
+    for _ in range(4):  # a compressed checkpoint holds its dense config, which may be moeconv's
+        if not isinstance(raw, dict):
+            return ModelLimits(name)
+        if isinstance(raw.get("moeconv_sparse"), dict) and isinstance(raw["moeconv_sparse"].get("dense_config"), dict):
+            raw = raw["moeconv_sparse"]["dense_config"]
+        elif isinstance(raw.get("moeconv"), dict):
+            src = raw["moeconv"].get("source")
+            if not isinstance(src, dict):
+                return ModelLimits(name)
+            if src.get("kind") == "spec" and isinstance(src.get("spec"), str) and src["spec"].startswith("builtin:"):
+                return _builtin_limits(src["spec"].split(":", 1)[1], name)
+            raw = src.get("config")
         else:
-            from safetensors.torch import load_file
-            ids = next(iter(load_file(path).values()))
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.int64, torch.int32):
-            raise InputError(f"{path}: expected a 2-D integer tensor of token ids")
-        return ids.long()[:num_samples]
-    texts = read_texts(path)
+            break
+    return _limits_from_mapping(name, raw)
+
+
+def _builtin_limits(which: str, name: str) -> ModelLimits:
+    import dataclasses
+    import importlib
+    from moeconv.io.load import BUILTINS
+    if which not in BUILTINS:
+        return ModelLimits(name)
+    module = importlib.import_module(f"models.{which}")
+    for obj in vars(module).values():
+        if dataclasses.is_dataclass(obj) and isinstance(obj, type) and obj.__name__.endswith("Config"):
+            return _limits_from_mapping(name, dataclasses.asdict(obj()))
+    return ModelLimits(name)
+
+
+def memory_limit() -> int:
+    """Bytes that activations may take: half of this machine's physical memory (or of the
+    container's cgroup limit, when that is lower)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 32 * 2**30
+    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < total:
+            total = int(text)
+    return max(1, total // 2)
+
+
+def activation_bytes(limits: ModelLimits, samples: int, seq_len: int, *, rows_per_forward: int = 16,
+                     training: bool = False) -> int:
+    """A lower-bound estimate (float32) of the activation memory of running `samples` sequences of
+    `seq_len` tokens: layer-wise calibration caches two hidden states per token, each forward of
+    `rows_per_forward` rows holds its attention scores, FFN activations and logits; training keeps
+    every layer's for the backward pass. Unknown sizes count as 1 (attention) or 0."""
+    b = min(samples, rows_per_forward)
+    h, i, v = limits.hidden or 0, limits.intermediate or 0, limits.vocab_size or 0
+    per_layer = b * ((limits.heads or 1) * seq_len * seq_len + seq_len * (2 * i + 4 * h))
+    if training:
+        return 4 * ((limits.layers or 1) * per_layer + 3 * b * seq_len * v)
+    return 4 * (2 * samples * seq_len * h + per_layer + b * seq_len * v)
+
+
+def check_sequences(limits: ModelLimits, samples: int, seq_len: int, *, seq_len_flag: str | None = None,
+                    samples_flag: str | None = None, what: str = "calibration", rows_per_forward: int = 16,
+                    training: bool = False) -> None:
+    """Refuse (ConfigError, naming the flag and the limit) a sequence length beyond the model's
+    position table, and `samples × seq_len` whose activations would not fit in memory. Without
+    flags, the message lists the options that set them."""
+    if seq_len_flag and samples_flag:
+        seq_text, label = f"{seq_len_flag} {seq_len} is", f"{samples_flag} {samples} × {seq_len_flag} {seq_len}"
+    else:
+        seq_text = f"{what} sequences of {seq_len} tokens ({_SEQ_FLAGS}) are"
+        label = f"{samples} {what} sequences of {seq_len} tokens ({_SEQ_FLAGS})"
+    if limits.max_positions is not None and seq_len > limits.max_positions:
+        raise ConfigError(f"{seq_text} longer than the {limits.max_positions} positions {limits.name} accepts "
+                          f"({limits.position_key} in its config); use at most {limits.max_positions}")
+    _check_activations(limits, samples, seq_len, label, ConfigError, rows_per_forward=rows_per_forward,
+                       training=training)
+
+
+_SEQ_FLAGS = "--seq-len / --calib-seq-len / --eval-seq-len"
+
+
+def _check_activations(limits: ModelLimits, samples: int, seq_len: int, label: str, error: type, *,
+                       rows_per_forward: int = 16, training: bool = False) -> None:
+    need = activation_bytes(limits, samples, seq_len, rows_per_forward=rows_per_forward, training=training)
+    limit = memory_limit()
+    if need > limit:
+        raise error(f"{label}: about {_mib(need)} of activations for {limits.name} (estimate), over the "
+                    f"{_mib(limit)} limit (half of this machine's memory); use fewer or shorter sequences")
+
+
+def _positive_int(value, flag: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{flag} must be an integer of at least {minimum}, not {str(value)[:40]}")
+    return value
+
+
+# ---- calibration -------------------------------------------------------------------------------
+def calibration_tokens(path: Path, model_source, *, num_samples: int = 32, seq_len: int | None = None,
+                       what: str = "calibration", seq_len_flag: str | None = None,
+                       samples_flag: str | None = None) -> torch.Tensor:
+    """(n ≤ num_samples, seq_len) int64 token ids: the rows of a token-id file, or packed from the
+    file's text. `seq_len=None`: DEFAULT_SEQ_LEN, or the model's position count if smaller. The
+    flags name the command-line options behind `seq_len` / `num_samples` in error messages."""
+    path = Path(path)
+    num_samples = _positive_int(num_samples, samples_flag or f"the number of {what} samples", 1)
+    limits = model_limits(model_source)
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, limits.max_positions or DEFAULT_SEQ_LEN)
+    seq_len = _positive_int(seq_len, seq_len_flag or f"the {what} sequence length", 2)
+    if path.suffix in (".safetensors", ".pt"):
+        ids = read_token_tensor(path, what, dims=(2,), max_rows=num_samples)
+        _check_token_rows(path, limits, ids)
+        check_token_ids(ids, limits.vocab_size, str(path), model=limits.name)
+        return ids
+    need = num_samples * seq_len
+    budget = min(MAX_CALIB_CHARS, max(MIN_CALIB_CHARS, need * CHARS_PER_TOKEN))
+    texts, truncated = _read_texts(path, what, max_chars=budget)
+    check_sequences(limits, num_samples, seq_len, seq_len_flag=seq_len_flag, samples_flag=samples_flag, what=what)
     tok = _tokenizer(model_source)
-    ids = tok("\n\n".join(texts), return_tensors="pt").input_ids[0]
+    while True:
+        ids = tok("\n\n".join(texts), return_tensors="pt").input_ids[0]
+        if ids.numel() >= need or not truncated or budget >= MAX_CALIB_CHARS:
+            break
+        budget = min(MAX_CALIB_CHARS, budget * 4)  # long tokens: read more, still bounded
+        texts, truncated = _read_texts(path, what, max_chars=budget)
     n = min(num_samples, len(ids) // seq_len)
     if n == 0:
-        raise InputError(f"{path}: calibration text too short for one sample of {seq_len} tokens")
-    return ids[: n * seq_len].reshape(n, seq_len)
+        read = f" (in its first {budget:,} characters)" if truncated else ""
+        raise InputError(f"{path}: {what} text too short for one sample of {seq_len} tokens: "
+                         f"{len(ids)} tokens{read}")
+    ids = ids[: n * seq_len].reshape(n, seq_len)
+    check_token_ids(ids, limits.vocab_size, f"{path} (tokenized for {limits.name})", model=limits.name)
+    return ids
+
+
+def _check_token_rows(path: Path, limits: ModelLimits, ids: torch.Tensor) -> None:
+    rows, width = ids.shape
+    if width < 2:
+        raise InputError(f"{path}: rows of {width} token id(s); calibration needs at least 2 per row")
+    if limits.max_positions is not None and width > limits.max_positions:
+        raise InputError(f"{path}: rows of {width} token ids are longer than the {limits.max_positions} positions "
+                         f"{limits.name} accepts ({limits.position_key} in its config)")
+    _check_activations(limits, rows, width, f"{path}: {rows} rows of {width} token ids", InputError)
 
 
 def _tokenizer(model_source):
-    from transformers import AutoTokenizer
-    p = Path(str(model_source))
+    from moeconv.io.transformers_io import read_tokenizer
     try:
-        if p.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, local_files_only=True)
-        return AutoTokenizer.from_pretrained(p, local_files_only=True)
+        return read_tokenizer(model_source)
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"{model_source}: no tokenizer to read calibration text ({exc.__class__.__name__}); "
                          "give token ids as a .safetensors file instead") from None

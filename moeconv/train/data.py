@@ -11,7 +11,11 @@ Promises:
   `seq_len`, otherwise flattened and re-packed.
 - Held-out split: the *last* `eval_fraction` of the rows (contiguous, so adjacent chunks of one
   document cannot leak into training), or a separate file. Train and held-out rows never overlap.
-- Every id is checked against the vocabulary size when one is given.
+- Every id is checked against the vocabulary size when one is given (the first offender is named).
+- Bounded: a text file over `MAX_DATA_TEXT_BYTES` (a token-id file over `MAX_DATA_TOKEN_BYTES`) is
+  refused before it is read, a JSONL line over `moeconv.data.MAX_JSONL_LINE_BYTES` is refused, and
+  a long document goes to the tokenizer in pieces of at most `TOKENIZE_CHUNK_CHARS` characters, cut
+  before a whitespace character (only a longer run without whitespace is cut inside).
 """
 from __future__ import annotations
 
@@ -20,11 +24,14 @@ from pathlib import Path
 
 import torch
 
-from moeconv.data import read_texts
+from moeconv.data import check_token_ids, read_texts, read_token_tensor
 from moeconv.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
 TENSOR_SUFFIXES = (".safetensors", ".pt")
+MAX_DATA_TEXT_BYTES = 64 * 2**20
+MAX_DATA_TOKEN_BYTES = 2 * 2**30
+TOKENIZE_CHUNK_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -39,51 +46,65 @@ class TokenData:
         return int(self.train.shape[1])
 
 
+def check_data_file(path: Path, what: str = "data") -> None:
+    """The cheap checks of a data file, before any model is loaded: it exists and is not over the
+    size this reader takes."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such {what} file")
+    size = path.stat().st_size
+    limit = MAX_DATA_TOKEN_BYTES if path.suffix in TENSOR_SUFFIXES else MAX_DATA_TEXT_BYTES
+    if size > limit:
+        kind = "token ids" if path.suffix in TENSOR_SUFFIXES else "text"
+        raise InputError(f"{path}: {size / 2**20:.1f} MiB of {what} {kind}; at most {limit / 2**20:.1f} MiB is read"
+                         + ("" if path.suffix in TENSOR_SUFFIXES else " (give token ids as a .safetensors file instead)"))
+
+
 def read_documents(path: Path) -> list[str]:
     """Documents of a text file (separated by blank lines) or a JSONL file (a `text` field per line)."""
-    return read_texts(path, what="data")
+    return read_texts(path, what="data", max_bytes=MAX_DATA_TEXT_BYTES)
+
+
+def _pieces(doc: str, size: int | None = None):
+    """`doc` in pieces of at most `size` (TOKENIZE_CHUNK_CHARS) characters, each (but the first)
+    starting at a whitespace character, so word-level and BPE tokenizers see the same words as in
+    one call (only a run of `size` characters without whitespace is cut inside)."""
+    size = size or TOKENIZE_CHUNK_CHARS
+    start = 0
+    while len(doc) - start > size:
+        cut = max(doc.rfind(" ", start + 1, start + size), doc.rfind("\n", start + 1, start + size))
+        cut = cut if cut > start else start + size
+        yield doc[start:cut]
+        start = cut
+    yield doc[start:]
 
 
 def tokenize_documents(tokenizer, docs: list[str]) -> torch.Tensor:
     """One 1-D int64 stream: each document's ids (no special tokens) followed by EOS (if any)."""
+    from array import array
     eos = getattr(tokenizer, "eos_token_id", None)
-    stream: list[int] = []
+    stream = array("q")  # 8 bytes a token, however many documents
     for doc in docs:
-        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        for piece in _pieces(doc):
+            stream.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
         if eos is not None:
             stream.append(int(eos))
-    return torch.tensor(stream, dtype=torch.int64)
+    return torch.frombuffer(stream, dtype=torch.int64).clone() if stream else torch.zeros(0, dtype=torch.int64)
 
 
 def pack(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
     """Cut a 1-D stream into (rows, seq_len); the incomplete tail is dropped."""
-    if seq_len < 2:
-        raise InputError(f"seq_len must be at least 2, got {seq_len}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise InputError(f"seq_len must be an integer of at least 2, got {str(seq_len)[:40]}")
     n = stream.numel() // seq_len
     return stream[: n * seq_len].reshape(n, seq_len).clone()
 
 
 def read_token_file(path: Path) -> torch.Tensor:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such data file")
-    try:
-        if path.suffix == ".pt":
-            ids = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            from safetensors.torch import load_file
-            tensors = load_file(path)
-            if len(tensors) != 1:
-                raise InputError(f"{path}: expected exactly one tensor of token ids, found {len(tensors)}")
-            ids = next(iter(tensors.values()))
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{path}: unreadable token file ({exc.__class__.__name__})") from None
-    if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2) or ids.dtype not in (
-            torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise InputError(f"{path}: expected a 1-D or 2-D integer tensor of token ids")
-    return ids.long()
+    """The 1-D or 2-D integer tensor of a `.safetensors` / `.pt` file, as int64."""
+    if Path(path).is_file():
+        check_data_file(path)
+    return read_token_tensor(path, "data", dims=(1, 2))
 
 
 def rows_from_file(path: Path, seq_len: int, tokenizer=None) -> torch.Tensor:
@@ -102,9 +123,9 @@ def rows_from_file(path: Path, seq_len: int, tokenizer=None) -> torch.Tensor:
     return rows
 
 
-def check_vocab(rows: torch.Tensor, vocab_size: int | None, what: str) -> None:
-    if vocab_size is not None and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= vocab_size):
-        raise InputError(f"{what}: token ids outside the vocabulary (0..{vocab_size - 1})")
+def check_vocab(rows: torch.Tensor, vocab_size: int | None, what: str, model: str = "the model") -> None:
+    """Every id in [0, vocab_size) (≥ 0 when the size is unknown); names the first offender."""
+    check_token_ids(rows, vocab_size, what, model=model)
 
 
 def split_holdout(rows: torch.Tensor, eval_fraction: float) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -120,13 +141,14 @@ def split_holdout(rows: torch.Tensor, eval_fraction: float) -> tuple[torch.Tenso
 
 
 def load_token_data(path: Path, *, seq_len: int, tokenizer=None, eval_fraction: float = 0.1,
-                    eval_path: Path | None = None, vocab_size: int | None = None) -> TokenData:
+                    eval_path: Path | None = None, vocab_size: int | None = None,
+                    model: str = "the model") -> TokenData:
     """Training rows (and held-out rows) from `path`; with `eval_path`, all of `path` is training data."""
     rows = rows_from_file(path, seq_len, tokenizer)
-    check_vocab(rows, vocab_size, str(path))
+    check_vocab(rows, vocab_size, str(path), model)
     if eval_path is not None:
         held = rows_from_file(eval_path, seq_len, tokenizer)
-        check_vocab(held, vocab_size, str(eval_path))
+        check_vocab(held, vocab_size, str(eval_path), model)
         return TokenData(rows, held)
     train, held = split_holdout(rows, eval_fraction)
     return TokenData(train, held)

@@ -372,13 +372,16 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         kept = []
         if start and path.is_file():  # resumed: keep what led up to the checkpoint, drop the rest
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if row.get("step", 0) <= start and row.get("kind") != "resume":
-                    kept.append(line)
+            with path.open("rb") as old:
+                for raw in old:  # a row we did not write (broken, not an object, no step) is dropped
+                    try:
+                        line = raw.decode("utf-8").rstrip("\r\n")
+                        row = json.loads(line)
+                    except (UnicodeDecodeError, ValueError, RecursionError):
+                        continue
+                    step = row.get("step", 0) if isinstance(row, dict) else None
+                    if type(step) is int and step <= start and row.get("kind") != "resume":
+                        kept.append(line)
         f = path.open("w", encoding="utf-8")
         for line in kept:
             f.write(line + "\n")
@@ -449,17 +452,18 @@ class Trainer:
         self._barrier()
 
     def _load_checkpoint(self, path: Path, opt) -> tuple[int, list[dict]]:
-        from safetensors.torch import load_file
-        ckpt = find_checkpoint(path)
-        meta = json.loads((ckpt / "trainer.json").read_text(encoding="utf-8"))
-        if meta.get("format_version") != CHECKPOINT_FORMAT:
-            raise InputError(f"{ckpt}: unsupported checkpoint format {meta.get('format_version')!r}")
+        """Restore a checkpoint written by `_save_checkpoint`. Everything is read and checked
+        against this run (config, data, parameter names and shapes, optimizer state, RNG state)
+        before anything is changed; a mismatch or a broken file is one `InputError`/`ConfigError`."""
+        ckpt, meta = read_checkpoint(path, rank=self.dist.rank)
         now = asdict(self.cfg)
-        diff = [k for k in _RESUME_FIELDS if json.dumps(meta["config"].get(k)) != json.dumps(now.get(k))]
+        was = meta["config"]
+        diff = [k for k in _RESUME_FIELDS if json.dumps(was.get(k)) != json.dumps(now.get(k))]
         if diff:
-            was = meta["config"]
-            changes = ", ".join(f"{k} was {was.get(k)!r}, now {now.get(k)!r}" for k in diff)
+            changes = ", ".join(f"{k} was {str(was.get(k))[:40]}, now {now.get(k)!r}" for k in diff)
             raise ConfigError(f"{ckpt}: cannot resume exactly: {changes}")
+        if meta["step"] > self.cfg.steps:
+            raise InputError(f"{ckpt}: trainer.json: step {meta['step']} is past the run's {self.cfg.steps} steps")
         if meta["world_size"] != self.dist.world_size:
             raise ConfigError(f"{ckpt}: written by {meta['world_size']} process(es), resumed with {self.dist.world_size}; "
                               "use the same number for an exact continuation")
@@ -467,22 +471,174 @@ class Trainer:
             raise InputError(f"{ckpt}: the training data differs from the data this checkpoint was trained on")
         shapes = {n: list(p.shape) for n, p in self.params}
         if meta["trainable"] != shapes:
-            raise InputError(f"{ckpt}: its trainable parameters do not match this model and mode")
-        saved = load_file(ckpt / "trainable.safetensors")
+            raise InputError(f"{ckpt}: its trainable parameters do not match this model and mode "
+                             f"({_first_difference(meta['trainable'], shapes)})")
+        params = dict(self.params)
+        saved = _read_tensors(ckpt / "trainable.safetensors")
+        for n, p in self.params:
+            t = saved.get(n)
+            if t is None or list(t.shape) != list(p.shape) or not t.is_floating_point():
+                raise InputError(f"{ckpt / 'trainable.safetensors'}: tensor {n} is missing or not a float tensor of "
+                                 f"shape {list(p.shape)}")
+        masks = None
+        if (ckpt / "masks.safetensors").is_file():
+            masks = _read_tensors(ckpt / "masks.safetensors")
+            for n, m in masks.items():
+                if n not in params or m.dtype != torch.bool or m.shape != params[n].shape:
+                    raise InputError(f"{ckpt / 'masks.safetensors'}: mask {n[:80]} is not a bool tensor shaped like "
+                                     "a trained parameter")
+        elif self.masks:
+            raise InputError(f"{ckpt}: no masks saved, but this run keeps sparsity masks")
+        opt_state = _torch_load(ckpt / "optimizer.pt", self.device)
+        _check_optimizer_state(ckpt / "optimizer.pt", opt_state, [p for _, p in self.params], opt.param_groups[0])
+        rng_file = ckpt / f"rng-rank{self.dist.rank}.pt"
+        rng = _torch_load(rng_file, "cpu")
+        if (not isinstance(rng, dict) or not _plain(rng.get("torch"))
+                or rng["torch"].dtype != torch.uint8 or rng["torch"].shape != torch.get_rng_state().shape
+                or ("cuda" in rng and not (_plain(rng["cuda"]) and rng["cuda"].dtype == torch.uint8))):
+            raise InputError(f"{rng_file}: not a saved random-number-generator state")
+        # everything checked: now change the model, optimizer and RNG
         with torch.no_grad():
             for n, p in self.params:
                 p.copy_(saved[n].to(p.device, p.dtype))
-        if (ckpt / "masks.safetensors").is_file():
-            self.masks = {n: m.to(self.device) for n, m in load_file(ckpt / "masks.safetensors").items()}
-        elif self.masks:
-            raise InputError(f"{ckpt}: no masks saved, but this run keeps sparsity masks")
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=self.device, weights_only=True))
-        rng_file = ckpt / f"rng-rank{self.dist.rank}.pt"
-        rng = torch.load(rng_file, weights_only=True)
+        if masks is not None:
+            self.masks = {n: m.to(self.device) for n, m in masks.items()}
+        try:
+            opt.load_state_dict(opt_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise InputError(f"{ckpt / 'optimizer.pt'}: optimizer state does not fit this run "
+                             f"({exc.__class__.__name__}: {' '.join(str(exc).split())[:120]})") from None
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
-        return int(meta["step"]), list(meta.get("evals") or [])
+        return meta["step"], list(meta["evals"])
+
+
+MAX_TRAINER_JSON_BYTES = 64 * 2**20
+
+
+def read_checkpoint(path: Path, rank: int = 0) -> tuple[Path, dict]:
+    """(checkpoint directory, its trainer.json) for `--resume PATH`, checked for shape: every field
+    `_load_checkpoint` reads has the right type, the step matches the directory name, and the files
+    it reads exist. Cheap (no tensor is read): the CLI calls it before loading any model."""
+    ckpt = find_checkpoint(path)
+    meta_path = ckpt / "trainer.json"
+    if meta_path.stat().st_size > MAX_TRAINER_JSON_BYTES:
+        raise InputError(f"{meta_path}: larger than {MAX_TRAINER_JSON_BYTES // 2**20} MiB; not a moeconv trainer state")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"{meta_path}: not valid JSON ({exc.__class__.__name__})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{meta_path}: expected a JSON object")
+    version = meta.get("format_version")
+    if type(version) is not int or version != CHECKPOINT_FORMAT:
+        raise InputError(f"{meta_path}: unsupported checkpoint format {json.dumps(version)[:40]} "
+                         f"(this moeconv reads format {CHECKPOINT_FORMAT})")
+
+    def field(name, kind, ok=lambda v: True, what=""):
+        v = meta.get(name)
+        if not isinstance(v, kind) or isinstance(v, bool) or not ok(v):
+            raise InputError(f"{meta_path}: field `{name}` must be {what}, not {json.dumps(v)[:40]}")
+        return v
+
+    step = field("step", int, lambda v: 1 <= v < 2**53, "a step number (1 or more)")
+    field("world_size", int, lambda v: 1 <= v <= 2**20, "a process count (1 or more)")
+    field("config", dict, what="an object")
+    field("data", str, what="a data fingerprint")
+    field("trainable", dict, lambda v: all(isinstance(s, list) and all(type(d) is int for d in s)
+                                           for s in v.values()), "an object of parameter shapes")
+    evals = meta.get("evals", [])
+    if evals is None:
+        evals = []
+    if not isinstance(evals, list) or not all(isinstance(e, dict) for e in evals):
+        raise InputError(f"{meta_path}: field `evals` must be a list of objects")
+    meta["evals"] = evals
+    if ckpt.name.startswith("step-") and ckpt.name[5:].isdigit() and int(ckpt.name[5:]) != step:
+        raise InputError(f"{meta_path}: step {step} does not match its directory {ckpt.name}")
+    for name in ("trainable.safetensors", "optimizer.pt", f"rng-rank{rank}.pt"):
+        if not (ckpt / name).is_file():
+            raise InputError(f"{ckpt}: {name} is missing; not a complete checkpoint")
+    return ckpt, meta
+
+
+def _first_difference(saved: dict, now: dict) -> str:
+    for n in sorted(set(saved) | set(now)):
+        if n not in now:
+            return f"{n[:80]} is not trained here"
+        if n not in saved:
+            return f"{n[:80]} is not in the checkpoint"
+        if saved[n] != now[n]:
+            return f"{n[:80]} is {saved[n]} there, {now[n]} here"
+    return "different order"
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    try:
+        return load_file(path)
+    except Exception as exc:  # SafetensorError and friends: a broken file
+        raise InputError(f"{path}: unreadable ({exc.__class__.__name__}: {' '.join(str(exc).split())[:120]})") from None
+
+
+def _torch_load(path: Path, device):
+    """`torch.load(weights_only=True)`: tensors and plain containers only; a pickle that would run
+    code (or any other broken file) is refused, never executed."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, zip errors: all "unreadable"
+        raise InputError(f"{path}: unreadable ({exc.__class__.__name__}); not a checkpoint file "
+                         "written by moeconv") from None
+
+
+def _same(saved, now) -> bool:
+    """`saved == now` for a saved optimizer setting (plain values and tuples of them), without
+    ever comparing a tensor (its truth value can be ambiguous)."""
+    if type(saved) is not type(now):
+        return False
+    if isinstance(now, (tuple, list)):
+        return len(saved) == len(now) and all(_same(a, b) for a, b in zip(saved, now))
+    return saved == now
+
+
+def _plain(t) -> bool:
+    """A dense tensor with real storage (not sparse, quantized or on the meta device)."""
+    return isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta and not t.is_quantized
+
+
+def _check_optimizer_state(path: Path, state, params: list[torch.Tensor], group: dict) -> None:
+    """An AdamW state dict for exactly these parameters (shapes included) and this run's settings:
+    torch's own `load_state_dict` compares neither shapes nor hyperparameters (it adopts the saved
+    ones), so a mismatch would only fail, or silently change the run, at the next step."""
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
+            or not isinstance(state.get("param_groups"), list):
+        raise InputError(f"{path}: not an optimizer state (expected `state` and `param_groups`)")
+    groups = state["param_groups"]
+    if len(groups) != 1 or not isinstance(groups[0], dict) or not isinstance(groups[0].get("params"), list) \
+            or len(groups[0]["params"]) != len(params) or not all(type(i) is int for i in groups[0]["params"]) \
+            or len(set(groups[0]["params"])) != len(params):
+        raise InputError(f"{path}: optimizer state for a different set of parameters "
+                         f"(this run trains {len(params)} tensors)")
+    for key, now in group.items():  # the learning rate is set every step; the rest must be this run's
+        if key in ("params", "lr", "initial_lr") or key not in groups[0]:
+            continue
+        was = groups[0][key]
+        if not _same(was, now):
+            raise InputError(f"{path}: optimizer setting `{key}` is {str(was)[:40]}, this run's is {now}")
+    ids = groups[0]["params"]
+    for k, v in state["state"].items():
+        if type(k) is not int or k not in ids or not isinstance(v, dict):
+            raise InputError(f"{path}: optimizer state for unknown parameter {str(k)[:40]}")
+        p = params[ids.index(k)]
+        for name in ("exp_avg", "exp_avg_sq"):
+            t = v.get(name)
+            if not _plain(t) or t.shape != p.shape or not t.is_floating_point():
+                raise InputError(f"{path}: optimizer `{name}` of parameter {k} is not a float tensor of "
+                                 f"shape {list(p.shape)}")
+        step = v.get("step")
+        if not _plain(step) or step.numel() != 1 or step.is_complex() or not bool(torch.isfinite(step.double()).all()) \
+                or not 0 <= float(step) < 2**53:
+            raise InputError(f"{path}: optimizer step count of parameter {k} is missing")
 
 
 def find_checkpoint(path: Path) -> Path:

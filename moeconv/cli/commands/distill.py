@@ -8,6 +8,7 @@ alone writes OUT, metrics and checkpoints):
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -78,13 +79,15 @@ def format_of(src: str) -> str:
 
 def student_tokenizer(src: str):
     """The tokenizer shipped with the student (a checkpoint dir or a GGUF file), or None."""
-    from transformers import AutoTokenizer
+    from moeconv.errors import InputError
+    from moeconv.io.transformers_io import read_tokenizer
     p = Path(src)
     try:
-        if p.suffix == ".gguf":
-            return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, local_files_only=True)
-        if p.is_dir() and any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            return AutoTokenizer.from_pretrained(p, local_files_only=True)
+        if p.suffix == ".gguf" or (p.is_dir() and any((p / f).is_file() for f in
+                                                        ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))):
+            return read_tokenizer(p)
+    except InputError:
+        raise
     except Exception:
         return None
     return None
@@ -186,7 +189,8 @@ def register(app: typer.Typer) -> None:
             from pydantic import ValidationError
 
             from moeconv import Context, load
-            from moeconv.errors import ConfigError, InputError, OutputExistsError
+            from moeconv.io.atomic import check_new_output, output_lock
+            from moeconv.errors import ConfigError, InputError
             from moeconv.pass_base import _first_error
             from moeconv.pipeline import Pipeline
             from moeconv.train.data import load_token_data
@@ -210,14 +214,17 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError("--eval-rows must be >= 0")
             if device not in ("cpu", "cuda"):
                 raise ConfigError(f"--device must be cpu or cuda, not {device!r}")
-            if out_dir.exists() and not force:
-                raise OutputExistsError(f"{out_dir} exists; pass --force to replace it")
+            check_new_output(out_dir, force=force)
             for name, src in (("--teacher", teacher), ("--student", student)):
                 if not str(src).startswith("builtin:") and not Path(src).exists():
                     raise InputError(f"{name} {src}: no such file or directory")
             if not str(teacher).startswith("builtin:") and Path(teacher).resolve() == out_dir.resolve():
                 raise InputError(f"output {out_dir} is the teacher; the teacher is never modified")
+            check_data_arguments(teacher, student, data, eval_data, seq_len, batch_size, micro_batch_size, resume)
             dist = init_distributed()
+            out_lock = contextlib.ExitStack()
+            if dist.is_main:  # one run per OUT (and its OUT.run) from the start, not only at the final write
+                out_lock.enter_context(output_lock(out_dir))
             try:
                 stale = rdir / "checkpoints"
                 if force and resume is None and checkpoint_every and dist.is_main and stale.is_dir():
@@ -227,12 +234,14 @@ def register(app: typer.Typer) -> None:
                     tdist.barrier()
                 t_state, s_state = load(teacher), load(student)
                 tok = None if data.suffix in (".safetensors", ".pt") else student_tokenizer(student)
+                from moeconv.data import model_limits
                 rows = load_token_data(data, seq_len=seq_len, tokenizer=tok, eval_fraction=eval_fraction,
-                                       eval_path=eval_data)
-                held = rows.eval[:eval_rows] if rows.eval is not None and eval_rows > 0 else None
+                                       eval_path=eval_data, vocab_size=model_limits(s_state).vocab_size,
+                                       model=f"--student {student}")
+                held_rows = rows.eval[:eval_rows] if rows.eval is not None and eval_rows > 0 else None
                 s_state.artifacts["teacher"] = t_state.module
                 with TrainProgress(cli.err, enabled=dist.is_main and not cli._state["verbose"]) as progress:
-                    ctx = Context(calibration=rows.train, evaluation=held, seed=seed, device=device,
+                    ctx = Context(calibration=rows.train, evaluation=held_rows, seed=seed, device=device,
                                   progress=progress)
                     p = Distill(cfg)
                     if dist.is_main:
@@ -247,8 +256,31 @@ def register(app: typer.Typer) -> None:
                     shutil.copy2(metrics, out_dir / "metrics.jsonl")
                 render_distill(cli.out, report, rdir)
             finally:
+                out_lock.close()
                 _leave_group(dist)
         cli._run(go)
+
+
+def check_data_arguments(teacher: str, student: str, data: Path, eval_data: Path | None, seq_len: int,
+                         batch_size: int, micro_batch_size: int | None, resume: Path | None) -> None:
+    """What can be refused before any model is loaded: missing data files, a sequence length past
+    either model's position table or whose activations cannot fit, a resume directory that is not
+    a complete moeconv checkpoint."""
+    from moeconv.data import check_sequences, model_limits
+    from moeconv.errors import ConfigError
+    from moeconv.train.data import check_data_file
+    for f in (data, eval_data):
+        if f is not None:
+            check_data_file(f)
+    if seq_len < 2:
+        raise ConfigError(f"--seq-len must be at least 2, not {seq_len}")
+    rows, rows_flag = (micro_batch_size, "--micro-batch-size") if micro_batch_size else (batch_size, "--batch-size")
+    for flag, src in (("--teacher", teacher), ("--student", student)):
+        check_sequences(model_limits(src, f"{flag} {src}"), rows, seq_len, seq_len_flag="--seq-len",
+                        samples_flag=rows_flag, rows_per_forward=rows, training=flag == "--student")
+    if resume is not None:
+        from moeconv.train.trainer import read_checkpoint
+        read_checkpoint(resume)
 
 
 def _leave_group(dist) -> None:

@@ -69,7 +69,8 @@ def register(app: typer.Typer) -> None:
             if not Path(src).exists():
                 raise InputError(f"{src}: no such file or directory")
             state = load(src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
-            calibration = calibration_tokens(calib, src, num_samples=calib_samples, seq_len=calib_seq_len)
+            calibration = calibration_tokens(calib, src, num_samples=calib_samples, seq_len=calib_seq_len,
+                                             seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
             with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
                 report = run_to_dir(src, out_dir, [p], ctx=Context(calibration=calibration, seed=seed, progress=progress),
                                     fmt=_format_of(src), force=force, state=state)

@@ -54,6 +54,7 @@ def register(app: typer.Typer) -> None:
             from pydantic import ValidationError
 
             from moeconv import Context, load
+            from moeconv.context import check_seed
             from moeconv.io.atomic import check_new_output
             from moeconv.errors import ConfigError, UnsupportedError
             from moeconv.job import run_to_dir
@@ -71,6 +72,7 @@ def register(app: typer.Typer) -> None:
             except ValidationError as exc:
                 raise ConfigError(f"quantize: {_first_error(exc)}") from None
             shard_bytes = parse_size(shard_size)
+            check_seed(seed)  # before any loading: it reaches every generator of the run
             check_new_output(out_dir, force=force)
             state = load(src)
             if "quantized" in state.facts():
@@ -79,7 +81,9 @@ def register(app: typer.Typer) -> None:
             evaluation = None
             if eval_file is not None:
                 from moeconv.data import calibration_tokens
-                evaluation = calibration_tokens(eval_file, src, num_samples=eval_batches, seq_len=eval_seq_len)
+                evaluation = calibration_tokens(eval_file, src, num_samples=eval_batches, seq_len=eval_seq_len,
+                                                what="evaluation", seq_len_flag="--eval-seq-len",
+                                                samples_flag="--eval-batches")
             dtype = next((p.dtype for p in state.module.parameters() if p.is_floating_point()), torch.float32)
             tolerance = EXACT if dtype == torch.float32 else RELOAD_RTOL_HALF
             with Progress(err, enabled=not _state["verbose"]) as progress:

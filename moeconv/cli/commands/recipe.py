@@ -62,7 +62,13 @@ def register(app: typer.Typer) -> None:
             from moeconv.job import run_to_dir
             from moeconv.pipeline import Pipeline
             from moeconv.recipe import apply_overrides, build_passes, load_recipe
+            from moeconv.context import check_seed
+            from moeconv.errors import ConfigError
             from moeconv.render import Progress, render_plan, render_run
+            try:
+                check_seed(seed)
+            except ConfigError as exc:
+                raise ConfigError(f"--seed: {exc}") from None
             steps = load_recipe(recipe)
             apply_overrides(steps, set_ or [])
             passes = build_passes(steps, str(recipe))

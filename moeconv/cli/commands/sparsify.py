@@ -46,6 +46,7 @@ def register(app: typer.Typer) -> None:
         def go():
             from moeconv import Context, load
             from moeconv.data import calibration_tokens
+            from moeconv.context import check_seed
             from moeconv.io.atomic import check_new_output
             from moeconv.errors import ConfigError, InputError
             from moeconv.job import run_to_dir
@@ -62,13 +63,15 @@ def register(app: typer.Typer) -> None:
             if num_samples < 1 or seq_len < 2:
                 raise ConfigError("--num-samples must be >= 1 and --seq-len >= 2")
             shard_bytes = parse_size(shard_size)
+            check_seed(seed)  # before any loading: it reaches every generator of the run
             check_new_output(out_dir, force=force)
             if not str(src).startswith("builtin:") and ".py" not in str(src) and not Path(src).exists():
                 raise InputError(f"{src}: no such file or directory")
             state = load(src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
             calibration = None
             if calib is not None:
-                calibration = calibration_tokens(calib, src, num_samples=num_samples, seq_len=seq_len)
+                calibration = calibration_tokens(calib, src, num_samples=num_samples, seq_len=seq_len,
+                                                 seq_len_flag="--seq-len", samples_flag="--num-samples")
             extra = None
             if compressed:
                 label = p.config.sparsity_pattern().label
