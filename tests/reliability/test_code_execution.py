@@ -140,34 +140,25 @@ def tripwire(monkeypatch, tmp_path):
     return calls
 
 
-@pytest.mark.parametrize("command", sorted(TOKENIZER_COMMANDS))
-def test_custom_tokenizer_code_is_never_run(command, good, data, tmp_path, tripwire):
+# (payload, the commands it applies to, the file the one line names)
+PAYLOADS = {"tokenizer": (custom_tokenizer, TOKENIZER_COMMANDS, "tokenizer_config.json"),
+            "config": (custom_config, MODEL_COMMANDS, "config.json")}
+CASES = [(p, c) for p, (_, commands, _) in PAYLOADS.items() for c in sorted(commands)]
+
+
+@pytest.mark.parametrize("payload,command", CASES, ids=[f"{p}-{c}" for p, c in CASES])
+def test_checkpoint_code_is_never_run(payload, command, good, data, tmp_path, tripwire):
+    make, commands, names = PAYLOADS[payload]
     src = copy_dir(good, tmp_path / "src")
-    custom_tokenizer(src)
+    make(src)
     (tmp_path / "r.yaml").write_text(RECIPE)
     (tmp_path / "work").mkdir()
     out = tmp_path / "work" / "out"
-    result = CliRunner().invoke(app, _args(TOKENIZER_COMMANDS[command], src=src, out=out, data=data,
+    result = CliRunner().invoke(app, _args(commands[command], src=src, out=out, data=data,
                                            recipe=tmp_path / "r.yaml"), input="y\ny\n")
     assert result.exit_code == 2, (result.output, result.exception)
     err = result.stderr.strip()
-    assert "\n" not in err and "tokenizer_config.json" in err and "custom code" in err, err
-    assert tripwire == [] and not (tmp_path / "evil-ran").exists()
-    assert list((tmp_path / "work").iterdir()) == []
-
-
-@pytest.mark.parametrize("command", sorted(MODEL_COMMANDS))
-def test_custom_model_code_is_never_run(command, good, data, tmp_path, tripwire):
-    src = copy_dir(good, tmp_path / "src")
-    custom_config(src)
-    (tmp_path / "r.yaml").write_text(RECIPE)
-    (tmp_path / "work").mkdir()
-    out = tmp_path / "work" / "out"
-    result = CliRunner().invoke(app, _args(MODEL_COMMANDS[command], src=src, out=out, data=data,
-                                           recipe=tmp_path / "r.yaml"), input="y\ny\n")
-    assert result.exit_code == 2, (result.output, result.exception)
-    err = result.stderr.strip()
-    assert "\n" not in err and "config.json" in err and "custom code" in err, err
+    assert "\n" not in err and names in err and "custom code" in err, err
     assert tripwire == [] and not (tmp_path / "evil-ran").exists()
     assert list((tmp_path / "work").iterdir()) == []
 
