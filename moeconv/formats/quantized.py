@@ -4,7 +4,7 @@
   (`weight`, `weight.absmax`, `weight.quant_map`, [`weight.nested_*`],
   `weight.quant_state.bitsandbytes__nf4|fp4` for 4-bit; `weight`, `SCB`, `weight_format` for int8)
   plus `quantization_config` in config.json, with every linear layer left in float named in
-  `llm_int8_skip_modules`. Consumer: `transformers.AutoModelForCausalLM.from_pretrained(OUT)`,
+  `llm_int8_skip_modules`. Consumer: `transformers.AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=False)`,
   on any device bitsandbytes runs on (CPU included).
 - **Everything else, MoE models in particular** → moeconv's format (`moeconv.formats.native`)
   with a `quantization` section: one record per quantized layer (method, float shape, bias,

@@ -73,14 +73,14 @@ def read_tokenizer(source):
     from transformers import AutoTokenizer
     p = Path(str(source))
     if p.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name, local_files_only=True,
-                                             trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(p.parent, trust_remote_code=False, gguf_file=p.name,
+                                             local_files_only=True)
     refuse_custom_code(p)
     return AutoTokenizer.from_pretrained(p, local_files_only=True, trust_remote_code=False)
 
 
 def load_model(cls, path: Path, **kwargs):
-    """`cls.from_pretrained(path, …)` for a directory, never running its code."""
+    """`cls`'s pretrained loader on a directory, never running its code."""
     refuse_custom_code(path)
     return cls.from_pretrained(path, local_files_only=True, trust_remote_code=False, **kwargs)
 
@@ -90,8 +90,8 @@ def load_causal_lm(path: Path, *, gguf_file: str | None = None, dtype=torch.floa
     from transformers import AutoModelForCausalLM
     if gguf_file is None:
         refuse_custom_code(path)
-    return AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, local_files_only=True,
-                                                trust_remote_code=False, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, gguf_file=gguf_file,
+                                                local_files_only=True, dtype=dtype)
 
 
 def config_for(model_type: str, **fields):
