@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 
 from moeconv.errors import ConfigError, InputError
+from moeconv.io.config_checks import format_bytes, total_memory
+from moeconv.io.json_files import json_object_or_none
 
 DEFAULT_SEQ_LEN = 128                  # calibration sequence length when none is asked for
 CHARS_PER_TOKEN = 16                   # text read per requested token (first try; grows ×4 if short)
 MIN_CALIB_CHARS = 64 * 1024
 MAX_CALIB_CHARS = 4 * 1024 * 1024      # never more text than this goes to the tokenizer at once
 MAX_JSONL_LINE_BYTES = 16 * 2**20      # one JSON document per line, at most this long
-MAX_CONFIG_BYTES = 16 * 2**20          # config.json read for the model's limits
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 _SAFETENSORS_INTEGERS = {"I64", "I32", "I16", "U8", "I8"}
 
@@ -51,7 +52,7 @@ def _read_texts(path: Path, what: str, *, max_chars: int | None = None,
         raise InputError(f"{path}: no such {what} file")
     size = path.stat().st_size
     if max_bytes is not None and size > max_bytes:
-        raise InputError(f"{path}: {_mib(size)} of {what} text; at most {_mib(max_bytes)} is read "
+        raise InputError(f"{path}: {format_bytes(size)} of {what} text; at most {format_bytes(max_bytes)} is read "
                          "(give token ids as a .safetensors file instead)")
     if path.suffix == ".jsonl":
         texts, truncated = _read_jsonl(path, what, max_chars)
@@ -77,7 +78,7 @@ def _read_jsonl(path: Path, what: str, max_chars: int | None) -> tuple[list[str]
             if not line:
                 return texts, False
             if len(line) > MAX_JSONL_LINE_BYTES:
-                raise InputError(f"{path}:{lineno}: line longer than {_mib(MAX_JSONL_LINE_BYTES)} "
+                raise InputError(f"{path}:{lineno}: line longer than {format_bytes(MAX_JSONL_LINE_BYTES)} "
                                  f"(one {what} document per line)")
             try:
                 line_text = line.decode("utf-8")
@@ -107,10 +108,6 @@ def _read_jsonl(path: Path, what: str, max_chars: int | None) -> tuple[list[str]
 def _json_type(v) -> str:
     return {bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object",
             type(None): "null"}.get(type(v), type(v).__name__)
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
 
 
 # ---- reading token ids -------------------------------------------------------------------------
@@ -255,13 +252,7 @@ def model_limits(source, name: str | None = None) -> ModelLimits:
     if text.startswith("builtin:"):
         return _builtin_limits(text.split(":", 1)[1], name)
     path = Path(text)
-    cfg_path = path / "config.json"
-    try:
-        if not cfg_path.is_file() or cfg_path.stat().st_size > MAX_CONFIG_BYTES:
-            return ModelLimits(name)
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return ModelLimits(name)
+    raw = json_object_or_none(path / "config.json")
     for _ in range(4):  # a compressed checkpoint holds its dense config, which may be moeconv's
         if not isinstance(raw, dict):
             return ModelLimits(name)
@@ -294,19 +285,8 @@ def _builtin_limits(which: str, name: str) -> ModelLimits:
 
 def memory_limit() -> int:
     """Bytes that activations may take: half of this machine's physical memory (or of the
-    container's cgroup limit, when that is lower)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        total = 32 * 2**30
-    for f in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(f).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and 0 < int(text) < total:
-            total = int(text)
-    return max(1, total // 2)
+    container's limit, when that is lower)."""
+    return max(1, total_memory() // 2)
 
 
 def activation_bytes(limits: ModelLimits, samples: int, seq_len: int, *, rows_per_forward: int = 16,
@@ -349,8 +329,8 @@ def _check_activations(limits: ModelLimits, samples: int, seq_len: int, label: s
     need = activation_bytes(limits, samples, seq_len, rows_per_forward=rows_per_forward, training=training)
     limit = memory_limit()
     if need > limit:
-        raise error(f"{label}: about {_mib(need)} of activations for {limits.name} (estimate), over the "
-                    f"{_mib(limit)} limit (half of this machine's memory); use fewer or shorter sequences")
+        raise error(f"{label}: about {format_bytes(need)} of activations for {limits.name} (estimate), over the "
+                    f"{format_bytes(limit)} limit (half of this machine's memory); use fewer or shorter sequences")
 
 
 def _positive_int(value, flag: str, minimum: int) -> int:

@@ -33,7 +33,8 @@ from moeconv.formats.native import save_moeconv
 from moeconv.formats.writer import TensorSource, module_source, write_checkpoint
 from moeconv.io.atomic import atomic_output_dir, check_new_output
 from moeconv.io.config_checks import check_fits_disk, check_layers_present
-from moeconv.io.load import TOKENIZER_FILES, _read_json, hf_config, load
+from moeconv.io.json_files import read_json_object
+from moeconv.io.load import TOKENIZER_FILES, hf_config, load
 from moeconv.io.transformers_io import load_causal_lm, model_class, read_tokenizer
 from moeconv.io.safetensors_io import SourceCheckpoint, TensorSpec
 from moeconv.pass_base import EXACT_RTOL
@@ -73,7 +74,7 @@ def upcycle_checkpoint(src, out, cfg: UpcycleConfig, *, fmt: FormatChoice = "aut
     src_path = Path(str(src)) if not str(src).startswith("builtin:") else None
     raw = None
     if src_path is not None and src_path.is_dir() and (src_path / "config.json").is_file():
-        raw = _read_json(src_path / "config.json")
+        raw = read_json_object(src_path / "config.json")
     family = format_for(raw.get("model_type")) if raw and "moeconv" not in raw else None
     if fmt == "hf" and family is None:
         what = raw.get("model_type") if raw else str(src)

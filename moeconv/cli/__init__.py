@@ -111,28 +111,27 @@ def _run(fn):
     try:
         return fn()
     except MoeconvError as exc:
-        if _state["verbose"]:
-            err.print_exception()
-        err.print(f"error: {exc.one_line()}", markup=False)
-        raise typer.Exit(2)
+        _fail(exc.one_line())
     except KeyboardInterrupt:
         err.print("interrupted: no output was written", markup=False)
         raise typer.Exit(130)
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS:
             raise
-        if _state["verbose"]:
-            err.print_exception()
-        err.print(f"error: {_os_error_line(exc)}", markup=False)
-        raise typer.Exit(2)
+        _fail(_os_error_line(exc))
     except MemoryError:
-        if _state["verbose"]:
-            err.print_exception()
-        err.print("error: out of memory (no output was written); use a smaller model, fewer calibration "
-                  "tokens, or a machine with more memory", markup=False)
-        raise typer.Exit(2)
+        _fail("out of memory (no output was written); use a smaller model, fewer calibration tokens, "
+              "or a machine with more memory")
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def _fail(line: str):
+    """The one `error:` line and exit code 2 (with -v, the traceback of the error being handled first)."""
+    if _state["verbose"]:
+        err.print_exception()
+    err.print(f"error: {line}", markup=False)
+    raise typer.Exit(2)
 
 
 # What the machine, not moeconv, ran out of or refused: one line (the atomic writers have already

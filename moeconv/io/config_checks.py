@@ -71,8 +71,34 @@ def check_layers_present(where, config: dict, tensor_names) -> None:
         raise InputError(f"{where}: the config describes {layers} layers but the weights hold {max(present) + 1}")
 
 
+_CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
+
+
+def _cgroup_limit() -> int | None:
+    """The container's memory limit in bytes, if one is set."""
+    for f in _CGROUP_LIMITS:
+        try:
+            text = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) > 0:
+            return int(text)
+    return None
+
+
+def total_memory() -> int:
+    """This machine's physical memory, or the container's limit when that is lower."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 32 * 2**30
+    limit = _cgroup_limit()
+    return min(total, limit) if limit else total
+
+
 def available_memory() -> int:
-    """Bytes this process can still allocate: MemAvailable, capped by a cgroup limit if set."""
+    """Bytes this process can still allocate: MemAvailable, capped by what the container's limit
+    leaves."""
     avail = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -82,13 +108,12 @@ def available_memory() -> int:
         pass
     if avail is None:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        usage = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit.isdigit():
-            avail = min(avail, int(limit) - usage)
-    except (OSError, ValueError):
-        pass
+    limit = _cgroup_limit()
+    if limit:
+        try:
+            avail = min(avail, limit - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+        except (OSError, ValueError):
+            avail = min(avail, limit)
     return max(avail, 0)
 
 
@@ -115,8 +140,8 @@ def check_fits_memory(where, need_bytes: int, what: str = "its weights") -> None
     """Refuse, before allocating, a model whose weights alone exceed the memory available."""
     have = available_memory()
     if need_bytes > have:
-        raise UnsupportedError(f"{where}: {what} need at least {_gib(need_bytes)} of memory and "
-                               f"{_gib(have)} is available; refused before allocating it")
+        raise UnsupportedError(f"{where}: {what} need at least {format_bytes(need_bytes)} of memory and "
+                               f"{format_bytes(have)} is available; refused before allocating it")
 
 
 def check_fits_disk(directory: Path, need_bytes: int) -> None:
@@ -124,11 +149,12 @@ def check_fits_disk(directory: Path, need_bytes: int) -> None:
     import shutil
     free = shutil.disk_usage(directory).free
     if need_bytes > free:
-        raise UnsupportedError(f"{directory.parent}: the output needs {_gib(need_bytes)} and {_gib(free)} is free "
+        raise UnsupportedError(f"{directory.parent}: the output needs {format_bytes(need_bytes)} and {format_bytes(free)} is free "
                                "there; nothing was written")
 
 
-def _gib(n: int) -> str:
+def format_bytes(n: int) -> str:
+    """`n` bytes for a message: one decimal in the largest binary unit that fits."""
     for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"

@@ -9,7 +9,6 @@ that returns a module, or an in-memory `nn.Module`.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from moeconv.errors import InputError, MoeconvError, UnsupportedError
+from moeconv.io.json_files import read_json_object
 from moeconv.io.config_checks import check_config_values, check_fits_memory, check_layers_present, estimate_parameters
 from moeconv.io.safetensors_io import TensorSpec
 from moeconv.io.transformers_io import load_causal_lm, load_model, model_class, read_config, refuse_custom_code
@@ -89,7 +89,7 @@ def _load(source, *, dtype: torch.dtype | None = None) -> ModelState:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise InputError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
-    raw = _read_json(config_path)
+    raw = read_json_object(config_path)
     if "moeconv" in raw:
         from moeconv.formats.native import load_moeconv
         return load_moeconv(path, raw, dtype=dtype)
@@ -97,20 +97,6 @@ def _load(source, *, dtype: torch.dtype | None = None) -> ModelState:
         from moeconv.sparsity import load_compressed
         return load_compressed(path, raw, dtype=dtype)
     return _load_hf(path, raw, dtype)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc.__class__.__name__}: {exc})") from None
-    except RecursionError:
-        raise InputError(f"{path}: JSON nested too deeply to be a config") from None
-    except ValueError as exc:  # e.g. an integer of more digits than Python converts
-        raise InputError(f"{path}: unreadable JSON value ({' '.join(str(exc).split())[:100]})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
-    return data
 
 
 def _load_builtin(name: str) -> ModelState:

@@ -11,13 +11,13 @@ fails if any `from_pretrained` in moeconv/, passes/ or scripts/ lacks `trust_rem
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
 from moeconv.errors import InputError
+from moeconv.io.json_files import json_object_or_none
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a converter never downloads behind a user's back
 
@@ -31,24 +31,16 @@ def refuse_custom_code(directory: Path) -> None:
     know but whose `auto_map` does. (An `auto_map` beside a class transformers has is inert under
     `trust_remote_code=False`: transformers' own class is used.)"""
     directory = Path(directory)
-    tok = _json_object(directory / "tokenizer_config.json")
+    tok = json_object_or_none(directory / "tokenizer_config.json")
     if tok is not None and "auto_map" in tok and not _known_tokenizer(tok.get("tokenizer_class")):
         raise InputError(f"{directory / 'tokenizer_config.json'}: its tokenizer is custom code (`auto_map`); "
                          "moeconv never runs code from a checkpoint (use a tokenizer.json tokenizer)")
-    cfg = _json_object(directory / "config.json")
+    cfg = json_object_or_none(directory / "config.json")
     if cfg is not None and "auto_map" in cfg:
         from transformers import CONFIG_MAPPING
         if cfg.get("model_type") not in CONFIG_MAPPING:
             raise InputError(f"{directory / 'config.json'}: model_type {str(cfg.get('model_type'))[:40]!r} exists only "
                              "as custom code (`auto_map`); moeconv never runs code from a checkpoint")
-
-
-def _json_object(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return None  # absent or unreadable: its own reader refuses it with its own message
-    return data if isinstance(data, dict) else None
 
 
 def _known_tokenizer(name) -> bool:

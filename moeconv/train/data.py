@@ -26,6 +26,7 @@ import torch
 
 from moeconv.data import check_token_ids, read_texts, read_token_tensor
 from moeconv.errors import InputError
+from moeconv.io.config_checks import format_bytes
 
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
 TENSOR_SUFFIXES = (".safetensors", ".pt")
@@ -56,7 +57,7 @@ def check_data_file(path: Path, what: str = "data") -> None:
     limit = MAX_DATA_TOKEN_BYTES if path.suffix in TENSOR_SUFFIXES else MAX_DATA_TEXT_BYTES
     if size > limit:
         kind = "token ids" if path.suffix in TENSOR_SUFFIXES else "text"
-        raise InputError(f"{path}: {size / 2**20:.1f} MiB of {what} {kind}; at most {limit / 2**20:.1f} MiB is read"
+        raise InputError(f"{path}: {format_bytes(size)} of {what} {kind}; at most {format_bytes(limit)} is read"
                          + ("" if path.suffix in TENSOR_SUFFIXES else " (give token ids as a .safetensors file instead)"))
 
 
