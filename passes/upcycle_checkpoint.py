@@ -26,9 +26,9 @@ from typing import Literal
 import torch
 
 from moeconv import Context, Pipeline, __version__
-from moeconv.errors import InputError, MoeconvError, UnsupportedError, VerificationError
+from moeconv.errors import InputError, UnsupportedError, VerificationError
 from moeconv.expert_init import expert_tensors, router_weight, split_partition
-from moeconv.formats.hf_moe import FORMATS, MoeFormat, check_representable, format_for, moe_config_dict, rename
+from moeconv.formats.hf_moe import MoeFormat, check_representable, format_for, moe_config_dict, rename
 from moeconv.formats.native import save_moeconv
 from moeconv.formats.writer import TensorSource, module_source, write_checkpoint
 from moeconv.io.atomic import atomic_output_dir, check_new_output
@@ -111,7 +111,6 @@ def _in_memory(src, tmp: Path, cfg: UpcycleConfig, family: MoeFormat | None, dty
     chosen = select_sites(sites, cfg.targets, cfg.ignore)
     if family is not None:
         _check_family(family, state.config.to_dict(), cfg, sites, chosen)
-    dense_ref = None
     ctx = Context(calibration=calibration, seed=cfg.seed, progress=progress)
     result = Pipeline([Upcycle(cfg)]).run(state, ctx)
     state = result.state

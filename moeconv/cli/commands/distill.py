@@ -234,7 +234,7 @@ def register(app: typer.Typer) -> None:
                     tdist.barrier()
                 t_state, s_state = load(teacher), load(student)
                 tok = None if data.suffix in (".safetensors", ".pt") else student_tokenizer(student)
-                from moeconv.data import model_limits
+                from moeconv.model_limits import model_limits
                 rows = load_token_data(data, seq_len=seq_len, tokenizer=tok, eval_fraction=eval_fraction,
                                        eval_path=eval_data, vocab_size=model_limits(s_state).vocab_size,
                                        model=f"--student {student}")
@@ -266,7 +266,7 @@ def check_data_arguments(teacher: str, student: str, data: Path, eval_data: Path
     """What can be refused before any model is loaded: missing data files, a sequence length past
     either model's position table or whose activations cannot fit, a resume directory that is not
     a complete moeconv checkpoint."""
-    from moeconv.data import check_sequences, model_limits
+    from moeconv.model_limits import check_sequences, model_limits
     from moeconv.errors import ConfigError
     from moeconv.train.data import check_data_file
     for f in (data, eval_data):
