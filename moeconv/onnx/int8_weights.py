@@ -154,6 +154,49 @@ class CarryResult:
 
 def carry_int8(model: onnx.ModelProto, layers: list[Int8Layer]) -> CarryResult:
     """Replace, in place, every float initializer made of dequantized int8 rows (see module doc)."""
+    table, per_layer = _row_table(layers)
+    widths = {l.q.shape[1] for l in layers}
+    res = CarryResult(layers=len(layers))
+    used: set[bytes] = set()
+    new_nodes, new_inits, drop = [], [], []
+    for init in model.graph.initializer:
+        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
+            continue
+        dims = list(init.dims)
+        if dims[-1] not in widths and not (len(dims) == 2 and dims[0] in widths):
+            continue
+        arr = numpy_helper.to_array(init)
+        found = _find_int8_rows(arr, dims, widths, table)
+        if found is None:
+            continue
+        axis, rows, keys = found
+        q = np.stack([table[k][0] for k in keys])
+        s = np.array([table[k][1] for k in keys], dtype=np.float32)
+        if not np.array_equal((q.astype(np.float32) * s[:, None]).view(np.uint32), np.ascontiguousarray(rows).view(np.uint32)):
+            raise AssertionError(f"{init.name}: int8 · scale does not reproduce the float weight bit for bit")
+        used.update(keys)
+        res.initializers += 1
+        res.float_bytes += arr.nbytes
+        res.int8_bytes += q.nbytes + s.nbytes
+        drop.append(init)
+        inits, nodes = _dequantize_linear(init.name, q, s, dims, transposed=arr.ndim == 2 and axis == 0)
+        new_inits += inits
+        new_nodes += nodes
+    for init in drop:
+        model.graph.initializer.remove(init)
+    model.graph.initializer.extend(new_inits)
+    for i, node in enumerate(new_nodes):
+        model.graph.node.insert(i, node)
+    for path, keys in per_layer.items():
+        if all(k in used for k in keys):
+            res.layers_carried += 1
+        else:
+            res.missing.append(path)
+    return res
+
+
+def _row_table(layers: list[Int8Layer]) -> tuple[dict[bytes, tuple[np.ndarray, np.float32]], dict[str, list[bytes]]]:
+    """(key of each dequantized float row → its int8 row and scale, layer path → its rows' keys)."""
     table: dict[bytes, tuple[np.ndarray, np.float32]] = {}
     per_layer: dict[str, list[bytes]] = {}
     for l in layers:
@@ -166,61 +209,36 @@ def carry_int8(model: onnx.ModelProto, layers: list[Int8Layer]) -> CarryResult:
             table.setdefault(k, (q[r], s[r]))
             keys.append(k)
         per_layer[l.path] = keys
-    widths = {l.q.shape[1] for l in layers}
-    res = CarryResult(layers=len(layers))
-    used: set[bytes] = set()
-    new_nodes, new_inits, drop = [], [], []
-    for init in model.graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) < 2:
+    return table, per_layer
+
+
+def _find_int8_rows(arr: np.ndarray, dims: list[int], widths: set[int], table: dict):
+    """(row axis, rows, their keys) when every row of `arr` (flattened along its last axis) or, for a
+    2-D one, every column is a dequantized int8 row in `table`; else None."""
+    for axis, rows in ((len(dims) - 1, arr.reshape(-1, dims[-1])), (0, arr.T if arr.ndim == 2 else None)):
+        if rows is None or rows.shape[1] not in widths or not np.any(rows):
             continue
-        dims = list(init.dims)
-        if dims[-1] not in widths and not (len(dims) == 2 and dims[0] in widths):
-            continue
-        arr = numpy_helper.to_array(init)
-        found = None
-        for axis, rows in ((len(dims) - 1, arr.reshape(-1, dims[-1])), (0, arr.T if arr.ndim == 2 else None)):
-            if rows is None or rows.shape[1] not in widths or not np.any(rows):
-                continue
-            keys = [_key(r) for r in rows]
-            if all(k in table for k in keys):
-                found = axis, rows, keys
-                break
-        if found is None:
-            continue
-        axis, rows, keys = found
-        q = np.stack([table[k][0] for k in keys])
-        s = np.array([table[k][1] for k in keys], dtype=np.float32)
-        if not np.array_equal((q.astype(np.float32) * s[:, None]).view(np.uint32), np.ascontiguousarray(rows).view(np.uint32)):
-            raise AssertionError(f"{init.name}: int8 · scale does not reproduce the float weight bit for bit")
-        used.update(keys)
-        name = init.name
-        res.initializers += 1
-        res.float_bytes += arr.nbytes
-        res.int8_bytes += q.nbytes + s.nbytes
-        drop.append(init)
-        if arr.ndim == 2 and axis == 0:  # stored (in, out): columns are the rows of W
-            new_inits += [numpy_helper.from_array(np.ascontiguousarray(q.T), name + "_int8"),
-                          numpy_helper.from_array(s, name + "_scale")]
-            new_nodes.append(helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name],
-                                              name=name + "_dq", axis=1))
-        elif arr.ndim == 2:
-            new_inits += [numpy_helper.from_array(q, name + "_int8"), numpy_helper.from_array(s, name + "_scale")]
-            new_nodes.append(helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name],
-                                              name=name + "_dq", axis=0))
-        else:  # stacked experts (E, N, K): dequantize (E·N, K) row-wise, then reshape
-            new_inits += [numpy_helper.from_array(q, name + "_int8"), numpy_helper.from_array(s, name + "_scale"),
-                          numpy_helper.from_array(np.array(dims, dtype=np.int64), name + "_shape")]
-            new_nodes += [helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name + "_rows"],
-                                           name=name + "_dq", axis=0),
-                          helper.make_node("Reshape", [name + "_rows", name + "_shape"], [name], name=name + "_reshape")]
-    for init in drop:
-        model.graph.initializer.remove(init)
-    model.graph.initializer.extend(new_inits)
-    for i, node in enumerate(new_nodes):
-        model.graph.node.insert(i, node)
-    for path, keys in per_layer.items():
-        if all(k in used for k in keys):
-            res.layers_carried += 1
-        else:
-            res.missing.append(path)
-    return res
+        keys = [_key(r) for r in rows]
+        if all(k in table for k in keys):
+            return axis, rows, keys
+    return None
+
+
+def _dequantize_linear(name: str, q: np.ndarray, s: np.ndarray, dims: list[int], *, transposed: bool):
+    """(initializers, nodes) producing the float tensor `name` (shape `dims`) from int8 rows `q`
+    and their scales `s`: one `DequantizeLinear`, plus a `Reshape` for stacked experts."""
+    if transposed:  # 2-D stored (in, out): columns are the rows of W
+        inits = [numpy_helper.from_array(np.ascontiguousarray(q.T), name + "_int8"),
+                 numpy_helper.from_array(s, name + "_scale")]
+        return inits, [helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name],
+                                        name=name + "_dq", axis=1)]
+    if len(dims) == 2:
+        inits = [numpy_helper.from_array(q, name + "_int8"), numpy_helper.from_array(s, name + "_scale")]
+        return inits, [helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name],
+                                        name=name + "_dq", axis=0)]
+    # stacked experts (E, N, K): dequantize (E·N, K) row-wise, then reshape
+    inits = [numpy_helper.from_array(q, name + "_int8"), numpy_helper.from_array(s, name + "_scale"),
+             numpy_helper.from_array(np.array(dims, dtype=np.int64), name + "_shape")]
+    return inits, [helper.make_node("DequantizeLinear", [name + "_int8", name + "_scale"], [name + "_rows"],
+                                    name=name + "_dq", axis=0),
+                   helper.make_node("Reshape", [name + "_rows", name + "_shape"], [name], name=name + "_reshape")]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeconv.nn.moe import MoEBlock
-from moeconv.train import losses
+import moeconv.train.losses as losses
 
 TERMS = ("kl", "ce", "hidden", "router", "balance", "z")
 

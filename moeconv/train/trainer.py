@@ -456,6 +456,30 @@ class Trainer:
         against this run (config, data, parameter names and shapes, optimizer state, RNG state)
         before anything is changed; a mismatch or a broken file is one `InputError`/`ConfigError`."""
         ckpt, meta = read_checkpoint(path, rank=self.dist.rank)
+        self._check_resume_meta(ckpt, meta)
+        saved, masks = self._read_trained_tensors(ckpt)
+        opt_state = _torch_load(ckpt / "optimizer.pt", self.device)
+        _check_optimizer_state(ckpt / "optimizer.pt", opt_state, [p for _, p in self.params], opt.param_groups[0])
+        rng = _read_rng_state(ckpt / f"rng-rank{self.dist.rank}.pt")
+        # everything checked: now change the model, optimizer and RNG
+        with torch.no_grad():
+            for n, p in self.params:
+                p.copy_(saved[n].to(p.device, p.dtype))
+        if masks is not None:
+            self.masks = {n: m.to(self.device) for n, m in masks.items()}
+        try:
+            opt.load_state_dict(opt_state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise InputError(f"{ckpt / 'optimizer.pt'}: optimizer state does not fit this run "
+                             f"({exc.__class__.__name__}: {' '.join(str(exc).split())[:120]})") from None
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        return meta["step"], list(meta["evals"])
+
+    def _check_resume_meta(self, ckpt: Path, meta: dict) -> None:
+        """A checkpoint's trainer.json against this run: resume-relevant config fields, step,
+        process count, data fingerprint and trainable parameter shapes."""
         now = asdict(self.cfg)
         was = meta["config"]
         diff = [k for k in _RESUME_FIELDS if json.dumps(was.get(k)) != json.dumps(now.get(k))]
@@ -473,6 +497,10 @@ class Trainer:
         if meta["trainable"] != shapes:
             raise InputError(f"{ckpt}: its trainable parameters do not match this model and mode "
                              f"({_first_difference(meta['trainable'], shapes)})")
+
+    def _read_trained_tensors(self, ckpt: Path) -> tuple[dict, dict | None]:
+        """(trained parameters, sparsity masks or None) of a checkpoint, checked against this run's
+        trainable parameters; nothing is changed."""
         params = dict(self.params)
         saved = _read_tensors(ckpt / "trainable.safetensors")
         for n, p in self.params:
@@ -489,29 +517,17 @@ class Trainer:
                                      "a trained parameter")
         elif self.masks:
             raise InputError(f"{ckpt}: no masks saved, but this run keeps sparsity masks")
-        opt_state = _torch_load(ckpt / "optimizer.pt", self.device)
-        _check_optimizer_state(ckpt / "optimizer.pt", opt_state, [p for _, p in self.params], opt.param_groups[0])
-        rng_file = ckpt / f"rng-rank{self.dist.rank}.pt"
-        rng = _torch_load(rng_file, "cpu")
-        if (not isinstance(rng, dict) or not _plain(rng.get("torch"))
-                or rng["torch"].dtype != torch.uint8 or rng["torch"].shape != torch.get_rng_state().shape
-                or ("cuda" in rng and not (_plain(rng["cuda"]) and rng["cuda"].dtype == torch.uint8))):
-            raise InputError(f"{rng_file}: not a saved random-number-generator state")
-        # everything checked: now change the model, optimizer and RNG
-        with torch.no_grad():
-            for n, p in self.params:
-                p.copy_(saved[n].to(p.device, p.dtype))
-        if masks is not None:
-            self.masks = {n: m.to(self.device) for n, m in masks.items()}
-        try:
-            opt.load_state_dict(opt_state)
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise InputError(f"{ckpt / 'optimizer.pt'}: optimizer state does not fit this run "
-                             f"({exc.__class__.__name__}: {' '.join(str(exc).split())[:120]})") from None
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        return meta["step"], list(meta["evals"])
+        return saved, masks
+
+
+def _read_rng_state(rng_file: Path) -> dict:
+    """A rank's saved random-number-generator state (`torch`, and `cuda` if it was saved), checked."""
+    rng = _torch_load(rng_file, "cpu")
+    if (not isinstance(rng, dict) or not _plain(rng.get("torch"))
+            or rng["torch"].dtype != torch.uint8 or rng["torch"].shape != torch.get_rng_state().shape
+            or ("cuda" in rng and not (_plain(rng["cuda"]) and rng["cuda"].dtype == torch.uint8))):
+        raise InputError(f"{rng_file}: not a saved random-number-generator state")
+    return rng
 
 
 MAX_TRAINER_JSON_BYTES = 64 * 2**20
