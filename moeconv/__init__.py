@@ -13,8 +13,7 @@ from moeconv.pass_base import Pass, PassConfig, PassResult
 from moeconv.pipeline import Pipeline
 from moeconv.report import PassReport, RunReport
 from moeconv.state import ModelState
-
-__version__ = "0.1.0"
+from moeconv.version import __version__
 
 
 def load(source, **kwargs) -> ModelState:

@@ -98,7 +98,7 @@ def run_demo(out: Path, *, upcycle_fn, config, force: bool = False, progress=Non
 def _run_chain(gguf: Path, out: Path, config, tok, ids: torch.Tensor, new_tokens: int, progress) -> dict:
     from moeconv.context import Context
     from moeconv.evaluate import pydoc_text, token_batches
-    from moeconv.job import run_to_dir
+    from moeconv.jobs.pipeline_job import run_to_dir
     from moeconv.recipe import build_passes, load_recipe
     recipe = out / "recipe.yaml"
     recipe.write_text(chain_recipe(config.num_experts, config.top_k))

@@ -48,3 +48,14 @@ class VerificationError(MoeconvError):
 
 class OutputExistsError(MoeconvError):
     """The output path exists and --force was not given."""
+
+
+class ReportedVerificationError(VerificationError):
+    """A broken promise whose measurements are worth keeping: the job driver keeps the partial
+    output as `OUT.failed/` with a `FAILED` marker and `report` (the full measured report)."""
+
+    what = "check"  # what failed, for the marker: "parity check"
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report

@@ -12,7 +12,7 @@ import torch
 from moeconv.context import Context
 from moeconv.errors import VerificationError
 from moeconv.pass_base import EXACT_RTOL, Pass, PassResult
-from moeconv.state import ModelState, model_outputs
+from moeconv.state import ModelState, model_outputs, vocab_size
 
 
 class Instrument:
@@ -38,7 +38,7 @@ class NumericCheck(Instrument):
     def before(self, p, state, ctx):
         self._ref = None
         self._inputs = None
-        vocab = _vocab_size(state)
+        vocab = vocab_size(state.module, state.config)
         if vocab is None:
             return
         self._inputs = ctx.examples_for(vocab)
@@ -58,7 +58,7 @@ class NumericCheck(Instrument):
             # produced NaN/Inf from finite inputs (e.g. noise of absurd scale).
             raise VerificationError(f"{p.name} produced non-finite outputs (max |Δoutput| {diff}) from a finite "
                                     "model; nothing was written")
-        tol = p.output_tolerance
+        tol = p.contract().output_tolerance
         if tol is None:
             return
         bound = (EXACT_RTOL if tol == 0 else tol) * _dtype_factor(result.state)
@@ -74,20 +74,6 @@ class ModelBytes(Instrument):
     def after(self, p, result, ctx):
         from moeconv.summary import bytes_per_group
         result.report.metrics.setdefault("model_bytes", sum(bytes_per_group(result.state.module).values()))
-
-
-def _vocab_size(state: ModelState) -> int | None:
-    cfg = state.config
-    for obj in (cfg, getattr(cfg, "text_config", None)):
-        v = getattr(obj, "vocab_size", None)
-        if isinstance(v, int):
-            return v
-    emb = None
-    for m in state.module.modules():
-        if isinstance(m, torch.nn.Embedding):
-            emb = m
-            break
-    return emb.num_embeddings if emb is not None else None
 
 
 def _dtype_factor(state: ModelState) -> float:

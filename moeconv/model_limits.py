@@ -102,7 +102,7 @@ def model_limits(source, name: str | None = None) -> ModelLimits:
 def _builtin_limits(which: str, name: str) -> ModelLimits:
     import dataclasses
     import importlib
-    from moeconv.io.load import BUILTINS
+    from moeconv.io.specs import BUILTINS
     if which not in BUILTINS:
         return ModelLimits(name)
     module = importlib.import_module(f"models.{which}")

@@ -2,9 +2,11 @@
 
 Groups: `attention`, `experts` (routed experts of MoE layers), `shared_expert`, `router` (MoE
 routers and shared-expert gates), `mlp` (dense FFNs, found by graph structure), `embeddings`,
-`lm_head`, `other` (norms, …). Used by the quantize pass (selection, bytes table) and by
-`moeconv inspect`. Bytes are what a checkpoint stores: float tensors at their dtype, quantized
-layers at their serialized size; a tensor shared by two modules (tied embeddings) counts once.
+`lm_head`, `other` (norms, …). The group names are selectors too (`moeconv.selectors`: quantize
+and sparsify pick linear layers by group; there `experts` covers the shared expert as well); the
+quantize report's bytes table and `moeconv inspect` count bytes per group. Bytes are what a
+checkpoint stores: float tensors at their dtype, quantized layers at their serialized size; a
+tensor shared by two modules (tied embeddings) counts once.
 """
 from __future__ import annotations
 
@@ -21,13 +23,13 @@ _ATTENTION = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*(\.|$)", re.I)
 
 def module_groups(state: ModelState) -> dict[str, str]:
     """Module path → group, for every module that holds tensors of its own."""
-    from moeconv.sites import role_paths
     model = state.module
     moe = [p for p, _ in state.moe_blocks()]
     ffn_prefixes, ffn_paths = [], set()
     for site in state.ffn_sites():
         ffn_prefixes.append(site.path)
-        ffn_paths.update(role_paths(site).values())
+        # The projections' full paths (a split site's down projection lies outside `site.path`).
+        ffn_paths.update(p for p in (site.up, site.gate, site.down) if p)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     groups = {}
     for path, m in model.named_modules():

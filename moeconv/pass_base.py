@@ -4,8 +4,17 @@ A pass is a class with a typed, frozen `Config` (pydantic, `extra="forbid"`, val
 construction) and one method `run(state, ctx) -> PassResult`. It declares the facts it needs
 (`requires`), establishes (`provides`) and destroys (`invalidates`), and its numerical promise.
 `requires_any` lists groups of alternatives (at least one fact of each group must hold: an
-export that takes float *or* int8 weights). A pass whose needs depend on its config sets these
-on the instance; `fix_for(fact)` lets it name the fix for a missing fact it knows best.
+export that takes float *or* int8 weights). These are class attributes; a pass whose facts or
+promise depend on its config overrides `contract()` instead (and declares no class-level facts),
+so what `moeconv passes` shows is what a default-configured instance has. `fix_for(fact)` lets a
+pass name the fix for a missing fact it knows best.
+
+Calling a pass (`p(state, ctx)`) enforces the contract, inside a `Pipeline` or alone (onnx-ir's
+`PassBase.__call__` is the model): requires → `check` → `run` (inside the instruments) → `verify`
+→ every fact it `provides` holds and none it `invalidates` does, as *derived from the module*
+(`ModelState.facts()`), never as flags the pass sets. `run` is the implementation; do not call
+it directly.
+
 Its numerical promise:
 
 - `output_tolerance = 0.0`  exact: outputs equal the input model's to fp rounding
@@ -19,14 +28,25 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Iterable
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from moeconv.context import SEED_MAX, Context
-from moeconv.errors import ConfigError
+from moeconv.errors import ConfigError, PlanError, VerificationError
 from moeconv.report import PassReport
 from moeconv.state import ModelState
+
+# How a missing fact is usually provided, when no later pass in a list provides it.
+FACT_HINTS = {
+    "moe": "add `upcycle` before `{name}`, or start from an MoE model",
+    "dense-ffn": "`{name}` needs dense FFN blocks and the model has no dense FFN (left); start from a dense model",
+    "calibration": "give calibration data (`--calib FILE`, or `Context(calibration=...)`)",
+    "float-weights": "move `{name}` before `quantize`; it needs float weights",
+    "int8-weights": "quantize with `method: int8` before `{name}`",
+    "teacher": "keep a teacher snapshot (`--teacher`) before `{name}`",
+    "hf-config": "`{name}` needs a Hugging Face model with a config",
+}
 
 # An "exact" pass may differ by summation-order rounding: relative to the largest output value.
 EXACT_RTOL = 1e-5
@@ -44,6 +64,34 @@ class PassConfig(BaseModel):
         if not 0 <= v <= SEED_MAX:
             raise ValueError(f"seed must be from 0 to {SEED_MAX}")
         return v
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The facts a configured pass needs, establishes and destroys, and its numerical promise."""
+
+    requires: frozenset[str] = frozenset()
+    requires_any: tuple[frozenset[str], ...] = ()
+    provides: frozenset[str] = frozenset()
+    invalidates: frozenset[str] = frozenset()
+    output_tolerance: float | None = None
+
+    def missing(self, facts: set[str] | frozenset[str]) -> list[str]:
+        """Facts (or `a | b` groups) this contract needs that `facts` lacks, sorted."""
+        out = sorted(self.requires - set(facts))
+        out += [" | ".join(sorted(g)) for g in self.requires_any if not g & set(facts)]
+        return out
+
+    @property
+    def promise(self) -> str:
+        if self.output_tolerance is None:
+            return "reported"
+        return "exact" if self.output_tolerance == 0 else f"≤ {self.output_tolerance}"
+
+    def to_dict(self) -> dict:
+        return {"requires": sorted(self.requires), "requires_any": [sorted(g) for g in self.requires_any],
+                "provides": sorted(self.provides), "invalidates": sorted(self.invalidates),
+                "output_tolerance": self.output_tolerance, "promise": self.promise}
 
 
 @dataclass
@@ -74,6 +122,57 @@ class Pass(ABC):
         elif not isinstance(config, self.Config):
             raise ConfigError(f"{self.name}: expected {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
+
+    @classmethod
+    def declared_contract(cls) -> Contract:
+        """The facts and promise declared on the class (what every instance has, unless the pass
+        overrides `contract`)."""
+        return Contract(cls.requires, cls.requires_any, cls.provides, cls.invalidates, cls.output_tolerance)
+
+    @classmethod
+    def default_contract(cls) -> Contract:
+        """What a default-configured instance has (what `moeconv passes` shows). A pass whose
+        config has required fields has no default instance; it must not override `contract`."""
+        return cls.declared_contract() if cls.contract is Pass.contract else cls().contract()
+
+    def contract(self) -> Contract:
+        """This instance's facts and promise; override when they depend on the config."""
+        return self.declared_contract()
+
+    def __call__(self, state: ModelState, ctx: Context | None = None, *, instruments: Iterable = ()) -> PassResult:
+        """Run the pass with its contract enforced on the facts derived from `state` and `ctx`.
+        Raises `PlanError` for a missing fact (before any work) and `VerificationError` when the
+        result breaks the declared facts."""
+        ctx = ctx or Context()
+        contract = self.contract()
+        missing = contract.missing(state.facts() | ctx.facts())
+        if missing:
+            raise PlanError([f"`{self.name}` requires `{m}`: {self.hint_for(m)}" for m in missing])
+        self.check(state, ctx)
+        instruments = list(instruments)
+        for ins in instruments:
+            ins.before(self, state, ctx)
+        result = self.run(state, ctx)
+        for ins in instruments:
+            ins.after(self, result, ctx)
+        self.verify(result, ctx)
+        self._check_facts(contract, result.state.facts() | ctx.facts())
+        return result
+
+    def _check_facts(self, contract: Contract, after: set[str]) -> None:
+        lost = sorted(contract.provides - after)
+        kept = sorted(contract.invalidates & after)
+        if lost:
+            raise VerificationError(f"{self.name}: declares it provides `{', '.join(lost)}`, but the model after "
+                                    "it does not have it (a bug in the pass)")
+        if kept:
+            raise VerificationError(f"{self.name}: declares it invalidates `{', '.join(kept)}`, but the model after "
+                                    "it still has it (a bug in the pass)")
+
+    def hint_for(self, fact: str) -> str:
+        """How to provide a missing `fact`: the pass's own fix, else the usual one."""
+        return self.fix_for(fact) or FACT_HINTS.get(fact, "add a pass that provides it before `{name}`").format(
+            name=self.name)
 
     def fix_for(self, fact: str) -> str | None:
         """How to provide a missing `fact` (or `a | b` for a `requires_any` group), when this pass

@@ -11,18 +11,6 @@ from moeconv.pass_base import Pass
 from moeconv.report import RunReport
 from moeconv.state import ModelState
 
-# How a missing fact is usually provided, when no later pass in the list provides it.
-FACT_HINTS = {
-    "moe": "add `upcycle` before `{name}`, or start from an MoE model",
-    "dense-ffn": "`{name}` needs a model with dense FFN blocks; start from a dense model",
-    "calibration": "give calibration data (`--calib FILE`, or `Context(calibration=...)`)",
-    "float-weights": "move `{name}` before `quantize`; it needs float weights",
-    "int8-weights": "quantize with `method: int8` before `{name}`",
-    "teacher": "keep a teacher snapshot (`--teacher`) before `{name}`",
-    "hf-config": "`{name}` needs a Hugging Face model with a config",
-}
-
-
 @dataclass
 class PlanStep:
     name: str
@@ -58,19 +46,20 @@ class Pipeline:
         plan = Plan()
         current = frozenset(facts)
         for i, p in enumerate(self.passes):
-            missing = set(p.requires - current)
+            c = p.contract()
+            missing = set(c.requires - current)
             for fact in sorted(missing):
                 plan.problems.append(f"step {i + 1} `{p.name}` requires `{fact}`: {self._hint(i, fact)}")
-            needs = set(p.requires)
+            needs = set(c.requires)
             assumed = set(missing)
-            for group in p.requires_any:
+            for group in c.requires_any:
                 label = " | ".join(sorted(group))
                 needs.add(label)
                 if not group & current:
                     missing.add(label)
                     assumed.add(sorted(group)[0])
                     plan.problems.append(f"step {i + 1} `{p.name}` requires one of `{label}`: {self._hint(i, label)}")
-            after = (current - p.invalidates) | p.provides
+            after = (current - c.invalidates) | c.provides
             plan.steps.append(PlanStep(p.name, frozenset(needs), current, after, frozenset(missing)))
             current = after | assumed  # assume fixed, so later problems are reported independently
         return plan
@@ -78,12 +67,10 @@ class Pipeline:
     def _hint(self, index: int, fact: str) -> str:
         name = self.passes[index].name
         for later in self.passes[index + 1:]:
-            if fact in later.provides or set(fact.split(" | ")) & later.provides:
+            provides = later.contract().provides
+            if fact in provides or set(fact.split(" | ")) & provides:
                 return f"move `{later.name}` before `{name}`"
-        own = self.passes[index].fix_for(fact)
-        if own:
-            return own
-        return FACT_HINTS.get(fact, "add a pass that provides it before `{name}`").format(name=name)
+        return self.passes[index].hint_for(fact)
 
     def run(self, state: ModelState, ctx: Context | None = None) -> PipelineResult:
         ctx = ctx or Context()
@@ -93,13 +80,7 @@ class Pipeline:
         report = RunReport()
         for i, p in enumerate(self.passes):
             ctx.report_progress("pipeline", i, len(self.passes))
-            p.check(state, ctx)
-            for ins in self.instruments:
-                ins.before(p, state, ctx)
-            result = p.run(state, ctx)
-            for ins in self.instruments:
-                ins.after(p, result, ctx)
-            p.verify(result, ctx)
+            result = p(state, ctx, instruments=self.instruments)  # the pass enforces its own contract
             report.passes.append(result.report)
             state = result.state
         ctx.report_progress("pipeline", len(self.passes), len(self.passes))

@@ -110,16 +110,20 @@ def render_storage(console: Console, info: dict) -> None:
         console.print(t)
 
 
+def pass_contracts(registry) -> list[dict]:
+    """Each registered pass as a default-configured instance has it: name, summary, contract."""
+    return [{"name": cls.name, "summary": cls.summary, **cls.default_contract().to_dict()} for cls in registry]
+
+
 def render_passes(console: Console, registry) -> None:
-    t = Table(title="passes")
-    for col in ("name", "requires", "provides", "invalidates", "promise", "what it does"):
-        t.add_column(col)
-    for p in registry:
-        promise = "exact or reported (depends on config)" if p.name == "upcycle" else (
-            "reported" if p.output_tolerance is None else ("exact" if p.output_tolerance == 0 else f"≤ {p.output_tolerance}"))
-        needs = sorted(p.requires) + [" | ".join(sorted(g)) for g in p.requires_any]
-        t.add_row(p.name, ", ".join(needs), ", ".join(sorted(p.provides)),
-                  ", ".join(sorted(p.invalidates)) or "-", promise, p.summary)
+    t = Table(title="passes (facts of a default-configured instance; options change some)")
+    for col in ("name", "requires", "provides", "invalidates", "promise"):
+        t.add_column(col, no_wrap=True)  # one fact per line: facts are never cut at narrow widths
+    t.add_column("what it does")
+    for row in pass_contracts(registry):
+        needs = row["requires"] + [" or\n".join(g) for g in row["requires_any"]]
+        t.add_row(row["name"], "\n".join(needs) or "-", "\n".join(row["provides"]) or "-",
+                  "\n".join(row["invalidates"]) or "-", row["promise"], row["summary"])
     console.print(t)
 
 

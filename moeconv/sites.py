@@ -1,4 +1,4 @@
-"""Reading an FFN site's weights and building modules in its place.
+"""Reading an FFN site's weights, building modules in its place, and choosing sites by selector.
 
 Keys of the tensor dicts follow `moeconv.expert_init`: `gate`, `up`, `down`, `gate_up` and
 `ROLE.bias`, weights in (out, in) order whatever the module stores (GPT-2's Conv1D is (in, out)).
@@ -6,7 +6,6 @@ Keys of the tensor dicts follow `moeconv.expert_init`: `gate`, `up`, `down`, `ga
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 from torch import nn
@@ -15,6 +14,7 @@ from moeconv.errors import ConfigError
 from moeconv.nn.experts import FunctionalAct, SplitFfn
 from moeconv.nn.linear_like import is_conv1d, weight_out_in
 from moeconv.patterns import FfnSite
+from moeconv.selectors import FFN_SITE_GROUP, Selection, absent_note
 
 
 def role_paths(site: FfnSite) -> dict[str, str]:
@@ -89,56 +89,19 @@ def replace_site(model: nn.Module, site: FfnSite, block: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------- selection
 
-_LAYERS = re.compile(r"^layers:(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")
-_EVERY = re.compile(r"^every:(\d+)(?:\+(\d+))?$")
-
-
-def validate_selector(sel: str) -> str:
-    if sel.startswith("re:"):
-        try:
-            re.compile(sel[3:])
-        except re.error as exc:
-            raise ValueError(f"bad regex in {sel!r}: {exc}") from None
-    elif sel.startswith(("layers:", "every:")):
-        if not (_LAYERS.match(sel) or _EVERY.match(sel)):
-            raise ValueError(f"bad selector {sel!r}: use layers:4-27, layers:0,2,5 or every:2 (every:2+1 for odd)")
-        m = _EVERY.match(sel)
-        if m and int(m.group(1)) < 1:
-            raise ValueError(f"bad selector {sel!r}: the step must be >= 1")
-    return sel
-
-
-def _matches(sel: str, index: int, path: str) -> bool:
-    if sel.startswith("re:"):
-        return re.search(sel[3:], path) is not None
-    m = _LAYERS.match(sel)
-    if m:
-        for part in m.group(1).split(","):
-            lo, _, hi = part.partition("-")
-            if int(lo) <= index <= int(hi or lo):
-                return True
-        return False
-    m = _EVERY.match(sel)
-    if m:
-        return index % int(m.group(1)) == int(m.group(2) or 0)
-    return path == sel
-
 
 def select_sites(sites: list[FfnSite], targets: list[str] | None, ignore: list[str]) -> list[tuple[int, FfnSite]]:
-    """(site index, site) of the selected sites. The index is the site's position among *all*
-    sites (the layer number in decoder stacks), and seeds per-site randomness."""
-    chosen = []
-    for i, s in enumerate(sites):
-        if targets and not any(_matches(t, i, s.path) for t in targets):
-            continue
-        if any(_matches(t, i, s.path) for t in ignore):
-            continue
-        chosen.append((i, s))
+    """(site index, site) of the sites `targets` minus `ignore` select (`moeconv.selectors`: a
+    site is a candidate at its path, in its path's layer, in group `mlp`). The index is the site's
+    position among *all* sites (the layer number in decoder stacks), and seeds per-site randomness."""
+    selection = Selection.of(targets, ignore)
+    chosen = [(i, s) for i, s in enumerate(sites) if selection.selects(s.path, FFN_SITE_GROUP)]
     if not chosen and not sites:  # e.g. a second upcycle: the first left no dense FFN
         raise ConfigError("no FFN site selected: the model has no dense FFN left (already MoE?)")
     if not chosen:
         raise ConfigError(f"no FFN site selected (found {len(sites)}: {', '.join(s.path for s in sites[:3])}"
-                          f"{', …' if len(sites) > 3 else ''}); check targets/ignore")
+                          f"{', …' if len(sites) > 3 else ''}); check targets/ignore"
+                          + absent_note(selection, [FFN_SITE_GROUP], "FFN site"))
     return chosen
 
 

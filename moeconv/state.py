@@ -138,3 +138,16 @@ def model_outputs(module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     if isinstance(out, (tuple, list)) and isinstance(out[0], torch.Tensor):
         return out[0]
     raise TypeError(f"cannot find an output tensor in {type(out).__name__}")
+
+
+def vocab_size(module: nn.Module, config: Any = None) -> int | None:
+    """The vocabulary size: `config.vocab_size` (or its `text_config`'s), else the first
+    `nn.Embedding`'s rows; None for a model without either."""
+    for obj in (config, getattr(config, "text_config", None) if config is not None else None):
+        v = getattr(obj, "vocab_size", None)
+        if isinstance(v, int):
+            return v
+    for m in module.modules():
+        if isinstance(m, nn.Embedding):
+            return m.num_embeddings
+    return None

@@ -29,6 +29,7 @@ import copy
 import hashlib
 import math
 import re
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -37,7 +38,7 @@ from pydantic import Field, field_validator, model_validator
 from moeconv.context import Context
 from moeconv.errors import ConfigError, InputError, UnsupportedError, VerificationError
 from moeconv.nn.moe import MoEBlock
-from moeconv.pass_base import Pass, PassConfig, PassResult
+from moeconv.pass_base import Contract, Pass, PassConfig, PassResult
 from moeconv.report import PassReport
 from moeconv.state import ModelState
 
@@ -84,8 +85,6 @@ class DistillConfig(PassConfig):
     dropout: bool = False
     checkpoint_every: int = Field(0, ge=0)
     eval_every: int = Field(0, ge=0)
-    run_dir: str | None = Field(None, description="metrics.jsonl and checkpoints/ go here")
-    resume: str | None = Field(None, description="checkpoint (or run directory) to continue from")
     seed: int = 0
 
     @field_validator("freeze")
@@ -102,8 +101,6 @@ class DistillConfig(PassConfig):
     def _combination(self):
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide batch_size ({self.batch_size})")
-        if self.checkpoint_every and self.run_dir is None:
-            raise ValueError("checkpoint_every needs run_dir")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
         if self.mode == "moe-to-dense":
@@ -146,16 +143,23 @@ class Distill(Pass):
     name = "distill"
     summary = "Train the model against a teacher snapshot: heal, moe-to-dense, moe-to-moe or router-only."
     Config = DistillConfig
-    requires = frozenset({"teacher", "calibration", "float-weights"})
-    provides = frozenset({"distilled"})
-    output_tolerance = None
 
-    def __init__(self, config: DistillConfig | None = None, **fields):
+    def __init__(self, config: DistillConfig | None = None, *, run_dir: str | Path | None = None,
+                 resume: str | Path | None = None, **fields):
+        """`run_dir` (metrics.jsonl and checkpoints/) and `resume` (a checkpoint or run directory to
+        continue from) are where this run keeps its state: not configuration, so not in the recipe."""
         super().__init__(config, **fields)
+        if self.config.checkpoint_every and run_dir is None:
+            raise ConfigError("distill: checkpoint_every needs a run directory (--run-dir)")
+        self.run_dir = str(run_dir) if run_dir is not None else None
+        self.resume = str(resume) if resume is not None else None
+
+    def contract(self) -> Contract:
+        # No `distilled` fact: training leaves no mark a later pass could derive from the module.
         req = {"teacher", "calibration", "float-weights"}
         if self.config.mode in ("moe-to-moe", "router-only"):
             req.add("moe")
-        self.requires = frozenset(req)
+        return Contract(requires=frozenset(req))
 
     # ---- preconditions -----------------------------------------------------------------------
     def check(self, state: ModelState, ctx: Context) -> None:
@@ -228,9 +232,9 @@ class Distill(Pass):
                                micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip, seed=cfg.seed,
                                checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, dropout=cfg.dropout)
             trainer = Trainer(objective, ctx.calibration.long(), tcfg, eval_rows=_long(ctx.evaluation),
-                              masks={f"student.{n}": m for n, m in masks.items()}, run_dir=cfg.run_dir,
+                              masks={f"student.{n}": m for n, m in masks.items()}, run_dir=self.run_dir,
                               on_step=lambda ev: _progress(ctx, ev), dist=dist, device=device)
-            result = trainer.fit(cfg.resume)
+            result = trainer.fit(self.resume)
         finally:
             for p in student.parameters():
                 p.requires_grad_(flags[id(p)])
@@ -328,8 +332,8 @@ class Distill(Pass):
                 metrics[f"{key}_before"] = before[key]
             if key in after:
                 metrics[f"{key}_after"] = after[key]
-        if cfg.run_dir:
-            metrics["run_dir"] = cfg.run_dir
+        if self.run_dir:
+            metrics["run_dir"] = self.run_dir
         summary = f"{cfg.mode}: {cfg.steps} steps"
         if "eval_ppl" in before and "eval_ppl" in after:
             summary += f", held-out perplexity {before['eval_ppl']:.4g} → {after['eval_ppl']:.4g}"

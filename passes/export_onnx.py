@@ -33,14 +33,14 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from moeconv.context import Context
-from moeconv.errors import UnsupportedError, VerificationError
+from moeconv.errors import ReportedVerificationError, UnsupportedError
 from moeconv.onnx import graph, parity, runtime
 from moeconv.onnx.int8_weights import FLOAT_ARITHMETIC, FOURBIT_HINT, bnb_methods, carry_int8, dequantized, int8_layers, refuse_4bit
 from moeconv.onnx.exporter import export_program
 from moeconv.onnx.moe_export import custom_translation_table, lowered, plan_lowering
 from moeconv.onnx.quantize import lm_head_weight, quantize_model
 from moeconv.onnx.signature import build_signature
-from moeconv.pass_base import Pass, PassConfig, PassResult
+from moeconv.pass_base import Contract, Pass, PassConfig, PassResult
 from moeconv.report import PassReport
 from moeconv.state import ModelState
 
@@ -90,12 +90,14 @@ class ExportOnnxConfig(PassConfig):
         return self.strategy
 
 
-class ParityError(VerificationError):
-    """onnxruntime disagrees with PyTorch beyond the tolerance; carries the full report."""
+class ParityError(ReportedVerificationError):
+    """onnxruntime disagrees with PyTorch beyond the tolerance; carries the full report (the job
+    driver keeps the failed export as OUT.failed/ with it)."""
+
+    what = "parity check"
 
     def __init__(self, message: str, report: dict, output_dir: Path):
-        super().__init__(message)
-        self.report = report
+        super().__init__(message, report)
         self.output_dir = output_dir
 
 
@@ -103,19 +105,17 @@ class ExportOnnx(Pass):
     name = "export-onnx"
     summary = "Export to ONNX with live routing (portable ops or onnxruntime's fused MoE), parity-checked, optionally int8/int4."
     Config = ExportOnnxConfig
-    # float weights, or bitsandbytes int8 ones (carried as int8 + row scales, `moeconv.onnx.int8_weights`);
-    # with `quantize` (onnxruntime quantizes the float graph) float weights only: see __init__
-    requires = frozenset()
-    requires_any = (frozenset({"float-weights", "int8-weights"}),)
-    provides = frozenset()
-    invalidates = frozenset()
-    output_tolerance = 0.0  # the PyTorch model is not changed; the ONNX promise is the parity check
 
     def __init__(self, config: ExportOnnxConfig | None = None, *, workdir: Path | None = None, **fields):
         super().__init__(config, **fields)
         self.workdir = Path(workdir) if workdir is not None else None  # where files go (default: a temp dir)
-        if self.config.quantize is not None:
-            self.requires, self.requires_any = frozenset({"float-weights"}), ()
+
+    def contract(self) -> Contract:
+        # The PyTorch model is not changed (exact); the ONNX promise is the parity check.
+        if self.config.quantize is not None:  # onnxruntime quantizes the float graph: float weights only
+            return Contract(requires=frozenset({"float-weights"}), output_tolerance=0.0)
+        # float weights, or bitsandbytes int8 ones (carried as int8 + row scales, `moeconv.onnx.int8_weights`)
+        return Contract(requires_any=(frozenset({"float-weights", "int8-weights"}),), output_tolerance=0.0)
 
     def fix_for(self, fact: str) -> str | None:
         if fact == "float-weights" and self.config.quantize is not None:
@@ -136,8 +136,6 @@ class ExportOnnx(Pass):
         refuse_4bit(state.module)
 
     def run(self, state: ModelState, ctx: Context) -> PassResult:
-        cfg = self.config
-        self.check(state, ctx)  # also when called outside a Pipeline
         temporary = self.workdir is None
         out_dir = self.workdir or Path(tempfile.mkdtemp(prefix="moeconv-onnx-"))
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -154,153 +152,203 @@ class ExportOnnx(Pass):
 
     # ------------------------------------------------------------------------------------------
     def _export(self, state: ModelState, module, ctx: Context, out_dir: Path, layers=(), swap=None):
-        cfg = self.config
-        step = _Steps(ctx)
-        t0 = time.perf_counter()
-        sig = build_signature(module, with_past=cfg.with_past, seed=cfg.seed, example_ids=ctx.example_inputs)
-        step("planning MoE lowering")
-        plans = plan_lowering(module, cfg.lowering_strategy())
-        fused = [p for p in plans if p.lowering == "fused"]
-        lowering = _lowering_summary(plans)
-        float_path = out_dir / MODEL_FILE if cfg.quantize is None else out_dir / "float" / MODEL_FILE
-        float_path.parent.mkdir(parents=True, exist_ok=True)
-        props = graph.provenance({
-            "recipe": [{"pass": self.name, **cfg.model_dump()}],
-            "source": _source(state), "graph": {"kind": sig.kind, "with_past": sig.with_past,
-                                                "inputs": sig.input_names, "outputs": sig.output_names[:3]},
-            "moe_lowering": lowering, "source_recipe": _source_recipe(state)})
-        step("exporting (torch.export → ONNX)")
-        with lowered(module, plans):
-            program = export_program(sig, opset=cfg.opset, translations=custom_translation_table() if fused else None)
-        graph.finish_exported(program, sig, props)
-        external = graph.save_program(program, float_path)
-        del program
-        int8 = None
-        if layers:
-            step("carrying bitsandbytes int8 weights (int8 + row scales → DequantizeLinear)")
-            dequantized_bytes = graph.file_bytes(float_path)
-            model = graph.load_model(float_path)
-            carried = carry_int8(model, layers)
-            external = graph.save_model(model, float_path, {
-                "moeconv.onnxruntime_session_config": json.dumps(FLOAT_ARITHMETIC)})
-            del model
-            int8 = {**carried.to_dict(), "dequantized_float_bytes": dequantized_bytes,
-                    "bytes": graph.file_bytes(float_path)}
-            int8["size_ratio"] = round(int8["bytes"] / dequantized_bytes, 4)
-        export_s = time.perf_counter() - t0
-
-        step("parity: onnxruntime vs PyTorch")
-        threads = torch.get_num_threads()
-        session_config = FLOAT_ARITHMETIC if layers else None
-        sess = runtime.session(float_path, threads, config=session_config)
-        baseline = parity.routed(sig, sig.example)
-        cases = parity.parity_cases(sig, baseline, seed=cfg.seed)
-        rows, refs = parity.compare(sess, sig, cases, baseline=baseline, atol=cfg.atol)
-        summary = parity.summarise(rows, cfg.atol)
-        if sig.with_past and cfg.generation_tokens:
-            summary["generation"] = _generation_check(sess, sig, module, cfg)
-            summary["ok"] = summary["ok"] and summary["generation"]["equal"]
-        float_bytes = graph.file_bytes(float_path)
-        report = PassReport(self.name, tables={"parity": rows, "moe_blocks": [p.row() for p in plans]})
-        if int8 is not None:
-            # bitsandbytes' CPU kernel also quantizes activations (per row, int8): its distance to the
-            # ONNX graph is measured, not promised. The promise (above) is against the same weights in
-            # float arithmetic.
-            step("measuring: onnxruntime vs the bitsandbytes model")
-            with swap.bnb():
-                bnb_refs = [runtime.run_torch(sig, c.ids, c.mask, c.past) for c in cases]
-            bnb_rows, _ = parity.compare(sess, sig, cases, bnb_refs)
-            report.tables["vs_bitsandbytes"] = bnb_rows
-            int8["parity_against"] = "the dequantized float model (int8 weights × row scales, float arithmetic)"
-            int8["parity_session_config"] = dict(FLOAT_ARITHMETIC)
-            int8["vs_bitsandbytes"] = parity.summarise(bnb_rows)
-            # A default onnxruntime session fuses DequantizeLinear → MatMul into MatMulNBits with
-            # int8 activations: measured against both references.
-            step("measuring: a default onnxruntime session (int8 activations)")
-            default_sess = runtime.session(float_path, threads)
-            d_rows, _ = parity.compare(default_sess, sig, cases, refs)
-            d_bnb_rows, _ = parity.compare(default_sess, sig, cases, bnb_refs)
-            del default_sess
-            report.tables["default_session_vs_dequantized"] = d_rows
-            int8["default_session"] = {"vs_dequantized": parity.summarise(d_rows),
-                                       "vs_bitsandbytes": parity.summarise(d_bnb_rows)}
-            if carried.missing:
-                report.warnings.append(f"{len(carried.missing)} int8 layer(s) were exported as float weights "
-                                       f"(their rows were not found in the graph): {', '.join(carried.missing[:3])}")
-        metrics = {"graph": sig.kind + (" with past" if sig.with_past else ""), "strategy": cfg.strategy,
-                   "lowering": lowering, "opset": cfg.opset, "external_data": external,
-                   "export_seconds": round(export_s, 2), "float_bytes": float_bytes,
-                   "parity": summary, "ops": graph.op_counts(float_path)}
-        if int8 is not None:
-            metrics["int8_weights"] = int8
-        # The step's measured error, as for every pass: its output (the ONNX graph) against its input
-        # (the PyTorch model), relative to the output scale like the numeric-check instrument's.
-        metrics["max_abs_diff"] = summary["max_abs_diff"]
-        metrics["rel_max_diff"] = max((r["max_abs_diff"] / max(1.0, r["ref_max_abs"]) for r in rows), default=0.0)
-        report.metrics.update(metrics)
-        if not summary["ok"]:
-            del sess
-            report.summary = "parity FAILED"
-            bad = [r for r in rows if r["max_abs_diff"] > r["bound"]]
-            why = (f"max |Δ| {bad[0]['max_abs_diff']:.3g} > bound {bad[0]['bound']:.3g} (atol {cfg.atol:g}; "
-                   f"PyTorch's own noise there {bad[0]['torch_noise']:.2g})" if bad else "greedy generation differs")
-            raise ParityError(f"onnxruntime output differs from PyTorch: {why} "
-                              f"(worst case: {_worst(rows)})", report.to_dict(), out_dir)
-
-        final_path, final_sess = float_path, sess
-        if cfg.quantize:
-            step(f"quantizing ({cfg.quantize}, onnxruntime)")
-            del sess
-            model = graph.load_model(float_path)
-            keep = set()
-            if not cfg.quantize_lm_head and sig.output_is_logits:
-                head = lm_head_weight(model, sig.output_names[0])
-                keep = {head} if head else set()
-            qmodel, qres = quantize_model(model, cfg.quantize, scheme=cfg.quant_scheme, block_size=cfg.block_size,
-                                          accuracy_level=cfg.accuracy_level, keep_float=keep,
-                                          quantize_head=cfg.quantize_lm_head, head_bits=cfg.head_bits,
-                                          work_dir=out_dir)
-            del model
-            report.warnings.extend(qres.notes)
-            final_path = out_dir / MODEL_FILE
-            graph.save_model(qmodel, final_path, {**props, "moeconv.quantization": json.dumps(qres.to_dict())})
-            del qmodel
-            shutil.rmtree(float_path.parent)
-            step("measuring quantized error")
-            final_sess = runtime.session(final_path, threads, config=session_config)
-            qrows, _ = parity.compare(final_sess, sig, cases, refs)
-            report.tables["quantized_error"] = qrows
-            qsum = parity.summarise(qrows)
-            report.metrics["quantization"] = {**qres.to_dict(), "error_vs_float": qsum,
-                                              "bytes": graph.file_bytes(final_path),
-                                              "size_ratio": round(graph.file_bytes(final_path) / float_bytes, 4)}
-        if cfg.latency_runs:
-            step("measuring latency")
-            report.metrics["latency"] = runtime.latency(final_sess, sig, runs=cfg.latency_runs)
-        del final_sess
-        files = [p.name for p in graph.data_files(final_path)]
-        report.metrics["bytes"] = graph.file_bytes(final_path)
-        report.metrics["files"] = files
-        carried_note = (f", {int8['int8_layers_carried']} bitsandbytes int8 layers carried as int8"
-                        if int8 is not None else "")
-        report.summary = (f"{sig.kind}{' + KV cache' if sig.with_past else ''} → {MODEL_FILE} "
-                          f"({lowering}{', ' + cfg.quantize if cfg.quantize else ''}{carried_note}); parity max |Δ| "
-                          f"{summary['max_abs_diff']:.3g} on {summary['cases']} inputs"
-                          + (f"; vs the bitsandbytes model {int8['vs_bitsandbytes']['max_abs_diff']:.3g}"
-                             if int8 is not None else ""))
-        for p in plans:
-            if p.reason and cfg.lowering_strategy() == "auto":
-                report.warnings.append(f"{p.path}: portable lowering ({p.reason})")
-                break
-        if cfg.lowering_strategy() != cfg.strategy:
-            report.warnings.append("int4 (HQQ): MoE blocks lowered portably so every expert is HQQ-quantized "
-                                   "(fused QMoE experts would be round-to-nearest)")
-        step.done()
-        report.metrics["step_seconds"] = step.seconds
-        return report, files
+        run = _ExportRun(self.name, self.config, state, module, ctx, out_dir, layers, swap)
+        run.export()
+        run.check_parity()
+        run.quantize()
+        return run.finish()
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+class _ExportRun:
+    """One export, step by step: graph → (int8 carry) → parity (the promise) → (quantization) →
+    summary. Each step records what it measured in `report`."""
+
+    def __init__(self, name: str, cfg: ExportOnnxConfig, state: ModelState, module, ctx: Context, out_dir: Path,
+                 layers, swap):
+        self.name, self.cfg, self.state, self.module, self.out_dir = name, cfg, state, module, out_dir
+        self.layers, self.swap = layers, swap
+        self.step = _Steps(ctx)
+        self.t0 = time.perf_counter()
+        self.sig = build_signature(module, with_past=cfg.with_past, seed=cfg.seed, example_ids=ctx.example_inputs)
+        self.int8 = None
+        self.carried = None
+        self.session_config = FLOAT_ARITHMETIC if layers else None
+
+    # -- the graph -----------------------------------------------------------------------------
+    def export(self) -> None:
+        cfg, sig, step = self.cfg, self.sig, self.step
+        step("planning MoE lowering")
+        self.plans = plan_lowering(self.module, cfg.lowering_strategy())
+        fused = [p for p in self.plans if p.lowering == "fused"]
+        self.lowering = _lowering_summary(self.plans)
+        self.float_path = self.out_dir / MODEL_FILE if cfg.quantize is None else self.out_dir / "float" / MODEL_FILE
+        self.float_path.parent.mkdir(parents=True, exist_ok=True)
+        self.props = graph.provenance({
+            "recipe": [{"pass": self.name, **cfg.model_dump()}],
+            "source": _source(self.state), "graph": {"kind": sig.kind, "with_past": sig.with_past,
+                                                     "inputs": sig.input_names, "outputs": sig.output_names[:3]},
+            "moe_lowering": self.lowering, "source_recipe": _source_recipe(self.state)})
+        step("exporting (torch.export → ONNX)")
+        with lowered(self.module, self.plans):
+            program = export_program(sig, opset=cfg.opset, translations=custom_translation_table() if fused else None)
+        graph.finish_exported(program, sig, self.props)
+        self.external = graph.save_program(program, self.float_path)
+        del program
+        if self.layers:
+            self._carry_int8()
+        self.export_s = time.perf_counter() - self.t0
+
+    def _carry_int8(self) -> None:
+        self.step("carrying bitsandbytes int8 weights (int8 + row scales → DequantizeLinear)")
+        dequantized_bytes = graph.file_bytes(self.float_path)
+        model = graph.load_model(self.float_path)
+        self.carried = carry_int8(model, self.layers)
+        self.external = graph.save_model(model, self.float_path, {
+            "moeconv.onnxruntime_session_config": json.dumps(FLOAT_ARITHMETIC)})
+        del model
+        self.int8 = {**self.carried.to_dict(), "dequantized_float_bytes": dequantized_bytes,
+                     "bytes": graph.file_bytes(self.float_path)}
+        self.int8["size_ratio"] = round(self.int8["bytes"] / dequantized_bytes, 4)
+
+    # -- the promise ---------------------------------------------------------------------------
+    def check_parity(self) -> None:
+        cfg, sig = self.cfg, self.sig
+        self.step("parity: onnxruntime vs PyTorch")
+        self.threads = torch.get_num_threads()
+        self.sess = runtime.session(self.float_path, self.threads, config=self.session_config)
+        baseline = parity.routed(sig, sig.example)
+        self.cases = parity.parity_cases(sig, baseline, seed=cfg.seed)
+        self.rows, self.refs = parity.compare(self.sess, sig, self.cases, baseline=baseline, atol=cfg.atol)
+        summary = parity.summarise(self.rows, cfg.atol)
+        if sig.with_past and cfg.generation_tokens:
+            summary["generation"] = _generation_check(self.sess, sig, self.module, cfg)
+            summary["ok"] = summary["ok"] and summary["generation"]["equal"]
+        self.summary = summary
+        self.float_bytes = graph.file_bytes(self.float_path)
+        self.report = PassReport(self.name, tables={"parity": self.rows, "moe_blocks": [p.row() for p in self.plans]})
+        if self.int8 is not None:
+            self._measure_int8()
+        self.report.metrics.update(self._metrics())
+        if not summary["ok"]:
+            self._fail()
+
+    def _measure_int8(self) -> None:
+        # bitsandbytes' CPU kernel also quantizes activations (per row, int8): its distance to the
+        # ONNX graph is measured, not promised. The promise (above) is against the same weights in
+        # float arithmetic.
+        sig, cases, report, int8 = self.sig, self.cases, self.report, self.int8
+        self.step("measuring: onnxruntime vs the bitsandbytes model")
+        with self.swap.bnb():
+            bnb_refs = [runtime.run_torch(sig, c.ids, c.mask, c.past) for c in cases]
+        bnb_rows, _ = parity.compare(self.sess, sig, cases, bnb_refs)
+        report.tables["vs_bitsandbytes"] = bnb_rows
+        int8["parity_against"] = "the dequantized float model (int8 weights × row scales, float arithmetic)"
+        int8["parity_session_config"] = dict(FLOAT_ARITHMETIC)
+        int8["vs_bitsandbytes"] = parity.summarise(bnb_rows)
+        # A default onnxruntime session fuses DequantizeLinear → MatMul into MatMulNBits with
+        # int8 activations: measured against both references.
+        self.step("measuring: a default onnxruntime session (int8 activations)")
+        default_sess = runtime.session(self.float_path, self.threads)
+        d_rows, _ = parity.compare(default_sess, sig, cases, self.refs)
+        d_bnb_rows, _ = parity.compare(default_sess, sig, cases, bnb_refs)
+        del default_sess
+        report.tables["default_session_vs_dequantized"] = d_rows
+        int8["default_session"] = {"vs_dequantized": parity.summarise(d_rows),
+                                   "vs_bitsandbytes": parity.summarise(d_bnb_rows)}
+        if self.carried.missing:
+            report.warnings.append(f"{len(self.carried.missing)} int8 layer(s) were exported as float weights "
+                                   f"(their rows were not found in the graph): {', '.join(self.carried.missing[:3])}")
+
+    def _metrics(self) -> dict:
+        cfg, summary = self.cfg, self.summary
+        metrics = {"graph": self.sig.kind + (" with past" if self.sig.with_past else ""), "strategy": cfg.strategy,
+                   "lowering": self.lowering, "opset": cfg.opset, "external_data": self.external,
+                   "export_seconds": round(self.export_s, 2), "float_bytes": self.float_bytes,
+                   "parity": summary, "ops": graph.op_counts(self.float_path)}
+        if self.int8 is not None:
+            metrics["int8_weights"] = self.int8
+        # The step's measured error, as for every pass: its output (the ONNX graph) against its input
+        # (the PyTorch model), relative to the output scale like the numeric-check instrument's.
+        metrics["max_abs_diff"] = summary["max_abs_diff"]
+        metrics["rel_max_diff"] = max((r["max_abs_diff"] / max(1.0, r["ref_max_abs"]) for r in self.rows), default=0.0)
+        return metrics
+
+    def _fail(self) -> None:
+        del self.sess
+        self.report.summary = "parity FAILED"
+        rows, atol = self.rows, self.cfg.atol
+        bad = [r for r in rows if r["max_abs_diff"] > r["bound"]]
+        why = (f"max |Δ| {bad[0]['max_abs_diff']:.3g} > bound {bad[0]['bound']:.3g} (atol {atol:g}; "
+               f"PyTorch's own noise there {bad[0]['torch_noise']:.2g})" if bad else "greedy generation differs")
+        raise ParityError(f"onnxruntime output differs from PyTorch: {why} "
+                          f"(worst case: {_worst(rows)})", self.report.to_dict(), self.out_dir)
+
+    # -- optional quantization, measured -------------------------------------------------------
+    def quantize(self) -> None:
+        self.final_path, self.final_sess = self.float_path, self.sess
+        cfg = self.cfg
+        if not cfg.quantize:
+            return
+        self.step(f"quantizing ({cfg.quantize}, onnxruntime)")
+        del self.sess
+        self.final_sess = None
+        model = graph.load_model(self.float_path)
+        keep = set()
+        if not cfg.quantize_lm_head and self.sig.output_is_logits:
+            head = lm_head_weight(model, self.sig.output_names[0])
+            keep = {head} if head else set()
+        qmodel, qres = quantize_model(model, cfg.quantize, scheme=cfg.quant_scheme, block_size=cfg.block_size,
+                                      accuracy_level=cfg.accuracy_level, keep_float=keep,
+                                      quantize_head=cfg.quantize_lm_head, head_bits=cfg.head_bits,
+                                      work_dir=self.out_dir)
+        del model
+        self.report.warnings.extend(qres.notes)
+        self.final_path = self.out_dir / MODEL_FILE
+        graph.save_model(qmodel, self.final_path, {**self.props, "moeconv.quantization": json.dumps(qres.to_dict())})
+        del qmodel
+        shutil.rmtree(self.float_path.parent)
+        self.step("measuring quantized error")
+        self.final_sess = runtime.session(self.final_path, self.threads, config=self.session_config)
+        qrows, _ = parity.compare(self.final_sess, self.sig, self.cases, self.refs)
+        self.report.tables["quantized_error"] = qrows
+        qbytes = graph.file_bytes(self.final_path)
+        self.report.metrics["quantization"] = {**qres.to_dict(), "error_vs_float": parity.summarise(qrows),
+                                               "bytes": qbytes, "size_ratio": round(qbytes / self.float_bytes, 4)}
+
+    # -- what the user reads -------------------------------------------------------------------
+    def finish(self):
+        cfg, report, summary, int8 = self.cfg, self.report, self.summary, self.int8
+        if cfg.latency_runs:
+            self.step("measuring latency")
+            report.metrics["latency"] = runtime.latency(self.final_sess, self.sig, runs=cfg.latency_runs)
+        self.final_sess = None
+        files = [p.name for p in graph.data_files(self.final_path)]
+        report.metrics["bytes"] = graph.file_bytes(self.final_path)
+        report.metrics["files"] = files
+        carried_note = (f", {int8['int8_layers_carried']} bitsandbytes int8 layers carried as int8"
+                        if int8 is not None else "")
+        report.summary = (f"{self.sig.kind}{' + KV cache' if self.sig.with_past else ''} → {MODEL_FILE} "
+                          f"({self.lowering}{', ' + cfg.quantize if cfg.quantize else ''}{carried_note}); parity max |Δ| "
+                          f"{summary['max_abs_diff']:.3g} on {summary['cases']} inputs"
+                          + (f"; vs the bitsandbytes model {int8['vs_bitsandbytes']['max_abs_diff']:.3g}"
+                             if int8 is not None else ""))
+        self._warn_lowering()
+        self.step.done()
+        report.metrics["step_seconds"] = self.step.seconds
+        return report, files
+
+    def _warn_lowering(self) -> None:
+        cfg = self.cfg
+        for p in self.plans:
+            if p.reason and cfg.lowering_strategy() == "auto":
+                self.report.warnings.append(f"{p.path}: portable lowering ({p.reason})")
+                break
+        if cfg.lowering_strategy() != cfg.strategy:
+            self.report.warnings.append("int4 (HQQ): MoE blocks lowered portably so every expert is HQQ-quantized "
+                                        "(fused QMoE experts would be round-to-nearest)")
 
 
 class _Steps:
@@ -379,63 +427,3 @@ def _generation_check(sess, sig, module, cfg) -> dict:
     ref = runtime.greedy_torch(module, prompt, n)
     got = runtime.greedy_ort(sess, sig, prompt, n)
     return {"tokens": n, "equal": ref == got, "torch": ref, "onnxruntime": got}
-
-
-# --------------------------------------------------------------------------------------------- job
-
-
-def export_onnx_to_dir(src, out, cfg: ExportOnnxConfig, *, force: bool = False, progress=None,
-                       state: ModelState | None = None) -> dict:
-    """The `moeconv export onnx SRC OUT` job: load → `ExportOnnx` → report.json, atomically.
-
-    On success OUT holds `model.onnx` (+ `model.onnx.data` for big models), `report.json`,
-    `recipe.json` and the source's tokenizer files. On a parity failure OUT is *not* created (an
-    existing OUT is left as it was); the failed export goes to `OUT.failed/` with a `FAILED`
-    marker (the reason) and `report.json` (`"status": "failed"`, every case measured), and a
-    `ParityError` (exit code 2 in the CLI) is raised. Any other error leaves nothing behind.
-    """
-    from moeconv import __version__
-    from moeconv.io.atomic import atomic_output_dir
-    from moeconv.io.load import TOKENIZER_FILES, load
-    from moeconv.pipeline import Pipeline
-
-    t0 = time.perf_counter()
-    out = Path(out)
-    failed_dir = out.with_name(out.name + ".failed")
-    src_path = None if isinstance(src, (torch.nn.Module, ModelState)) or str(src).startswith("builtin:") else Path(str(src))
-    inputs = tuple(p for p in (src_path,) if p is not None and p.exists())
-    recipe = [{"pass": ExportOnnx.name, **cfg.model_dump()}]
-    with atomic_output_dir(out, force=force, inputs=inputs) as tmp:
-        ctx = Context(seed=cfg.seed, progress=progress)
-        ctx.report_progress("loading model", 0, 1)
-        state = state or load(src)
-        ctx.report_progress("loading model", 1, 1)
-        base = {"moeconv_version": __version__, "source": str(src), "recipe": recipe}
-        try:
-            result = Pipeline([ExportOnnx(cfg, workdir=tmp)]).run(state, ctx)
-        except ParityError as exc:
-            report = {**base, "status": "failed", "output": str(failed_dir), "error": str(exc),
-                      "passes": [exc.report], "seconds": round(time.perf_counter() - t0, 2)}
-            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-            (tmp / "FAILED").write_text(f"parity check failed: {exc}\nsee report.json; this model must not be used.\n")
-            if failed_dir.exists():
-                shutil.rmtree(failed_dir)
-            tmp.rename(failed_dir)
-            raise ParityError(f"{exc}; {out} was not written, the failed export and its report are in {failed_dir}",
-                              exc.report, failed_dir) from None
-        copied = []
-        tok_dir = state.source.tokenizer_dir
-        if tok_dir is not None and Path(tok_dir).is_dir():
-            for name in TOKENIZER_FILES:
-                if (Path(tok_dir) / name).is_file():
-                    shutil.copy2(Path(tok_dir) / name, tmp / name)
-                    copied.append(name)
-        pass_report = result.report.passes[0].to_dict()
-        report = {**base, "status": "ok", "output": str(out), "passes": [pass_report],
-                  "files": pass_report["metrics"]["files"], "tokenizer_files": copied,
-                  "seconds": round(time.perf_counter() - t0, 2)}
-        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str) + "\n")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    if failed_dir.exists():  # a stale failure report must not sit next to a good export
-        shutil.rmtree(failed_dir, ignore_errors=True)
-    return report

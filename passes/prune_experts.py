@@ -1,5 +1,7 @@
 """`prune-experts`: remove (or merge) whole experts of every MoE layer by measured importance, and
-repair the router.
+repair the router. `targets` / `ignore` (`moeconv.selectors`; an MoE layer is a candidate at its
+block's path, in group `experts`) limit it to some MoE layers: the others are left exactly as they
+are and reported as skipped (refused for Hugging Face MoE families, which hold one expert count).
 
 Calibration is layer by layer (`moeconv.calibrate.run_layerwise`): each layer is scored on the
 outputs of the already-pruned layers before it, so errors do not compound unseen. Importance
@@ -36,6 +38,7 @@ from moeconv.errors import ConfigError, UnsupportedError
 from moeconv.nn.moe import MoEBlock
 from moeconv.pass_base import Pass, PassConfig, PassResult
 from moeconv.report import PassReport
+from moeconv.selectors import MOE_LAYER_GROUP, OptionalSelectors, Selection, Selectors, absent_note
 from moeconv.state import ModelState
 from passes.expert_importance import (BlockObservation, best_subset, combine, expert_outputs, expert_scores,
                                       observe_block, rank_keep, reference_output)
@@ -53,6 +56,9 @@ class PruneExpertsConfig(PassConfig):
         None, description="experts kept per MoE layer (in model order), or 'global': the keep/ratio total "
                           "allocated across layers from the importance scores")
     criterion: Criterion = "reap"
+    targets: OptionalSelectors = Field(None, description="MoE layers to prune (default: all): layers:0-3, every:2, "
+                                                        "re:REGEX, a module path (moeconv.selectors)")
+    ignore: Selectors = Field(default_factory=list, description="MoE layers left as they are (same grammar)")
     merge: bool = False
     recalibrate_router: bool = False
     max_tokens: int = Field(8192, ge=8, description="calibration tokens per layer used for scoring (evenly spaced)")
@@ -92,19 +98,17 @@ class PruneExperts(Pass):
 
     # ---- plan ------------------------------------------------------------------------------
     def check(self, state: ModelState, ctx: Context) -> None:
-        blocks = _blocks(state)
+        blocks, skipped = select_blocks(state, self.config)
         if self.config.per_layer is not None:
-            native = [p for p, b in blocks if getattr(b, "source_site", None) is None]
-            if native:
-                arch = (getattr(state.config, "architectures", None) or [type(state.module).__name__])[0]
-                key = "num_local_experts" if getattr(state.config, "model_type", "") == "mixtral" else "num_experts"
-                raise ConfigError(f"prune-experts: per-layer budgets are not possible for {arch}: its checkpoint "
-                                  f"format holds one expert count for every layer (`{key}`); use --keep or --ratio")
+            _one_count_only(state, blocks + skipped, "per-layer budgets are", "use --keep or --ratio")
+        if skipped:
+            _one_count_only(state, blocks + skipped, "pruning only some MoE layers is",
+                            "select every MoE layer (no --targets/--ignore)")
         _uniform_budgets(self.config, blocks)
 
     def run(self, state: ModelState, ctx: Context) -> PassResult:
         cfg = self.config
-        blocks = _blocks(state)
+        blocks, skipped = select_blocks(state, cfg)
         model = state.module
         params_before = state.parameter_count()
         device = next(model.parameters()).device
@@ -119,7 +123,7 @@ class PruneExperts(Pass):
         expert_rows, layer_rows, warnings, visited = [], [], [], set()
 
         def on_layer(_i, path, layer, forward):
-            inner = _blocks_in(layer, path)
+            inner = [(p, b) for p, b in _blocks_in(layer, path) if p in budget_of]
             if not inner:
                 return
             captured = _capture(inner, forward)
@@ -136,8 +140,10 @@ class PruneExperts(Pass):
         if missed:
             raise UnsupportedError(f"prune-experts: MoE layers outside the decoder layer stack are not supported ({missed[0]})")
         _update_config(state)
-        return PassResult(state, True, self._report(state, params_before, expert_rows, layer_rows, warnings,
-                                                    allocation, int(ctx.calibration.numel())))
+        report = self._report(state, params_before, expert_rows, layer_rows, warnings, allocation,
+                              int(ctx.calibration.numel()))
+        _report_skipped(report, skipped)
+        return PassResult(state, True, report)
 
     # ---- per block ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -190,9 +196,10 @@ class PruneExperts(Pass):
     def _score_only(self, model, blocks, batches, ctx) -> dict[str, torch.Tensor]:
         """First pass for global allocation: each layer's scores on the unpruned model."""
         out = {}
+        chosen = {p for p, _ in blocks}
 
         def on_layer(_i, path, layer, forward):
-            inner = _blocks_in(layer, path)
+            inner = [(p, b) for p, b in _blocks_in(layer, path) if p in chosen]
             if inner:
                 captured = _capture(inner, forward)
                 for full_path, block in inner:
@@ -228,16 +235,44 @@ class PruneExperts(Pass):
         return report
 
 
-# ---- budgets ---------------------------------------------------------------------------------
+# ---- which layers, budgets -------------------------------------------------------------------
 
-def _blocks(state: ModelState) -> list[tuple[str, MoEBlock]]:
-    out = []
+def select_blocks(state: ModelState, cfg: PruneExpertsConfig) -> tuple[list[tuple[str, MoEBlock]], list]:
+    """(selected, skipped) MoE layers, in model order: `targets` minus `ignore` select
+    (`moeconv.selectors`; an MoE layer is a candidate at its block's path, in group `experts`).
+    Skipped layers are left exactly as they are. ConfigError when the selectors choose none."""
+    selection = Selection.of(cfg.targets, cfg.ignore)
+    chosen, skipped = [], []
     for path, m in state.moe_blocks():
+        (chosen if selection.selects(path, MOE_LAYER_GROUP) else skipped).append((path, m))
+    if skipped and not chosen:
+        found = ", ".join(p for p, _ in skipped[:3]) + (", …" if len(skipped) > 3 else "")
+        raise ConfigError(f"prune-experts: no MoE layer selected by {selection.describe()} (found {len(skipped)}: "
+                          f"{found}); check targets/ignore" + absent_note(selection, [MOE_LAYER_GROUP], "MoE layer"))
+    for path, m in chosen:
         if not isinstance(m, MoEBlock):
             raise UnsupportedError(f"prune-experts: {path} is a {type(m).__name__}, which moeconv cannot prune "
                                    "(supported: moeconv MoE layers and Mixtral / Qwen2-MoE / Qwen3-MoE)")
-        out.append((path, m))
-    return out
+    return chosen, skipped
+
+
+def _one_count_only(state: ModelState, blocks, what: str, fix: str) -> None:
+    """Refuse `what` (a plan leaving MoE layers with different expert counts) when a layer came
+    from a Hugging Face MoE family, whose checkpoint format holds one count for every layer."""
+    native = [p for p, b in blocks if getattr(b, "source_site", None) is None]
+    if native:
+        arch = (getattr(state.config, "architectures", None) or [type(state.module).__name__])[0]
+        key = "num_local_experts" if getattr(state.config, "model_type", "") == "mixtral" else "num_experts"
+        raise ConfigError(f"prune-experts: {what} not possible for {arch}: its checkpoint "
+                          f"format holds one expert count for every layer (`{key}`); {fix}")
+
+
+def _report_skipped(report: PassReport, skipped) -> None:
+    report.metrics["moe_layers_skipped"] = len(skipped)
+    if skipped:
+        report.tables["skipped"] = [{"layer": p, "experts": getattr(m, "num_experts", None),
+                                     "reason": "not selected by targets/ignore"} for p, m in skipped]
+        report.summary += f"; {len(skipped)} MoE layer{'s' if len(skipped) > 1 else ''} skipped (not selected)"
 
 
 def _uniform_budgets(cfg: PruneExpertsConfig, blocks) -> list[int]:
@@ -245,7 +280,9 @@ def _uniform_budgets(cfg: PruneExpertsConfig, blocks) -> list[int]:
     per-layer shares of the total budget (the allocation itself needs the scores)."""
     if isinstance(cfg.per_layer, list):
         if len(cfg.per_layer) != len(blocks):
-            raise ConfigError(f"prune-experts: per_layer gives {len(cfg.per_layer)} counts for {len(blocks)} MoE layers")
+            which = "selected " if cfg.targets or cfg.ignore else ""
+            raise ConfigError(f"prune-experts: per_layer gives {len(cfg.per_layer)} counts for {len(blocks)} "
+                              f"{which}MoE layers")
         budgets = list(cfg.per_layer)
     elif cfg.keep is not None:
         budgets = [min(cfg.keep, b.num_experts) for _, b in blocks]
@@ -435,7 +472,7 @@ def _output_budget(block: MoEBlock) -> int:
 
 def _update_config(state: ModelState) -> None:
     # Keep the in-memory HF config honest when every layer has the same count (writers use it).
-    counts = {m.num_experts for _, m in state.moe_blocks()}
+    counts = {getattr(m, "num_experts", None) for _, m in state.moe_blocks()}
     if state.config is None or len(counts) != 1:
         return
     (n,) = counts

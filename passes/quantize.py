@@ -18,11 +18,10 @@ weights in place on their first CPU forward (FIELD.md, "bitsandbytes CPU save tr
 """
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from moeconv.context import Context
@@ -31,14 +30,13 @@ from moeconv.module_groups import GROUPS, group_bytes, module_groups, module_ten
 from moeconv.nn.linear_like import in_out_features, is_conv1d, is_linear_like
 from moeconv.nn.moe import MoEBlock
 from moeconv.nn.native_moe import linearise_native_moe
-from moeconv.nn.quantized import (BLOCKSIZES, METHODS, QuantSpec, is_quantized_layer, kernel_problem,
+from moeconv.nn.quantized import (BLOCKSIZES, QuantSpec, is_quantized_layer, kernel_problem,
                                   quantize_linear, serialized_bytes)
-from moeconv.pass_base import Pass, PassConfig, PassResult
+from moeconv.pass_base import Contract, Pass, PassConfig, PassResult
 from moeconv.report import PassReport
+from moeconv.selectors import OptionalSelectors, Selection, Selectors, absent_note
 from moeconv.state import ModelState, model_outputs
 
-_LAYERS = re.compile(r"^layers:(\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")
-_INDEX = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -49,17 +47,11 @@ class QuantizeConfig(PassConfig):
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="4-bit: matmul dtype (default: the model's)")
     int8_threshold: float = Field(6.0, ge=0, description="int8: LLM.int8 outlier threshold (0 = none)")
-    targets: list[str] | None = Field(None, description="modules to quantize (default: every linear layer)")
-    ignore: list[str] = Field(default_factory=list, description="modules to leave in float")
+    targets: OptionalSelectors = Field(None, description="linear layers to quantize (default: all): a group, layers:0-3, "
+                                                        "every:2, re:REGEX, a module path (moeconv.selectors)")
+    ignore: Selectors = Field(default_factory=list, description="linear layers to leave in float (same grammar)")
     quantize_routers: bool = Field(False, description="also quantize MoE routers / shared-expert gates")
     quantize_lm_head: bool = False
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _selectors(cls, v):
-        for sel in v or []:
-            validate_module_selector(sel)
-        return v
 
     @model_validator(mode="after")
     def _per_method(self):
@@ -77,50 +69,19 @@ class QuantizeConfig(PassConfig):
                          DTYPES[self.compute_dtype] if self.compute_dtype else None, self.int8_threshold)
 
 
-def validate_module_selector(sel: str) -> str:
-    """`re:REGEX` (searched in the module path), a group name (attention, experts, …),
-    `layers:0-3,7` (the first number in the path), or a module path / path prefix."""
-    if sel.startswith("re:"):
-        try:
-            re.compile(sel[3:])
-        except re.error as exc:
-            raise ValueError(f"bad regex in {sel!r}: {exc}") from None
-    elif sel.startswith("layers:") and not _LAYERS.match(sel):
-        raise ValueError(f"bad selector {sel!r}: use layers:4-27 or layers:0,2,5")
-    elif not sel.strip():
-        raise ValueError("empty selector")
-    return sel
-
-
-def matches(sel: str, path: str, group: str) -> bool:
-    if sel.startswith("re:"):
-        return re.search(sel[3:], path) is not None
-    m = _LAYERS.match(sel)
-    if m:
-        idx = _INDEX.search(path)
-        if idx is None:
-            return False
-        i = int(idx.group(1))
-        return any(int(lo) <= i <= int(hi or lo) for lo, _, hi in (p.partition("-") for p in m.group(1).split(",")))
-    if sel in GROUPS:
-        return group == sel
-    return path == sel or path.startswith(sel + ".")
-
-
 class Quantize(Pass):
     name = "quantize"
     summary = "Quantize linear layers with bitsandbytes (int8 / nf4 / fp4); routers, embeddings, lm_head kept."
     Config = QuantizeConfig
-    requires = frozenset({"float-weights"})
-    provides = frozenset({"quantized"})
-    invalidates = frozenset({"float-weights"})
-    output_tolerance = None  # lossy on purpose: the measured error is reported
 
-    def __init__(self, config: QuantizeConfig | None = None, **fields):
-        super().__init__(config, **fields)
+    def contract(self) -> Contract:
+        provides = {"quantized"}
         if self.config.method == "int8":
             # LLM.int8 weights are int8 + one scale per output row: exact in ONNX (DequantizeLinear)
-            self.provides = frozenset({"quantized", "int8-weights"})
+            provides.add("int8-weights")
+        # lossy on purpose (output_tolerance None): the measured error is reported
+        return Contract(requires=frozenset({"float-weights"}), provides=frozenset(provides),
+                        invalidates=frozenset({"float-weights"}))
 
     def check(self, state: ModelState, ctx: Context) -> None:
         if any(is_quantized_layer(m) for m in state.module.modules()):
@@ -136,7 +97,8 @@ class Quantize(Pass):
         rows, todo = self._select(model, groups, spec)
         if not todo:
             why = sorted({r["reason"] for r in rows}) or ["the model has no linear layers"]
-            raise UnsupportedError(f"quantize: no layer to quantize ({'; '.join(why)[:300]})")
+            note = absent_note(Selection.of(cfg.targets, cfg.ignore), {r["group"] for r in rows}, "linear layer")
+            raise UnsupportedError(f"quantize: no layer to quantize ({'; '.join(why)[:300]}){note}")
         fused = _fused_3d(model)
         routers = _router_tensors(model)
         vocab = _vocab(state)
@@ -175,6 +137,7 @@ class Quantize(Pass):
     # ------------------------------------------------------------------ selection
     def _select(self, model: nn.Module, groups: dict[str, str], spec: QuantSpec):
         cfg = self.config
+        selection = Selection.of(cfg.targets, cfg.ignore)
         shared = _shared_weights(model)
         rows, todo = [], []
         for path, m in model.named_modules():
@@ -186,9 +149,9 @@ class Quantize(Pass):
                    "bytes_before": sum(t.numel() * t.element_size() for t in module_tensors(m).values()),
                    "bytes_after": None}
             rows.append(row)
-            if cfg.targets and not any(matches(s, path, group) for s in cfg.targets):
+            if not selection.targeted(path, group):
                 row["reason"] = "not in targets"
-            elif any(matches(s, path, group) for s in cfg.ignore):
+            elif selection.ignored(path, group):
                 row["reason"] = "ignored (--ignore)"
             elif group == "router" and not cfg.quantize_routers:
                 row["reason"] = "router: kept in full precision by default"

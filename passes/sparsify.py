@@ -5,9 +5,10 @@ Promises:
 - Every pruned matrix satisfies the pattern exactly (N:M: at most N non-zeros in every group of
   M consecutive input weights; unstructured: at least ⌊ratio·in⌋ zeros per row), checked on the
   stored weights after pruning; pruned weights are exact zeros and the values stay finite.
-- Only the selected matrices change. Routers are never pruned; attention, embeddings, norms and
-  dense FFNs are untouched unless selected (`targets`); this is checked (no other parameter is
-  written to) and reported.
+- Only the selected matrices change (`targets` minus `ignore`, the grammar of `moeconv.selectors`;
+  default `experts`: the routed and shared experts of every MoE layer). Routers are never pruned;
+  attention, embeddings, norms and dense FFNs are untouched unless selected; this is checked (no
+  other parameter is written to) and reported.
 - Calibration is layer by layer (one decoder layer's activations in memory). Each expert's
   statistics come from the tokens its router sends it (`MoEBlock` calls an expert only on its
   routed tokens, so a hook on its projections sees exactly those). An expert below
@@ -22,28 +23,30 @@ Promises:
 from __future__ import annotations
 
 import math
-import re
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from moeconv.calibrate import decoder_layers, expert_coverage, observe_inputs, observe_outputs, run_layerwise
 from moeconv.context import Context
 from moeconv.errors import ConfigError, InputError, VerificationError
+from moeconv.formats.compressed import compressed_nbytes
+from moeconv.module_groups import module_groups
 from moeconv.nn.linear_like import is_conv1d, is_linear_like, weight_out_in
 from moeconv.nn.moe import MoEBlock
-from moeconv.pass_base import Pass, PassConfig, PassResult
+from moeconv.pass_base import Contract, Pass, PassConfig, PassResult
 from moeconv.report import PassReport
-from moeconv.sparsity import SparsityPattern, check_pattern, compressed_nbytes, speed_note
+from moeconv.selectors import Selection, Selectors, absent_note
+from moeconv.sparse_cuda import speed_note
+from moeconv.sparsity import SparsityPattern, check_pattern
 from moeconv.state import ModelState
 from passes.sparsify_methods import InputStats, magnitude, reconstruction_error, sparsegpt, wanda
 
-KEYWORDS = ("experts", "attention", "dense-ffn")
-_ATTN = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*(\.|$)", re.IGNORECASE)
 MAX_BATCH_BYTES = 256 * 2**20  # one batched SparseGPT solve holds at most this much weight
 
 
@@ -51,28 +54,16 @@ class SparsifyConfig(PassConfig):
     pattern: str = Field("2:4", description="N:M (keep N of every M along the input dim) or 'unstructured'")
     ratio: float | None = Field(None, gt=0, lt=1, description="fraction pruned per row, for 'unstructured' (0.5)")
     method: Literal["magnitude", "wanda", "sparsegpt"] = "sparsegpt"
-    targets: list[str] = Field(default_factory=lambda: ["experts"],
-                               description="experts | attention | dense-ffn | re:REGEX | a module path")
-    ignore: list[str] = Field(default_factory=list)
+    targets: Selectors = Field(default_factory=lambda: ["experts"],
+                               description="matrices to prune: a group (experts, attention, dense-ffn, …), "
+                                           "layers:0-3, every:2, re:REGEX, a module path (moeconv.selectors)")
+    ignore: Selectors = Field(default_factory=list)
     dampening: float = Field(0.01, gt=0, description="SparseGPT: λ = dampening · mean(diag H)")
     block_size: int = Field(128, ge=1, description="SparseGPT: columns per lazy-update block")
     min_coverage: float = Field(0.01, ge=0, le=1, description="experts seeing fewer than this fraction "
                                 "of the layer's tokens use the fallback statistics")
     fallback: Literal["all-tokens", "magnitude"] = "all-tokens"
     batch_size: int = Field(8, ge=1, description="calibration samples per forward")
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _selectors(cls, v):
-        for sel in v:
-            if sel.startswith("re:"):
-                try:
-                    re.compile(sel[3:])
-                except re.error as exc:
-                    raise ValueError(f"bad regular expression {sel!r}: {exc}") from None
-            elif not sel or sel.strip() != sel:
-                raise ValueError(f"bad selector {sel!r}")
-        return v
 
     @model_validator(mode="after")
     def _combination(self):
@@ -96,20 +87,16 @@ class Sparsify(Pass):
     name = "sparsify"
     summary = "Prune expert weights to N:M (2:4) or unstructured sparsity: magnitude, Wanda or SparseGPT."
     Config = SparsifyConfig
-    requires = frozenset({"float-weights"})
-    provides = frozenset({"sparse"})
-    output_tolerance = None
 
-    def __init__(self, config: SparsifyConfig | None = None, **fields):
-        super().__init__(config, **fields)
-        pat = self.config.sparsity_pattern()
+    def contract(self) -> Contract:
+        # No `sparse` fact: it is not derivable from the module (zeros are weights like any
+        # other), and no pass needs it; the pattern is checked by `verify` instead.
         req = {"float-weights"}
         if self.config.method != "magnitude":
             req.add("calibration")
         if self.config.targets == ["experts"]:
             req.add("moe")
-        self.requires = frozenset(req)
-        self.provides = frozenset({"sparse"} | ({"sparse-24"} if (pat.n, pat.m) == (2, 4) else set()))
+        return Contract(requires=frozenset(req))
 
     def check(self, state: ModelState, ctx: Context) -> None:
         calib = ctx.calibration
@@ -126,10 +113,7 @@ class Sparsify(Pass):
         cfg, pat = self.config, self.config.sparsity_pattern()
         model = state.module
         linearise_native_moe(model)  # fused HF experts → per-expert nn.Linear (exact); no-op when done
-        targets = select_targets(model, cfg.targets, cfg.ignore)
-        if not targets:
-            raise ConfigError(f"sparsify: no matrix matches targets {cfg.targets}"
-                              + (f" minus ignore {cfg.ignore}" if cfg.ignore else ""))
+        targets = select_targets(state, cfg.targets, cfg.ignore)
         for name, m in targets.items():
             cols = weight_out_in(m).shape[1]
             if pat.is_nm and cols % pat.m:
@@ -167,42 +151,32 @@ def _router_like(model: nn.Module) -> set[int]:
     return out
 
 
-def _selected(model: nn.Module, sel: str, linears: dict[str, nn.Module]) -> set[str]:
-    if sel == "experts":
-        names = set()
-        for bpath, b in model.named_modules():
-            if isinstance(b, MoEBlock):
-                for sub in ("experts", "shared_expert"):
-                    pre = f"{bpath}.{sub}." if bpath else f"{sub}."
-                    names |= {n for n in linears if n.startswith(pre)}
-        return names
-    if sel == "attention":
-        return {n for n in linears if _ATTN.search(n.rsplit(".", 1)[0] if "." in n else "")}
-    if sel == "dense-ffn":
-        from moeconv.patterns import find_ffn_sites
-        moe = [p for p, m in model.named_modules() if isinstance(m, MoEBlock)]
-        sites = [s for s in find_ffn_sites(model, require=False)
-                 if not any(s.path == p or s.path.startswith(p + ".") for p in moe)]
-        return {n for n in linears for s in sites if n.startswith(s.path + ".")}
-    if sel.startswith("re:"):
-        rx = re.compile(sel[3:])
-        return {n for n in linears if rx.search(n)}
-    return {n for n in linears if n == sel or n.startswith(sel + ".")}
-
-
-def select_targets(model: nn.Module, targets: list[str], ignore: list[str]) -> dict[str, nn.Module]:
-    """Linear-like modules chosen by `targets` minus `ignore`, in module order. Routers and any
-    weight shared with an embedding (tied `lm_head`) are never candidates."""
+def select_targets(state: ModelState, targets: list[str], ignore: list[str]) -> dict[str, nn.Module]:
+    """Linear-like modules chosen by `targets` minus `ignore` (`moeconv.selectors`, each in its
+    `module_groups` group), in module order. Routers and any weight shared with an embedding (tied
+    `lm_head`) are never candidates. ConfigError when nothing is chosen."""
+    model = state.module
     routers = _router_like(model)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     linears = {n: m for n, m in model.named_modules()
                if is_linear_like(m) and id(m) not in routers and id(m.weight) not in embeddings}
-    chosen: set[str] = set()
-    for sel in targets:
-        chosen |= _selected(model, sel, linears)
-    for sel in ignore:
-        chosen -= _selected(model, sel, linears)
-    return {n: m for n, m in linears.items() if n in chosen}
+    groups = module_groups(state)
+    selection = Selection.of(targets, ignore)
+    chosen = {n: m for n, m in linears.items() if selection.selects(n, groups.get(n))}
+    if not chosen:
+        raise ConfigError(f"sparsify: no matrix matches targets {targets}" + (f" minus ignore {ignore}" if ignore else "")
+                          + _candidates_note(selection, linears, groups))
+    return chosen
+
+
+def _candidates_note(selection: Selection, linears: dict[str, nn.Module], groups: dict[str, str]) -> str:
+    """' (found N candidate matrices in groups …: a, b, …)': what the selectors could have chosen."""
+    if not linears:
+        return " (the model has no candidate matrix)"
+    present = sorted({groups.get(n, "other") for n in linears})
+    names = ", ".join(list(linears)[:2]) + (", …" if len(linears) > 2 else "")
+    return (f" (found {len(linears)} candidate matrices in groups {', '.join(present)}: {names})"
+            + absent_note(selection, present, "candidate matrix"))
 
 
 # ---- the work ------------------------------------------------------------------------------------
@@ -211,6 +185,31 @@ def _set_weight(m: nn.Module, w_out_in: torch.Tensor) -> None:
     with torch.no_grad():
         w = w_out_in.t() if is_conv1d(m) else w_out_in
         m.weight.copy_(w.to(m.weight.dtype))
+
+
+@dataclass
+class _Observed:
+    """What one forward of a decoder layer showed (`_Job._observe`)."""
+    stats: InputStats
+    block_inputs: dict[str, list[torch.Tensor]] | None  # MoE block → its input rows; freed after use
+    outputs: list[torch.Tensor] = field(default_factory=list)  # the layer's outputs, before pruning
+    resid: float = 0.0  # Σ ‖layer output − layer input‖²: the scale of the layer's update
+    counts: dict[str, dict[int, int]] = field(default_factory=dict)  # MoE block → expert → tokens routed to it
+
+
+@dataclass
+class _Pending:
+    """A layer pruned by `_Job._on_layer` whose output change `_Job._after_layer` still has to
+    measure, once the pruned layer has run again."""
+    index: int
+    path: str
+    outputs: list[torch.Tensor]  # the unpruned layer's outputs
+    resid: float
+    matrices: int
+    fallback: list[str]  # experts of this layer that fell back
+    t0: float
+    t_end: float  # when pruning ended: the re-run of the layer is timed from here
+    phases: dict[str, float]  # observe_s, fallback_s, prune_s
 
 
 class _Job:
@@ -225,7 +224,7 @@ class _Job:
         self.fallback: list[str] = []
         self.tokens = 0
         self._expert_info: dict[tuple[str, int], tuple[int, int, bool]] = {}
-        self._pending: dict = {}
+        self._pending: _Pending | None = None
 
     # -- without data: magnitude only
     def prune_without_data(self) -> None:
@@ -254,47 +253,69 @@ class _Job:
                       progress=lambda task, done, total: self.ctx.report_progress("sparsify layers", done, total))
 
     def _on_layer(self, index: int, path: str, layer: nn.Module, forward) -> None:
+        """Calibrate and prune the targets inside decoder layer `index`; `_after_layer` then
+        measures the change of its output."""
         t0 = time.perf_counter()
         mine = {n: m for n, m in self.targets.items() if n.startswith(path + ".")}
         if not mine:
             return
-        blocks = [(p, b) for p, b in self._blocks(mine)]
-        stats = InputStats()
-        block_inputs: dict[str, list[torch.Tensor]] = {p: [] for p, _ in blocks}
-        outputs: list[torch.Tensor] = []
-        resid = [0.0]
+        blocks = self._blocks(mine)
+        seen = self._observe(layer, mine, blocks, forward)
+        t_observe = time.perf_counter()
+        source, layer_fallback = self._routing_aware(mine, blocks, seen)
+        seen.block_inputs = None  # every routed token of the layer: free it before pruning
+        t_stats = time.perf_counter()
+        self._prune(mine, seen.stats, source)
+        t_prune = time.perf_counter()
+        self._pending = _Pending(index=index, path=path, outputs=seen.outputs, resid=seen.resid, t0=t0,
+                                 matrices=len(mine), fallback=layer_fallback, t_end=t_prune,
+                                 phases={"observe_s": t_observe - t0, "fallback_s": t_stats - t_observe,
+                                         "prune_s": t_prune - t_stats})
+        for bpath, block in blocks:
+            for e in range(block.num_experts):
+                info = self._expert_info.get((bpath, e))
+                if info is not None:
+                    self._expert_row(index, bpath, block, e, *info)
+
+    def _observe(self, layer: nn.Module, mine: dict[str, nn.Module], blocks, forward) -> _Observed:
+        """One forward of the layer: the targets' input statistics, each MoE block's inputs and
+        expert token counts, the layer's outputs and the energy of its residual update."""
+        seen = _Observed(InputStats(), {p: [] for p, _ in blocks})
 
         def keep_block_input(name, x):
-            block_inputs[name].append(x.clone())
+            seen.block_inputs[name].append(x.clone())
 
         def layer_hook(_m, args, kwargs, out):
             x = args[0] if args else kwargs["hidden_states"]
             y = out[0] if isinstance(out, (tuple, list)) else out
-            outputs.append(y)
-            resid[0] += float((y.float() - x.float()).pow(2).sum())
+            seen.outputs.append(y)
+            seen.resid += float((y.float() - x.float()).pow(2).sum())
 
         with ExitStack() as stack:
-            stack.enter_context(observe_inputs(mine, stats.add))
-            stack.enter_context(observe_outputs(mine, self._energy_hook(stats, mine)))
+            stack.enter_context(observe_inputs(mine, seen.stats.add))
+            stack.enter_context(observe_outputs(mine, self._energy_hook(seen.stats, mine)))
             stack.enter_context(observe_inputs(dict(blocks), keep_block_input))
-            counts = {p: stack.enter_context(expert_coverage(b)) for p, b in blocks}
+            seen.counts = {p: stack.enter_context(expert_coverage(b)) for p, b in blocks}
             handle = layer.register_forward_hook(layer_hook, with_kwargs=True)
             stack.callback(handle.remove)
             forward()
-        stats.release()
-        t_observe = time.perf_counter()
+        seen.stats.release()
+        return seen
 
-        # Routing-aware statistics: under-covered experts fall back, never to empty statistics.
+    def _routing_aware(self, mine: dict[str, nn.Module], blocks, seen: _Observed) -> tuple[dict[str, str], list[str]]:
+        """Where each matrix's statistics come from (matrix → label), and the experts of this
+        layer that fell back: under-covered experts never keep empty statistics."""
         source = {n: "all tokens" for n in mine}
         layer_fallback = []
         for bpath, block in blocks:
-            total = sum(x.shape[0] for x in block_inputs[bpath])
+            inputs = seen.block_inputs[bpath]
+            total = sum(x.shape[0] for x in inputs)
             need = max(1, math.ceil(self.cfg.min_coverage * total))
             for e, expert in enumerate(block.experts):
                 names = self._expert_names(bpath, e, mine)
                 if not names:
                     continue
-                covered = counts[bpath][e]
+                covered = seen.counts[bpath][e]
                 fell_back = covered < need
                 for n in names:
                     source[n] = "routed"
@@ -304,30 +325,23 @@ class _Job:
                     self.fallback.append(f"{label} received {covered} of {total} calibration tokens (< {need}): "
                                          + ("pruned with statistics from all tokens of the layer"
                                             if self.cfg.fallback == "all-tokens" else "pruned by magnitude"))
-                    stats.drop(names)
-                    for n in names:
-                        source[n] = "all tokens (fallback)" if self.cfg.fallback == "all-tokens" else "magnitude (fallback)"
-                    if self.cfg.fallback == "all-tokens":
-                        again = {n: mine[n] for n in names}
-                        with observe_inputs(again, stats.add), observe_outputs(again, self._energy_hook(stats, again)), \
-                                torch.inference_mode():
-                            for x in block_inputs[bpath]:
-                                expert(x)
-                        stats.release()
+                    self._fall_back(expert, {n: mine[n] for n in names}, seen.stats, inputs, source)
                 self._expert_info[(bpath, e)] = (covered, total, fell_back)
-        del block_inputs
-        t_stats = time.perf_counter()
-        self._prune(mine, stats, source)
-        t_prune = time.perf_counter()
-        self._pending = {"outputs": outputs, "resid": resid[0], "t0": t0, "index": index, "path": path,
-                         "matrices": len(mine), "fallback": layer_fallback, "t_end": t_prune,
-                         "phases": {"observe_s": t_observe - t0, "fallback_s": t_stats - t_observe,
-                                    "prune_s": t_prune - t_stats}}
-        for bpath, block in blocks:
-            for e in range(block.num_experts):
-                info = self._expert_info.get((bpath, e))
-                if info is not None:
-                    self._expert_row(index, bpath, block, e, *info)
+        return source, layer_fallback
+
+    def _fall_back(self, expert: nn.Module, again: dict[str, nn.Module], stats: InputStats,
+                   inputs: list[torch.Tensor], source: dict[str, str]) -> None:
+        """Replace the routed statistics of one under-covered expert's matrices (`again`): with
+        statistics from all of the block's inputs, or none (pruned by magnitude)."""
+        stats.drop(list(again))
+        for n in again:
+            source[n] = "all tokens (fallback)" if self.cfg.fallback == "all-tokens" else "magnitude (fallback)"
+        if self.cfg.fallback == "all-tokens":
+            with observe_inputs(again, stats.add), observe_outputs(again, self._energy_hook(stats, again)), \
+                    torch.inference_mode():
+                for x in inputs:
+                    expert(x)
+            stats.release()
 
     @staticmethod
     def _energy_hook(stats: InputStats, modules: dict[str, nn.Module]):
@@ -335,16 +349,16 @@ class _Job:
 
     def _after_layer(self, index: int, path: str, layer: nn.Module, new_outputs: list[torch.Tensor]) -> None:
         p = self._pending
-        if not p or p["index"] != index:
+        if p is None or p.index != index:
             return
-        diff = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(new_outputs, p["outputs"]))
-        self.layers.append({"layer": index, "path": path, "matrices": p["matrices"],
-                            "layer_rel_error": math.sqrt(diff / p["resid"]) if p["resid"] > 0 else None,
-                            "fallback_experts": len(p["fallback"]),
-                            "seconds": round(time.perf_counter() - p["t0"], 3),
-                            **{k: round(v, 3) for k, v in p["phases"].items()},
-                            "next_inputs_s": round(time.perf_counter() - p["t_end"], 3)})
-        self._pending = {}
+        diff = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(new_outputs, p.outputs))
+        self.layers.append({"layer": index, "path": path, "matrices": p.matrices,
+                            "layer_rel_error": math.sqrt(diff / p.resid) if p.resid > 0 else None,
+                            "fallback_experts": len(p.fallback),
+                            "seconds": round(time.perf_counter() - p.t0, 3),
+                            **{k: round(v, 3) for k, v in p.phases.items()},
+                            "next_inputs_s": round(time.perf_counter() - p.t_end, 3)})
+        self._pending = None
 
     def _prune(self, mine: dict[str, nn.Module], stats: InputStats, source: dict[str, str]) -> None:
         method = self.cfg.method

@@ -11,15 +11,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from moeconv.context import Context
 from moeconv.errors import ConfigError, UnsupportedError
 from moeconv.expert_init import InitSpec, expert_tensors, kmeans_centroids, router_weight, split_partition
 from moeconv.nn.moe import MoEBlock, RoutingConfig
-from moeconv.pass_base import Pass, PassConfig, PassResult
+from moeconv.pass_base import Contract, Pass, PassConfig, PassResult
 from moeconv.report import PassReport
-from moeconv.sites import build_expert, dense_tensors, replace_site, select_sites, validate_selector
+from moeconv.selectors import OptionalSelectors, Selectors
+from moeconv.sites import build_expert, dense_tensors, replace_site, select_sites
 from moeconv.state import ModelState, call_model
 
 
@@ -27,8 +28,9 @@ class UpcycleConfig(PassConfig):
     # 65,536: two orders of magnitude above any released MoE (512), and still a plan that fits memory
     num_experts: int = Field(8, ge=2, le=2**16, description="experts per MoE layer")
     top_k: int = Field(2, ge=1, description="experts each token is routed to")
-    targets: list[str] | None = Field(None, description="site paths, re:REGEX, layers:4-27, every:2")
-    ignore: list[str] = Field(default_factory=list)
+    targets: OptionalSelectors = Field(None, description="FFN sites to convert (default: all): layers:4-27, every:2[+1], "
+                                                        "re:REGEX, a module path (moeconv.selectors)")
+    ignore: Selectors = Field(default_factory=list)
     router_init: Literal["zeros", "normal", "hidden"] = "zeros"
     router_std: float = Field(0.02, gt=0)
     router_bias: bool = False
@@ -39,13 +41,6 @@ class UpcycleConfig(PassConfig):
     shared_experts: bool = False
     renormalize: bool = True
     seed: int = 0
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _selectors(cls, v):
-        for sel in v or []:
-            validate_selector(sel)
-        return v
 
     @model_validator(mode="after")
     def _combination(self):
@@ -67,14 +62,15 @@ class Upcycle(Pass):
     name = "upcycle"
     summary = "Turn each dense FFN into an N-expert top-k MoE initialised from it (exact with copy init)."
     Config = UpcycleConfig
-    requires = frozenset({"dense-ffn", "float-weights"})
-    provides = frozenset({"moe"})
-    invalidates = frozenset()
 
-    def __init__(self, config: UpcycleConfig | None = None, **fields):
-        super().__init__(config, **fields)
-        # Promise depends on the config: exact inits promise equality, others report.
-        self.output_tolerance = 0.0 if self.config.is_exact() else None
+    def contract(self) -> Contract:
+        # The promise depends on the config: exact inits promise equality, others report. Every
+        # FFN converted (no targets, nothing ignored) leaves no dense FFN: a second upcycle is
+        # refused by the plan, before any work.
+        every_ffn = not self.config.targets and not self.config.ignore
+        return Contract(requires=frozenset({"dense-ffn", "float-weights"}), provides=frozenset({"moe"}),
+                        invalidates=frozenset({"dense-ffn"} if every_ffn else ()),
+                        output_tolerance=0.0 if self.config.is_exact() else None)
 
     def check(self, state: ModelState, ctx: Context) -> None:
         if self.config.router_init == "hidden" and ctx.calibration is None:

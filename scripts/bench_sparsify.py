@@ -78,7 +78,7 @@ def prepare(model: str, work: Path) -> Path | None:
     if not (out / "config.json").is_file():
         from moeconv.demo import smollm2_gguf
         from passes.upcycle import UpcycleConfig
-        from passes.upcycle_checkpoint import upcycle_checkpoint
+        from moeconv.jobs.upcycle import upcycle_checkpoint
         work.mkdir(parents=True, exist_ok=True)
         upcycle_checkpoint(smollm2_gguf(), out, UpcycleConfig(num_experts=4, top_k=2, router_init="normal"))
     return out
@@ -150,7 +150,8 @@ def _cuda_speed():
     import torch
     if not torch.cuda.is_available():
         return "skipped: no CUDA device (2:4 saves storage, not time, on CPU)"
-    from moeconv.sparsity import SparsityPattern, semi_structured_speed
+    from moeconv.sparse_cuda import semi_structured_speed
+    from moeconv.sparsity import SparsityPattern
     from passes.sparsify_methods import magnitude
     rows = []
     for shape in ((1536, 576), (576, 1536), (14336, 4096)):
@@ -202,7 +203,7 @@ def main(argv=None) -> dict:
         summary[f"{m}_peak_anon_x_fp32"] = round(runs[m]["peak_anon_mb"] / fp32, 2)
         print(f"{m}: {summary[f'{m}_x_floor']}× the forward floor, peak RSS {summary[f'{m}_peak_rss_x_fp32']}× the fp32 model "
               f"({fp32:.0f} MiB), peak anonymous {summary[f'{m}_peak_anon_x_fp32']}×")
-    from moeconv.sparsity import speed_note
+    from moeconv.sparse_cuda import speed_note
     summary["speed"] = speed_note()
     print(summary["speed"])
     summary["cuda_semi_structured"] = _cuda_speed()

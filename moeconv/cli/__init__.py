@@ -20,6 +20,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from moeconv.cli.common import SELECTOR_HELP  # noqa: E402
 from moeconv.errors import MoeconvError  # noqa: E402
 
 try:  # typer ≥ 0.22 vendors click
@@ -172,11 +173,17 @@ def inspect(
 
 
 @app.command("passes")
-def list_passes():
-    """List the registered passes with the facts they require, provide and invalidate."""
+def list_passes(as_json: bool = typer.Option(False, "--json", help="Print the list as JSON.")):
+    """List the registered passes with the facts they require, provide and invalidate.
+
+    Shown as a default-configured pass has them; `moeconv plan` shows a recipe's own."""
     from passes import REGISTRY
-    from moeconv.render import render_passes
-    render_passes(out, REGISTRY)
+    from moeconv.render import pass_contracts, render_passes
+    if as_json:
+        import json
+        print(json.dumps(pass_contracts(REGISTRY), indent=2))
+    else:
+        render_passes(out, REGISTRY)
 
 
 @app.command()
@@ -193,7 +200,7 @@ def upcycle(
     split_mode: str = typer.Option("random", help="random | clustered neuron partition for --expert-init split."),
     shared_experts: bool = typer.Option(False, "--shared-experts", help="Keep an always-on shared expert (Qwen2-MoE)."),
     renormalize: bool = typer.Option(True, "--renormalize/--no-renormalize", help="Renormalise top-k weights."),
-    layers: Optional[list[str]] = typer.Option(None, "--layers", help="Which FFNs: layers:4-27, every:2, re:REGEX, or a path. Repeatable."),
+    layers: Optional[list[str]] = typer.Option(None, "--layers", help=f"Which FFNs (default: all): {SELECTOR_HELP}. Repeatable."),
     ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="FFNs to leave dense (same syntax as --layers)."),
     fmt: str = typer.Option("auto", "--format", help="auto (HF MoE family when there is one) | hf | moeconv."),
     dtype: Optional[str] = typer.Option(None, help="Output dtype: float32 | bfloat16 | float16 (default: source's)."),
@@ -209,41 +216,43 @@ def upcycle(
     transformers loads them); everything else is written in moeconv's format (`moeconv.load`).
     With --expert-init copy the MoE computes exactly the dense function; that is checked.
     """
-    def go():
-        from moeconv.errors import ConfigError, InputError
-        from moeconv.pass_base import _first_error
-        from moeconv.render import Progress, render_upcycle
-        from passes.upcycle import UpcycleConfig
-        from passes.upcycle_checkpoint import upcycle_checkpoint
-        from pydantic import ValidationError
-        import torch
-        try:
-            cfg = UpcycleConfig(num_experts=num_experts, top_k=top_k, router_init=router_init, router_std=router_std,
-                                expert_init=expert_init, noise_scale=noise_scale, drop_ratio=drop_ratio,
-                                split_mode=split_mode, shared_experts=shared_experts, renormalize=renormalize,
-                                targets=layers or None, ignore=ignore or [], seed=seed)
-        except ValidationError as exc:
-            raise ConfigError(f"upcycle: {_first_error(exc)}") from None
-        if fmt not in ("auto", "hf", "moeconv"):
-            raise ConfigError(f"--format must be auto, hf or moeconv, not {fmt!r}")
-        if verify not in ("auto", "full", "weights"):
-            raise ConfigError(f"--verify must be auto, full or weights, not {verify!r}")
-        torch_dtype = None
-        if dtype is not None:
-            if dtype not in ("float32", "bfloat16", "float16"):
-                raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
-            torch_dtype = getattr(torch, dtype)
-        calibration = None
-        if calib is not None:
-            from moeconv.data import calibration_tokens
-            calibration = calibration_tokens(calib, src)
-        elif router_init == "hidden":
-            raise InputError("--router-init hidden needs --calib FILE")
-        with Progress(err, enabled=not _state["verbose"]) as progress:
-            report = upcycle_checkpoint(src, out_dir, cfg, fmt=fmt, dtype=torch_dtype, shard_size=shard_size,
-                                        force=force, verify=verify, calibration=calibration, progress=progress)
-        render_upcycle(out, report)
-    _run(go)
+    options = dict(num_experts=num_experts, top_k=top_k, router_init=router_init, router_std=router_std,
+                   expert_init=expert_init, noise_scale=noise_scale, drop_ratio=drop_ratio, split_mode=split_mode,
+                   shared_experts=shared_experts, renormalize=renormalize, targets=layers or None,
+                   ignore=ignore or [], seed=seed)
+    _run(lambda: _upcycle(src, out_dir, options, fmt=fmt, dtype=dtype, shard_size=shard_size, verify=verify,
+                          calib=calib, force=force))
+
+
+def _upcycle(src, out_dir: Path, options: dict, *, fmt, dtype, shard_size, verify, calib, force) -> None:
+    from moeconv.errors import ConfigError, InputError
+    from moeconv.jobs.upcycle import upcycle_checkpoint
+    from moeconv.pass_base import _first_error
+    from moeconv.render import Progress, render_upcycle
+    from passes.upcycle import UpcycleConfig
+    from pydantic import ValidationError
+    import torch
+    try:
+        cfg = UpcycleConfig(**options)
+    except ValidationError as exc:  # the config's `targets` is this command's --layers
+        raise ConfigError(f"upcycle: {_first_error(exc)}".replace("upcycle: targets: ", "upcycle: --layers: ")) from None
+    if fmt not in ("auto", "hf", "moeconv"):
+        raise ConfigError(f"--format must be auto, hf or moeconv, not {fmt!r}")
+    if verify not in ("auto", "full", "weights"):
+        raise ConfigError(f"--verify must be auto, full or weights, not {verify!r}")
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+    calibration = None
+    if calib is not None:
+        from moeconv.data import calibration_tokens
+        calibration = calibration_tokens(calib, src)
+    elif cfg.router_init == "hidden":
+        raise InputError("--router-init hidden needs --calib FILE")
+    with Progress(err, enabled=not _state["verbose"]) as progress:
+        report = upcycle_checkpoint(src, out_dir, cfg, fmt=fmt, dtype=getattr(torch, dtype) if dtype else None,
+                                    shard_size=shard_size, force=force, verify=verify, calibration=calibration,
+                                    progress=progress)
+    render_upcycle(out, report)
 
 
 @app.command()
@@ -265,7 +274,7 @@ def demo(
         from moeconv.demo import run_demo
         from moeconv.render import Progress, render_demo
         from passes.upcycle import UpcycleConfig
-        from passes.upcycle_checkpoint import upcycle_checkpoint
+        from moeconv.jobs.upcycle import upcycle_checkpoint
         try:
             cfg = UpcycleConfig(num_experts=num_experts, top_k=top_k)
         except ValueError as exc:

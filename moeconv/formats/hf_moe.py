@@ -63,7 +63,7 @@ def _qwen_moe_config(dense: dict, *, num_experts, top_k, expert_intermediate, de
 
 _GATED = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
-FORMATS = {
+FAMILIES = {
     "mixtral": MoeFormat("mixtral", ("llama", "mistral"), "mixtral", "MixtralForCausalLM", "block_sparse_moe",
                          "gate", {"gate": "w1", "up": "w3", "down": "w2"}, False, False,
                          {"attention_bias": False, "mlp_bias": False}, _mixtral_config),
@@ -75,7 +75,7 @@ FORMATS = {
 
 
 def format_for(model_type: str | None) -> MoeFormat | None:
-    for fmt in FORMATS.values():
+    for fmt in FAMILIES.values():
         if model_type in fmt.source_types:
             return fmt
     return None
@@ -158,7 +158,7 @@ def rename(fmt: MoeFormat, site_paths: list[str], roles: dict[str, str], name: s
 
 def family_for_config(model_type: str | None) -> MoeFormat | None:
     """The MoE family a model belongs to: native (`mixtral`) or as an upcycling source (`llama`)."""
-    for fmt in FORMATS.values():
+    for fmt in FAMILIES.values():
         if model_type == fmt.target_type:
             return fmt
     return format_for(model_type)

@@ -25,37 +25,75 @@ import torch
 from torch import nn
 
 from moeconv.errors import InputError, UnsupportedError
+from moeconv.formats.base import Format
+from moeconv.formats.hf import is_bitsandbytes_config, read_hf
+from moeconv.formats.hf_moe import family_for_config, native_config_dict
+from moeconv.formats.native import FORMAT_VERSION, load_moeconv, rebuild_source, site_record
 from moeconv.formats.writer import TensorSource, write_checkpoint
-from moeconv.io.safetensors_io import SourceCheckpoint, TensorSpec
+from moeconv.io.safetensors_io import TensorSpec
+from moeconv.io.transformers_io import causal_lm_class
 from moeconv.module_groups import module_tensors
 from moeconv.nn.linear_like import in_out_features, is_conv1d, is_linear_like
 from moeconv.nn.moe import MoEBlock
-from moeconv.nn.quantized import is_quantized_layer, layer_record, method_of, rebuild
-from moeconv.state import ModelState, SourceInfo
+from moeconv.nn.quantized import is_quantized_layer, layer_record, method_of, rebuild, serialized_bytes
+from moeconv.state import ModelState
 
 
-def save_quantized(state: ModelState, out_dir: Path, *, shard_bytes: int) -> dict:
-    """Write quantized `state` into `out_dir` (exists, empty); returns what was written and
-    `consumer` ("transformers" or "moeconv") with `expected_class` for transformers."""
-    model = state.module
-    layers = {p: m for p, m in model.named_modules() if is_quantized_layer(m)}
-    if not layers:
-        raise UnsupportedError("internal: save_quantized called on a model without quantized layers")
-    records = {p: layer_record(m) for p, m in layers.items()}
-    why_not_hf = _hf_obstacle(state, records)
-    source = _tensor_source(model)
-    if why_not_hf is None:
-        config = _hf_config(state, records)
-        stats = write_checkpoint(out_dir, source, config, shard_bytes=shard_bytes)
-        _write_generation_config(model, out_dir)
+def _records(state: ModelState) -> dict[str, dict]:
+    return {p: layer_record(m) for p, m in state.module.named_modules() if is_quantized_layer(m)}
+
+
+class HfBitsandbytes(Format):
+    """Dense HF causal LMs in the layout transformers writes for bitsandbytes."""
+
+    name = "hf-bitsandbytes"
+    consumer = "transformers"
+    hf = True
+
+    def detect(self, path: Path, raw: dict) -> bool:
+        return is_bitsandbytes_config(raw) and "moeconv" not in raw
+
+    def read(self, path: Path, raw: dict, *, dtype=None, read_dir=None) -> ModelState:
+        return read_hf(path, raw, dtype)
+
+    def why_not(self, state: ModelState) -> str | None:
+        records = _records(state)
+        return "not quantized" if not records else _hf_obstacle(state, records)
+
+    def write(self, state: ModelState, out_dir: Path, *, shard_bytes: int, on_tensor=None) -> dict:
+        source = _tensor_source(state.module)
+        stats = write_checkpoint(out_dir, source, _hf_config(state, _records(state)), shard_bytes=shard_bytes,
+                                 on_tensor=on_tensor)
+        _write_generation_config(state.module, out_dir)
         stats.update({"format": "hf-bitsandbytes", "consumer": "transformers",
-                      "expected_class": type(model).__name__, "notes": source.notes})
+                      "expected_class": type(state.module).__name__, "notes": source.notes})
         return stats
-    config = _moeconv_config(state, records)
-    stats = write_checkpoint(out_dir, source, config, shard_bytes=shard_bytes)
-    stats.update({"format": "moeconv-quantized", "consumer": "moeconv", "notes": source.notes + [
-        f"moeconv format, loaded with moeconv.load: {why_not_hf}"]})
-    return stats
+
+
+class MoeconvQuantized(Format):
+    """Every other quantized model (MoE models in particular): moeconv's format + bitsandbytes layers."""
+
+    name = "moeconv-quantized"
+    consumer = "moeconv"
+
+    def detect(self, path: Path, raw: dict) -> bool:
+        return isinstance(raw.get("moeconv"), dict) and "quantization" in raw["moeconv"]
+
+    def read(self, path: Path, raw: dict, *, dtype=None, read_dir=None) -> ModelState:
+        return load_quantized(path, raw, dtype=dtype)
+
+    def why_not(self, state: ModelState) -> str | None:
+        return None if _records(state) else "not quantized"
+
+    def write(self, state: ModelState, out_dir: Path, *, shard_bytes: int, on_tensor=None) -> dict:
+        records = _records(state)
+        source = _tensor_source(state.module)
+        stats = write_checkpoint(out_dir, source, _moeconv_config(state, records), shard_bytes=shard_bytes,
+                                 on_tensor=on_tensor)
+        why_not_hf = _hf_obstacle(state, records)
+        stats.update({"format": "moeconv-quantized", "consumer": "moeconv", "notes": source.notes + [
+            f"moeconv format, loaded with moeconv.load: {why_not_hf}"]})
+        return stats
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -88,7 +126,6 @@ def _hf_obstacle(state: ModelState, records: dict[str, dict]) -> str | None:
     if config is None or not hasattr(model, "save_pretrained"):
         return "not a Hugging Face model"
     try:
-        from moeconv.io.transformers_io import causal_lm_class
         cls = causal_lm_class(config)
     except (KeyError, ImportError):
         cls = None
@@ -129,46 +166,36 @@ def _hf_config(state: ModelState, records: dict[str, dict]) -> dict:
 
 
 def _moeconv_config(state: ModelState, records: dict[str, dict]) -> dict:
-    from moeconv import __version__
-    from moeconv.formats.native import FORMAT_VERSION
+    from moeconv.version import __version__
     import bitsandbytes
     sites = []
     native_counts = set()
     for path, m in state.module.named_modules():
         if not isinstance(m, MoEBlock):
             continue
-        site = getattr(m, "source_site", None)
-        if site is not None:  # upcycled by moeconv: rebuilt at its FFN site (as moeconv.formats.native)
-            sites.append({"site": site.to_dict(), "num_experts": m.num_experts, "top_k": m.top_k,
-                          "renormalize": m.renormalize, "router_bias": m.router.bias is not None,
-                          "shared_expert": m.shared_expert is not None,
-                          "shared_expert_gate": m.shared_expert_gate is not None})
+        if getattr(m, "source_site", None) is not None:  # upcycled by moeconv: rebuilt at its FFN site
+            sites.append(site_record(path, m))
         elif getattr(m, "native_class", None):  # a family's own block: rebuilt by linearising it
             native_counts.add((m.num_experts, m.top_k))
         else:
             raise UnsupportedError(f"{path}: MoE block of unknown origin cannot be saved")
+    cfg = None
     if state.config is not None and hasattr(state.config, "to_dict"):
         cfg = state.config.to_dict()
         cfg.pop("quantization_config", None)
         if native_counts:
-            from moeconv.formats.hf_moe import family_for_config, native_config_dict
             family = family_for_config(cfg.get("model_type"))
             if family is None or len(native_counts) != 1:
                 raise UnsupportedError(f"cannot describe MoE layers {sorted(native_counts)} in a "
                                        f"{cfg.get('model_type')} config")
             (n, k), = native_counts
             cfg = native_config_dict(family, cfg, n, k)
-        source = {"kind": "hf", "config": cfg}
-    elif state.source.spec:
-        source = {"kind": "spec", "spec": state.source.spec}
-    else:
-        raise UnsupportedError("this model was built in memory; moeconv format needs a rebuildable source "
-                               "(a checkpoint, builtin:NAME or FILE.py:factory)")
     quant = {"library": "bitsandbytes", "bitsandbytes_version": bitsandbytes.__version__,
              "moeconv_version": __version__, "methods": sorted({r["method"] for r in records.values()}),
              "layers": records}
     return {"model_type": "moeconv", "architectures": ["MoeconvModel"],
-            "moeconv": {"format_version": FORMAT_VERSION, "source": source, "sites": sites, "quantization": quant}}
+            "moeconv": {"format_version": FORMAT_VERSION, "source": rebuild_source(state, cfg), "sites": sites,
+                        "quantization": quant}}
 
 
 def _float_dtype(model: nn.Module) -> str:
@@ -189,30 +216,10 @@ def _write_generation_config(model: nn.Module, out_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------- reading
 
-class _FloatSpecs:
-    """The checkpoint's specs with quantized weights shown at their float shape and dtype, so the
-    MoE blocks of an upcycled model are rebuilt exactly as for an unquantized checkpoint."""
-
-    def __init__(self, ckpt: SourceCheckpoint, layers: dict[str, dict]):
-        self.path = ckpt.path
-        self.specs = dict(ckpt.specs)
-        for path, rec in layers.items():
-            shape = (int(rec["out_features"]), int(rec["in_features"]))
-            if rec.get("source_class") == "Conv1D":
-                shape = shape[::-1]
-            dtype = getattr(torch, rec.get("weight_dtype") or "float32")
-            self.specs[f"{path}.weight"] = TensorSpec(f"{path}.weight", dtype, shape)
-
-
 def load_quantized(path: Path, raw: dict, *, dtype=None) -> ModelState:
     """Rebuild a quantized moeconv-format directory: the float architecture (MoE blocks included),
     then each recorded layer as the bitsandbytes layer it was; every tensor is used exactly once."""
-    from moeconv.formats.native import (_base_model, _check_source_size, _install_block, _tied_names,
-                                        check_float_weights, check_shapes, site_list)
-    from moeconv.nn.native_moe import linearise_native_moe
-    from moeconv.patterns import FfnSite
-    section = raw["moeconv"]
-    quantization = section.get("quantization")
+    quantization = raw["moeconv"].get("quantization")
     layers = quantization.get("layers") if isinstance(quantization, dict) else None
     if not isinstance(layers, dict) or not layers:
         raise InputError(f"{path / 'config.json'}: quantization section without layers")
@@ -222,34 +229,8 @@ def load_quantized(path: Path, raw: dict, *, dtype=None) -> ModelState:
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{path / 'config.json'}: quantized layer {lp} needs integer in_features and "
                              "out_features") from None
-    ckpt = SourceCheckpoint(path)
-    _check_source_size(path, section.get("source"), ckpt)
-    model, config, info = _base_model(path, section.get("source") or {})
-    linearise_native_moe(model)
-    view = _FloatSpecs(ckpt, layers)
-    check_float_weights(path, view.specs)  # quantized weights appear at their float dtype here
-    for rec in site_list(path, section):
-        try:
-            _install_block(model, FfnSite(**rec["site"]), rec, view)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise InputError(f"{path / 'config.json'}: bad site record ({exc.__class__.__name__}: {exc})") from None
-    owned = {}
-    for name in ckpt.names():
-        owner = next((lp for lp in _prefixes(name) if lp in layers), None)
-        if owner is not None:
-            owned.setdefault(owner, {})[name[len(owner) + 1:]] = name
-    quantized_names = {n for d in owned.values() for n in d.values()}
-    check_shapes(path, model, {n: spec for n, spec in ckpt.specs.items() if n not in quantized_names})
-    floats = {n: ckpt.get(n) for n in ckpt.names() if n not in quantized_names}
-    result = model.load_state_dict(floats, strict=False, assign=True)
-    tied = _tied_names(model)
-    missing = [k for k in result.missing_keys if k not in tied and not any(k.startswith(lp + ".") for lp in layers)]
-    if missing or result.unexpected_keys:
-        raise InputError(f"{path}: weights do not match the recorded model "
-                         f"(missing {missing[:2]}, unexpected {result.unexpected_keys[:2]})")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    for lp, rec in layers.items():
+
+    def rebuild_layer(model: nn.Module, lp: str, rec: dict, tensors: dict) -> nn.Module:
         try:
             old = model.get_submodule(lp)
         except AttributeError:
@@ -257,24 +238,13 @@ def load_quantized(path: Path, raw: dict, *, dtype=None) -> ModelState:
         want = (int(rec["in_features"]), int(rec["out_features"]))
         if not is_linear_like(old) or in_out_features(old) != want:
             raise InputError(f"{path}: quantized layer {lp} does not match the rebuilt model's {type(old).__name__}")
-        tensors = {rel: ckpt.get(name) for rel, name in owned.get(lp, {}).items()}
-        model.set_submodule(lp, rebuild(rec, tensors, where=f"{path}: {lp}"))
-    if dtype is not None:
-        model = model.to(dtype)
-    info = SourceInfo("moeconv", path, tokenizer_dir=path, spec=info.spec)
-    return ModelState(model.eval(), config, info)
-
-
-def _prefixes(name: str):
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        yield ".".join(parts[:i])
+        return rebuild(rec, tensors, where=f"{path}: {lp}")
+    return load_moeconv(path, raw, dtype=dtype, quantized=layers, rebuild_layer=rebuild_layer)
 
 
 def quantized_summary(module: nn.Module, groups: dict[str, str] | None = None) -> list[dict]:
     """Per quantized layer: path, module group, method, float shape (out, in), stored bytes
     (for `moeconv inspect`)."""
-    from moeconv.nn.quantized import serialized_bytes
     out = []
     for p, m in module.named_modules():
         if is_quantized_layer(m):

@@ -18,7 +18,7 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit with room for
 
 def provenance(extra: dict) -> dict[str, str]:
     """metadata_props entries: moeconv version, the recipe, and anything else given (as JSON)."""
-    from moeconv import __version__
+    from moeconv.version import __version__
     props = {"moeconv.version": __version__}
     for key, value in extra.items():
         props[f"moeconv.{key}"] = value if isinstance(value, str) else json.dumps(value, default=str, sort_keys=True)

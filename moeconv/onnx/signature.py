@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from moeconv.errors import UnsupportedError
+from moeconv.state import vocab_size as model_vocab_size
 
 EXAMPLE_BATCH = 2
 EXAMPLE_SEQ = 8          # >= 2 on every dynamic axis: the exporter specialises size-1 axes
@@ -49,14 +50,9 @@ def model_kind(module: nn.Module) -> str:
 
 
 def vocab_size(module: nn.Module) -> int:
-    cfg = getattr(module, "config", None)
-    for obj in (cfg, getattr(cfg, "text_config", None) if cfg is not None else None):
-        v = getattr(obj, "vocab_size", None)
-        if isinstance(v, int):
-            return v
-    for m in module.modules():
-        if isinstance(m, nn.Embedding):
-            return m.num_embeddings
+    v = model_vocab_size(module, getattr(module, "config", None))
+    if v is not None:
+        return v
     raise UnsupportedError(f"{type(module).__name__}: no vocabulary size (no config.vocab_size, no nn.Embedding); "
                            "only token-id models are exported")
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from moeconv import Context, Pipeline, load
 from moeconv.cli import app
 from moeconv.data import calibration_tokens
-from moeconv.job import run_to_dir
+from moeconv.jobs.pipeline_job import run_to_dir
 from passes import ExportOnnx, PruneExperts, Quantize, Sparsify, Upcycle
 from tests.core.test_report_html import assert_not_blank, screenshot
 from tests.tiny import tiny_hf

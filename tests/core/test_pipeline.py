@@ -109,7 +109,90 @@ def test_registry_passes_declare_their_contract():
     for p in REGISTRY:
         assert p.name and p.summary
         assert issubclass(p.Config, PassConfig)
-        assert isinstance(p.requires, frozenset) and isinstance(p.provides, frozenset)
+        c = p.default_contract()
+        assert isinstance(c.requires, frozenset) and isinstance(c.provides, frozenset)
+        if p.contract is not Pass.contract:  # config-dependent facts live in contract() only
+            assert not ({"requires", "provides", "invalidates", "requires_any"} & set(vars(p))), p.name
+
+
+class _Liar(Pass):
+    """Declares `moe` but changes nothing: its promise cannot hold on a dense model."""
+
+    name = "liar"
+    summary = "test pass"
+    provides = frozenset({"moe"})
+    output_tolerance = 0.0
+
+    def run(self, state, ctx):
+        return PassResult(state, False, PassReport(self.name))
+
+
+class _Keeper(_Liar):
+    """Declares it invalidates `float-weights`, which still hold after it."""
+
+    name = "keeper"
+    provides = frozenset()
+    invalidates = frozenset({"float-weights"})
+
+
+@pytest.mark.parametrize("liar", [_Liar, _Keeper])
+def test_a_pass_that_breaks_its_declared_facts_fails_alone_and_in_a_pipeline(liar):
+    for call in (lambda s: liar()(s, Context()), lambda s: Pipeline([liar()]).run(s, Context())):
+        state = load("builtin:llama")
+        with pytest.raises(VerificationError, match=f"{liar.name}: declares it"):
+            call(state)
+
+
+def test_a_pass_called_alone_checks_requires_and_check_before_running():
+    _Touchy.ran = False
+    state = load("builtin:llama")
+    with pytest.raises(PlanError, match=r"`needs-moe` requires `calibration`.*requires `moe`"):
+        _Touchy()(state, Context())
+    assert not _Touchy.ran
+
+    class _Refuses(_Liar):
+        name = "refuses"
+        provides = frozenset()
+
+        def check(self, state, ctx):
+            raise ConfigError("refused in check")
+
+        def run(self, state, ctx):
+            raise AssertionError("run after a failed check")
+    with pytest.raises(ConfigError, match="refused in check"):
+        _Refuses()(state, Context())
+
+
+def test_a_configured_pass_reports_its_own_facts():
+    from passes import ExportOnnx, Quantize, Sparsify
+    assert Quantize(method="int8").contract().provides == {"quantized", "int8-weights"}
+    assert Quantize(method="nf4").contract().provides == {"quantized"}
+    assert "calibration" not in Sparsify(method="magnitude").contract().requires
+    assert "calibration" in Sparsify(method="wanda").contract().requires
+    assert ExportOnnx(quantize="int8").contract().requires_any == ()
+    assert Upcycle(expert_init="noise").contract().output_tolerance is None
+    assert Upcycle().contract().output_tolerance == 0.0
+
+
+def test_passes_json_lists_the_facts_of_default_instances():
+    import json
+    from typer.testing import CliRunner
+    from moeconv.cli import app
+    res = CliRunner().invoke(app, ["passes", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.stdout)}
+    assert set(rows) == {p.name for p in REGISTRY}
+    for p in REGISTRY:
+        try:
+            c = p().contract()
+        except ConfigError:  # no default instance (prune-experts needs a budget): declared on the class
+            assert p.contract is Pass.contract
+            c = p.declared_contract()
+        row = rows[p.name]
+        assert row["requires"] == sorted(c.requires) and row["provides"] == sorted(c.provides)
+        assert row["invalidates"] == sorted(c.invalidates)
+        assert row["requires_any"] == [sorted(g) for g in c.requires_any]
+        assert row["output_tolerance"] == c.output_tolerance
 
 
 def test_layering_core_never_imports_passes():
@@ -118,11 +201,22 @@ def test_layering_core_never_imports_passes():
     root = pathlib.Path(__file__).resolve().parents[2] / "moeconv"
     offenders = []
     for f in root.rglob("*.py"):
-        if f.relative_to(root).parts[0] == "cli" or f.name == "recipe.py":
-            continue  # the CLI shell (moeconv/cli/) and the recipe reader
+        if f.relative_to(root).parts[0] in ("cli", "jobs") or f.name == "recipe.py":
+            continue  # the application layer: the CLI shell, the jobs that compose passes, the recipe reader
         for node in ast.walk(ast.parse(f.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             if any(n == "passes" or n.startswith("passes.") for n in names):
                 offenders.append(f.name)
     assert not offenders, f"moeconv/ imports passes/ in {offenders}"
+
+
+def test_configs_hold_configuration_only():
+    """Where a run keeps its state is given to the pass, not written into its config (or recipe)."""
+    from passes import Distill
+    from passes.distill import DistillConfig
+    assert not {"run_dir", "resume"} & set(DistillConfig.model_fields)
+    with pytest.raises(ConfigError, match="checkpoint_every needs a run directory"):
+        Distill(checkpoint_every=2)
+    d = Distill(checkpoint_every=2, run_dir="somewhere", resume=None)
+    assert d.run_dir == "somewhere" and "run_dir" not in d.config.model_dump()

@@ -36,7 +36,7 @@ def save_native(kind: str, path: Path) -> Path:
 def save_upcycled(path: Path, *, router_std: float = 0.5) -> Path:
     """A Mixtral directory upcycled from a tiny Llama (with tokenizer)."""
     from passes.upcycle import UpcycleConfig
-    from passes.upcycle_checkpoint import upcycle_checkpoint
+    from moeconv.jobs.upcycle import upcycle_checkpoint
     path = Path(path)
     dense = save_dense(build_dense("llama"), path.parent / (path.name + "-dense"), tokenizer=True)
     upcycle_checkpoint(dense, path, UpcycleConfig(num_experts=4, top_k=2, router_init="normal", router_std=router_std))

@@ -68,7 +68,7 @@ def int8_llama():
 
 
 def test_dense_int8_model_exports_with_int8_weights(int8_llama, tmp_path):
-    report = ExportOnnx(latency_runs=0, workdir=tmp_path).run(int8_llama, Context(seed=0)).report
+    report = ExportOnnx(latency_runs=0, workdir=tmp_path)(int8_llama, Context(seed=0)).report
     m = report.metrics
     i8 = m["int8_weights"]
     n = len(int8_layers(int8_llama.module))

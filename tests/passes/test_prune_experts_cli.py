@@ -113,7 +113,7 @@ def test_mixtral_merge_and_router_recalibration_from_text(work, tmp_path):
 def test_qwen2_moe_keeps_the_shared_expert(tmp_path, work):
     import transformers
     from moeconv import Context
-    from moeconv.job import run_to_dir
+    from moeconv.jobs.pipeline_job import run_to_dir
     from passes.prune_experts import PruneExperts
     cfg = transformers.Qwen2MoeConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, moe_intermediate_size=16,
                                       shared_expert_intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -134,10 +134,10 @@ def test_qwen2_moe_keeps_the_shared_expert(tmp_path, work):
 
 def test_moeconv_format_takes_per_layer_budgets(tmp_path, work):
     from moeconv import Context, load
-    from moeconv.job import run_to_dir
+    from moeconv.jobs.pipeline_job import run_to_dir
     from passes.prune_experts import PruneExperts
     from passes.upcycle import UpcycleConfig
-    from passes.upcycle_checkpoint import upcycle_checkpoint
+    from moeconv.jobs.upcycle import upcycle_checkpoint
     from upcycle_helpers import build_dense
     build_dense("gpt2").save_pretrained(tmp_path / "gpt2")
     upcycle_checkpoint(tmp_path / "gpt2", tmp_path / "moe", UpcycleConfig(num_experts=4, top_k=2, expert_init="noise",

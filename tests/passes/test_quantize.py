@@ -22,7 +22,7 @@ import torch
 import moeconv
 from moeconv import Context, Pipeline
 from moeconv.errors import ConfigError, PlanError, UnsupportedError
-from moeconv.job import run_to_dir
+from moeconv.jobs.pipeline_job import run_to_dir
 from moeconv.nn.quantized import QuantSpec, method_of, quantize_linear, serialized
 from passes.quantize import Quantize
 from passes.upcycle import Upcycle
@@ -54,7 +54,7 @@ def test_moe_every_expert_quantized_routers_identical_reload_equal(source, tmp_p
         routers_in = router_tensors(src.module)
     elif source == "upcycled-mixtral-dir":
         from passes.upcycle import UpcycleConfig
-        from passes.upcycle_checkpoint import upcycle_checkpoint
+        from moeconv.jobs.upcycle import upcycle_checkpoint
         build_dense("llama").save_pretrained(tmp_path / "dense")
         upcycle_checkpoint(tmp_path / "dense", tmp_path / "mixtral", UpcycleConfig(num_experts=4, top_k=2, router_init="normal"))
         src = tmp_path / "mixtral"

@@ -18,7 +18,7 @@ def _cli(*args):
 
 def test_quantize_moe_checkpoint(dense_ckpt, tmp_path):
     from passes.upcycle import UpcycleConfig
-    from passes.upcycle_checkpoint import upcycle_checkpoint
+    from moeconv.jobs.upcycle import upcycle_checkpoint
     upcycle_checkpoint(dense_ckpt("llama"), tmp_path / "moe", UpcycleConfig(num_experts=4, top_k=2))
     (tmp_path / "eval.txt").write_text(" ".join(f"w{3 + i % 120}" for i in range(400)))
     r = _cli("quantize", tmp_path / "moe", tmp_path / "q", "--method", "nf4", "--blocksize", "32",

@@ -10,7 +10,7 @@ import torch
 
 import moeconv
 from moeconv import Context, Pipeline
-from moeconv.job import run_to_dir
+from moeconv.jobs.pipeline_job import run_to_dir
 from passes.quantize import Quantize
 from passes.upcycle import Upcycle
 from quantize_helpers import logits

@@ -14,7 +14,7 @@ from upcycle_helpers import build_dense  # noqa: E402
 
 from moeconv import Context, Pipeline, load  # noqa: E402
 from moeconv.errors import ConfigError, PlanError  # noqa: E402
-from moeconv.job import run_to_dir  # noqa: E402
+from moeconv.jobs.pipeline_job import run_to_dir  # noqa: E402
 from moeconv.nn.moe import MoEBlock  # noqa: E402
 from moeconv.sparsity import SparsityPattern, keep_top, nm_violations  # noqa: E402
 from passes.sparsify import Sparsify  # noqa: E402
@@ -192,7 +192,7 @@ def test_targets_attention_unstructured_and_refusals():
 
 @pytest.mark.parametrize("fields,match", [
     ({"pattern": "4:4"}, "N < M"), ({"pattern": "2:4", "ratio": 0.3}, "fixes the sparsity"),
-    ({"block_size": 6}, "multiple of M"), ({"method": "obs"}, "method"), ({"targets": ["re:("]}, "regular expression"),
+    ({"block_size": 6}, "multiple of M"), ({"method": "obs"}, "method"), ({"targets": ["re:("]}, "not a valid regex"),
     ({"pattern": "3:8", "block_size": 12}, "multiple of M"),
 ])
 def test_invalid_configs_are_refused_at_construction(fields, match):

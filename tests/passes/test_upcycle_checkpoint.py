@@ -1,4 +1,4 @@
-"""`moeconv upcycle SRC OUT` end to end (passes/upcycle_checkpoint.py through moeconv.cli):
+"""`moeconv upcycle SRC OUT` end to end (moeconv/jobs/upcycle.py through moeconv.cli):
 
 - Llama / Mistral / Qwen2 / Qwen3 → a directory stock transformers loads as Mixtral / Qwen2-MoE /
   Qwen3-MoE, same logits as the dense model (computed here, not read from the report), sharded

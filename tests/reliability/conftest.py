@@ -31,7 +31,7 @@ def data(tmp_path_factory) -> Path:
 def moe(good, tmp_path_factory) -> Path:
     """`good` upcycled to Mixtral (4 experts, top-2) with a random router, so routing is not uniform."""
     from passes.upcycle import UpcycleConfig
-    from passes.upcycle_checkpoint import upcycle_checkpoint
+    from moeconv.jobs.upcycle import upcycle_checkpoint
     path = tmp_path_factory.mktemp("moe") / "mixtral"
     with one_torch_thread():
         upcycle_checkpoint(good, path, UpcycleConfig(num_experts=4, top_k=2, router_init="normal", router_std=0.5))
@@ -42,7 +42,7 @@ def moe(good, tmp_path_factory) -> Path:
 def moe_native(good, tmp_path_factory) -> Path:
     """`good` upcycled into moeconv's own format (read by a different loader than HF MoE families)."""
     from passes.upcycle import UpcycleConfig
-    from passes.upcycle_checkpoint import upcycle_checkpoint
+    from moeconv.jobs.upcycle import upcycle_checkpoint
     path = tmp_path_factory.mktemp("moe-native") / "moeconv"
     with one_torch_thread():
         upcycle_checkpoint(good, path, UpcycleConfig(num_experts=4, top_k=2, router_init="normal", router_std=0.5),

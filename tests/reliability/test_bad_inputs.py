@@ -185,7 +185,7 @@ def test_input_is_never_modified(good, tmp_path):
 def test_a_python_source_runs_again_only_when_trusted(tmp_path, monkeypatch):
     """A moeconv-format checkpoint of a FILE.py model records the file; the user who named it may
     reload it in the same run, anyone loading the checkpoint later must opt in."""
-    from moeconv.io import load as load_mod
+    from moeconv.io import specs as load_mod
     mine = tmp_path / "mine.py"
     mine.write_text((Path(__file__).resolve().parents[2] / "models" / "gpt.py").read_text())
     out = tmp_path / "out"

@@ -208,7 +208,7 @@ BASE = ("steps:\n  - pass: upcycle\n    num_experts: 4\n    top_k: 2\n  - pass: 
         "    steps: 2\n")
 FIELDS = ["num_experts", "top_k", "seed", "router_init", "expert_init", "targets", "ignore", "keep", "ratio",
           "per_layer", "criterion", "method", "pattern", "blocksize", "steps", "lr", "loss_weights", "layer_map",
-          "expert_map", "freeze", "resume", "run_dir", "pass", "zz"]
+          "expert_map", "freeze", "checkpoint_every", "resume", "run_dir", "pass", "zz"]
 yaml_values = st.one_of(
     json_values.map(json.dumps),
     st.text(max_size=30),

@@ -48,7 +48,7 @@ def test_heal_lowers_heldout_perplexity_of_2to4_pruned_smollm2(gguf, tmp_path):
     from moeconv.io.save import save_checkpoint
     from passes.sparsify import Sparsify
     from passes.upcycle import UpcycleConfig
-    from passes.upcycle_checkpoint import upcycle_checkpoint
+    from moeconv.jobs.upcycle import upcycle_checkpoint
     sys.path.insert(0, str(ROOT / "scripts"))
     import eval_quality
 

@@ -33,7 +33,7 @@ def setup(tmp_path_factory):
     except Exception as exc:
         pytest.skip(str(exc))
     from passes.upcycle import UpcycleConfig
-    from passes.upcycle_checkpoint import upcycle_checkpoint
+    from moeconv.jobs.upcycle import upcycle_checkpoint
     root = tmp_path_factory.mktemp("prune-smollm2")
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     calib = token_batches(tok, pydoc_text("calib"), seq_len=128, max_batches=32)

@@ -38,10 +38,10 @@ def runs(tmp_path_factory):
     for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(name).setLevel(logging.ERROR)
     from moeconv import load
-    from moeconv.job import run_to_dir
+    from moeconv.jobs.pipeline_job import run_to_dir
     from passes.quantize import Quantize
     from passes.upcycle import UpcycleConfig
-    from passes.upcycle_checkpoint import upcycle_checkpoint
+    from moeconv.jobs.upcycle import upcycle_checkpoint
     root = tmp_path_factory.mktemp("smollm2-quantize")
     upcycle_checkpoint(gguf, root / "moe", UpcycleConfig(num_experts=4, top_k=2, router_init="normal"))
     reports = {"int8": run_to_dir(root / "moe", root / "int8", [Quantize(method="int8", int8_threshold=INT8_THRESHOLD)]),

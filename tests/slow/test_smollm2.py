@@ -39,7 +39,7 @@ def _check(out, dense):
 
 def test_gguf_upcycle_in_memory_is_exact(gguf, dense, tmp_path):
     from passes.upcycle import UpcycleConfig
-    from passes.upcycle_checkpoint import upcycle_checkpoint
+    from moeconv.jobs.upcycle import upcycle_checkpoint
     report = upcycle_checkpoint(gguf, tmp_path / "moe", UpcycleConfig(num_experts=4, top_k=2, router_init="normal"))
     assert report["route"] == "in-memory"
     assert "tokenizer.json" in report["tokenizer_files"] or "tokenizer_config.json" in report["tokenizer_files"]
@@ -49,7 +49,7 @@ def test_gguf_upcycle_in_memory_is_exact(gguf, dense, tmp_path):
 def test_safetensors_upcycle_streaming_is_exact(gguf, dense, tmp_path):
     from moeconv import load
     from passes.upcycle import UpcycleConfig
-    from passes.upcycle_checkpoint import upcycle_checkpoint
+    from moeconv.jobs.upcycle import upcycle_checkpoint
     state = load(gguf)
     state.module.save_pretrained(tmp_path / "dense", max_shard_size="100MB")
     report = upcycle_checkpoint(tmp_path / "dense", tmp_path / "moe", UpcycleConfig(num_experts=4, top_k=2),

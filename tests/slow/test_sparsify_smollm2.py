@@ -24,7 +24,7 @@ def moe_dir(tmp_path_factory):
     except Exception as exc:
         pytest.skip(str(exc))
     from passes.upcycle import UpcycleConfig
-    from passes.upcycle_checkpoint import upcycle_checkpoint
+    from moeconv.jobs.upcycle import upcycle_checkpoint
     out = tmp_path_factory.mktemp("smollm2-sparsify") / "moe"
     upcycle_checkpoint(gguf, out, UpcycleConfig(num_experts=4, top_k=2, router_init="normal"))
     return out
@@ -34,7 +34,7 @@ def test_calibrated_24_beats_magnitude_on_held_out_text(moe_dir, tmp_path):
     from moeconv import Context
     from moeconv.data import calibration_tokens
     from moeconv.evaluate import pydoc_text
-    from moeconv.job import run_to_dir
+    from moeconv.jobs.pipeline_job import run_to_dir
     from passes.sparsify import Sparsify
     calib_file = tmp_path / "calib.txt"
     calib_file.write_text(pydoc_text("calib"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -64,17 +65,6 @@ def parse_expert_map(text: str | None) -> list[int] | None:
         return [int(p) for p in text.replace(" ", "").split(",") if p]
     except ValueError:
         raise ConfigError(f"--expert-map must list a student expert per teacher expert (0,0,1,1), not {text!r}") from None
-
-
-def format_of(src: str) -> str:
-    """The student's own format: moeconv-format in → moeconv out; HF in → the same HF layout
-    (`auto` keeps an HF MoE family and writes a dense HF model with save_pretrained)."""
-    import json
-    cfg = Path(src) / "config.json"
-    try:
-        return "moeconv" if "moeconv" in json.loads(cfg.read_text(encoding="utf-8")) else "auto"
-    except (OSError, ValueError):
-        return "auto"
 
 
 def student_tokenizer(src: str):
@@ -137,128 +127,192 @@ class TrainProgress:
 
 
 def register(app: typer.Typer) -> None:
+    app.command("distill")(distill)
+
+
+def distill(
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory for the trained student."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model (checkpoint dir, .gguf, moeconv dir)."),
+    student: str = typer.Option(..., "--student", help="Student model to train; OUT is written in its format."),
+    data: Path = typer.Option(..., "--data", help="Training text (.txt: blank-line separated documents; .jsonl: "
+                              "a 'text' field per line) or token ids (.safetensors / .pt)."),
+    mode: str = typer.Option("heal", "--mode", help="heal | moe-to-dense | moe-to-moe | router-only."),
+    steps: int = typer.Option(100, "--steps", help="Optimizer steps."),
+    lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per optimizer step, over all processes."),
+    micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Rows per forward "
+                                                   "(default: batch / processes). Fix it to compare runs "
+                                                   "with different process counts."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per packed row."),
+    temperature: float = typer.Option(1.0, "--temperature", help="KL temperature T (loss scaled by T²)."),
+    loss_weights: Optional[str] = typer.Option(None, "--loss-weights", help="Override the mode's weights: "
+                                               "kl=1,ce=0.1,hidden=0,router=1,balance=0.01,z=0.001."),
+    layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Student:teacher layer pairs for hidden "
+                                            "and router losses, e.g. 0:1,1:3."),
+    router_loss: str = typer.Option("kl", "--router-loss", help="kl | topk-ce."),
+    expert_map: Optional[str] = typer.Option(None, "--expert-map", help="Student expert for each teacher "
+                                             "expert (fewer experts), e.g. 0,0,1,1."),
+    keep_zeros: Optional[bool] = typer.Option(None, "--keep-zeros/--no-keep-zeros", help="Keep every exact zero "
+                                              "of trained matrices (2:4 masks); default on for heal."),
+    freeze: Optional[list[str]] = typer.Option(None, "--freeze", help="Regex of parameter names not to train. Repeatable."),
+    warmup_steps: int = typer.Option(0, "--warmup-steps"),
+    schedule: str = typer.Option("cosine", "--schedule", help="cosine | constant (after warm-up)."),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max gradient norm (0: off)."),
+    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out data file (default: the "
+                                             "last --eval-fraction of --data)."),
+    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Share of --data rows held out."),
+    eval_rows: int = typer.Option(32, "--eval-rows", help="At most this many held-out rows are evaluated "
+                                  "(before, after, every --eval-every steps); 0: no evaluation."),
+    eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (always before and after)."),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (and at the end)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="metrics.jsonl and checkpoints/ (default: OUT.run)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint or run directory."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda (one GPU per process under torchrun)."),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Distil a teacher into a student: heal a pruned/compressed model, MoE → dense, MoE → fewer
+    experts, or routers only. Writes the student in its own format, reloads and compares it;
+    OUT.run/metrics.jsonl logs every step."""
+    args = DistillArgs(**locals())  # first statement: exactly the options above
     from moeconv import cli
+    cli._run(lambda: _run_distill(args))
 
-    @app.command("distill")
-    def distill(
-        out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory for the trained student."),
-        teacher: str = typer.Option(..., "--teacher", help="Teacher model (checkpoint dir, .gguf, moeconv dir)."),
-        student: str = typer.Option(..., "--student", help="Student model to train; OUT is written in its format."),
-        data: Path = typer.Option(..., "--data", help="Training text (.txt: blank-line separated documents; .jsonl: "
-                                  "a 'text' field per line) or token ids (.safetensors / .pt)."),
-        mode: str = typer.Option("heal", "--mode", help="heal | moe-to-dense | moe-to-moe | router-only."),
-        steps: int = typer.Option(100, "--steps", help="Optimizer steps."),
-        lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW)."),
-        batch_size: int = typer.Option(8, "--batch-size", help="Rows per optimizer step, over all processes."),
-        micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Rows per forward "
-                                                       "(default: batch / processes). Fix it to compare runs "
-                                                       "with different process counts."),
-        seq_len: int = typer.Option(256, "--seq-len", help="Tokens per packed row."),
-        temperature: float = typer.Option(1.0, "--temperature", help="KL temperature T (loss scaled by T²)."),
-        loss_weights: Optional[str] = typer.Option(None, "--loss-weights", help="Override the mode's weights: "
-                                                   "kl=1,ce=0.1,hidden=0,router=1,balance=0.01,z=0.001."),
-        layer_map: Optional[str] = typer.Option(None, "--layer-map", help="Student:teacher layer pairs for hidden "
-                                                "and router losses, e.g. 0:1,1:3."),
-        router_loss: str = typer.Option("kl", "--router-loss", help="kl | topk-ce."),
-        expert_map: Optional[str] = typer.Option(None, "--expert-map", help="Student expert for each teacher "
-                                                 "expert (fewer experts), e.g. 0,0,1,1."),
-        keep_zeros: Optional[bool] = typer.Option(None, "--keep-zeros/--no-keep-zeros", help="Keep every exact zero "
-                                                  "of trained matrices (2:4 masks); default on for heal."),
-        freeze: Optional[list[str]] = typer.Option(None, "--freeze", help="Regex of parameter names not to train. Repeatable."),
-        warmup_steps: int = typer.Option(0, "--warmup-steps"),
-        schedule: str = typer.Option("cosine", "--schedule", help="cosine | constant (after warm-up)."),
-        weight_decay: float = typer.Option(0.0, "--weight-decay"),
-        grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max gradient norm (0: off)."),
-        eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out data file (default: the "
-                                                 "last --eval-fraction of --data)."),
-        eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Share of --data rows held out."),
-        eval_rows: int = typer.Option(32, "--eval-rows", help="At most this many held-out rows are evaluated "
-                                      "(before, after, every --eval-every steps); 0: no evaluation."),
-        eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (always before and after)."),
-        checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (and at the end)."),
-        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="metrics.jsonl and checkpoints/ (default: OUT.run)."),
-        resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint or run directory."),
-        device: str = typer.Option("cpu", "--device", help="cpu | cuda (one GPU per process under torchrun)."),
-        seed: int = typer.Option(0, "--seed"),
-        force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    ):
-        """Distil a teacher into a student: heal a pruned/compressed model, MoE → dense, MoE → fewer
-        experts, or routers only. Writes the student in its own format, reloads and compares it;
-        OUT.run/metrics.jsonl logs every step."""
-        def go():
-            from pydantic import ValidationError
 
-            from moeconv import Context, load
-            from moeconv.io.atomic import check_new_output, output_lock
-            from moeconv.errors import ConfigError, InputError
-            from moeconv.pass_base import _first_error
-            from moeconv.pipeline import Pipeline
-            from moeconv.train.data import load_token_data
-            from moeconv.train.trainer import init_distributed
-            from passes.distill import Distill, DistillConfig, LossWeightsConfig
+@dataclass(frozen=True)
+class DistillArgs:
+    """`moeconv distill`'s options as typer parsed them (see `distill` for their meaning)."""
+    out_dir: Path
+    teacher: str
+    student: str
+    data: Path
+    mode: str
+    steps: int
+    lr: float
+    batch_size: int
+    micro_batch_size: Optional[int]
+    seq_len: int
+    temperature: float
+    loss_weights: Optional[str]
+    layer_map: Optional[str]
+    router_loss: str
+    expert_map: Optional[str]
+    keep_zeros: Optional[bool]
+    freeze: Optional[list[str]]
+    warmup_steps: int
+    schedule: str
+    weight_decay: float
+    grad_clip: float
+    eval_data: Optional[Path]
+    eval_fraction: float
+    eval_rows: int
+    eval_every: int
+    checkpoint_every: int
+    run_dir: Optional[Path]
+    resume: Optional[Path]
+    device: str
+    seed: int
+    force: bool
 
-            rdir = run_dir or out_dir.with_name(out_dir.name + ".run")
-            try:
-                cfg = DistillConfig(mode=mode, steps=steps, lr=lr, batch_size=batch_size,
-                                    micro_batch_size=micro_batch_size, temperature=temperature,
-                                    loss_weights=LossWeightsConfig(**parse_loss_weights(loss_weights)),
-                                    layer_map=parse_layer_map(layer_map), router_loss=router_loss,
-                                    expert_map=parse_expert_map(expert_map), freeze_zeros=keep_zeros,
-                                    freeze=freeze or [], warmup_steps=warmup_steps, schedule=schedule,
-                                    weight_decay=weight_decay, grad_clip=grad_clip or None,
-                                    checkpoint_every=checkpoint_every, eval_every=eval_every, run_dir=str(rdir),
-                                    resume=str(resume) if resume else None, seed=seed)
-            except ValidationError as exc:
-                raise ConfigError(f"distill: {_first_error(exc)}") from None
-            if eval_rows < 0:
-                raise ConfigError("--eval-rows must be >= 0")
-            if device not in ("cpu", "cuda"):
-                raise ConfigError(f"--device must be cpu or cuda, not {device!r}")
-            check_new_output(out_dir, force=force)
-            for name, src in (("--teacher", teacher), ("--student", student)):
-                if not str(src).startswith("builtin:") and not Path(src).exists():
-                    raise InputError(f"{name} {src}: no such file or directory")
-            if not str(teacher).startswith("builtin:") and Path(teacher).resolve() == out_dir.resolve():
-                raise InputError(f"output {out_dir} is the teacher; the teacher is never modified")
-            check_data_arguments(teacher, student, data, eval_data, seq_len, batch_size, micro_batch_size, resume)
-            dist = init_distributed()
-            out_lock = contextlib.ExitStack()
-            if dist.is_main:  # one run per OUT (and its OUT.run) from the start, not only at the final write
-                out_lock.enter_context(output_lock(out_dir))
-            try:
-                stale = rdir / "checkpoints"
-                if force and resume is None and checkpoint_every and dist.is_main and stale.is_dir():
-                    shutil.rmtree(stale)  # --force starts over: an earlier run's checkpoints would mix with ours
-                if dist.world_size > 1:
-                    import torch.distributed as tdist
-                    tdist.barrier()
-                t_state, s_state = load(teacher), load(student)
-                tok = None if data.suffix in (".safetensors", ".pt") else student_tokenizer(student)
-                from moeconv.model_limits import model_limits
-                rows = load_token_data(data, seq_len=seq_len, tokenizer=tok, eval_fraction=eval_fraction,
-                                       eval_path=eval_data, vocab_size=model_limits(s_state).vocab_size,
-                                       model=f"--student {student}")
-                held_rows = rows.eval[:eval_rows] if rows.eval is not None and eval_rows > 0 else None
-                s_state.artifacts["teacher"] = t_state.module
-                with TrainProgress(cli.err, enabled=dist.is_main and not cli._state["verbose"]) as progress:
-                    ctx = Context(calibration=rows.train, evaluation=held_rows, seed=seed, device=device,
-                                  progress=progress)
-                    p = Distill(cfg)
-                    if dist.is_main:
-                        from moeconv.job import run_to_dir
-                        report = run_to_dir(student, out_dir, [p], ctx=ctx, fmt=format_of(student), force=force,
-                                            state=s_state, reload_tolerance=RELOAD_RTOL)
-                    else:
-                        Pipeline([p]).run(s_state, ctx)
-                        return
-                metrics = rdir / "metrics.jsonl"
-                if metrics.is_file():
-                    shutil.copy2(metrics, out_dir / "metrics.jsonl")
-                render_distill(cli.out, report, rdir)
-            finally:
-                out_lock.close()
-                _leave_group(dist)
-        cli._run(go)
+    @property
+    def run_path(self) -> Path:
+        """metrics.jsonl and checkpoints/: --run-dir, or OUT.run next to OUT."""
+        return self.run_dir or self.out_dir.with_name(self.out_dir.name + ".run")
+
+
+def _distill_config(a: DistillArgs):
+    """The pass's typed `DistillConfig`; a bad value is one `ConfigError` line."""
+    from pydantic import ValidationError
+
+    from moeconv.errors import ConfigError
+    from moeconv.pass_base import _first_error
+    from passes.distill import DistillConfig, LossWeightsConfig
+    try:
+        return DistillConfig(mode=a.mode, steps=a.steps, lr=a.lr, batch_size=a.batch_size,
+                             micro_batch_size=a.micro_batch_size, temperature=a.temperature,
+                             loss_weights=LossWeightsConfig(**parse_loss_weights(a.loss_weights)),
+                             layer_map=parse_layer_map(a.layer_map), router_loss=a.router_loss,
+                             expert_map=parse_expert_map(a.expert_map), freeze_zeros=a.keep_zeros,
+                             freeze=a.freeze or [], warmup_steps=a.warmup_steps, schedule=a.schedule,
+                             weight_decay=a.weight_decay, grad_clip=a.grad_clip or None,
+                             checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, seed=a.seed)
+    except ValidationError as exc:
+        raise ConfigError(f"distill: {_first_error(exc)}") from None
+
+
+def _check_request(a: DistillArgs) -> None:
+    """Everything refused before a model is loaded: options, OUT, the models' and data's paths."""
+    from moeconv.errors import ConfigError, InputError
+    from moeconv.io.atomic import check_new_output
+    if a.eval_rows < 0:
+        raise ConfigError("--eval-rows must be >= 0")
+    if a.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda, not {a.device!r}")
+    check_new_output(a.out_dir, force=a.force)
+    for name, src in (("--teacher", a.teacher), ("--student", a.student)):
+        if not str(src).startswith("builtin:") and not Path(src).exists():
+            raise InputError(f"{name} {src}: no such file or directory")
+    if not str(a.teacher).startswith("builtin:") and Path(a.teacher).resolve() == a.out_dir.resolve():
+        raise InputError(f"output {a.out_dir} is the teacher; the teacher is never modified")
+    check_data_arguments(a.teacher, a.student, a.data, a.eval_data, a.seq_len, a.batch_size, a.micro_batch_size,
+                         a.resume)
+
+
+def _run_distill(a: DistillArgs) -> None:
+    from moeconv import cli
+    from moeconv.io.atomic import output_lock
+    from moeconv.train.trainer import init_distributed
+    cfg = _distill_config(a)
+    _check_request(a)
+    dist = init_distributed()
+    out_lock = contextlib.ExitStack()
+    if dist.is_main:  # one run per OUT (and its OUT.run) from the start, not only at the final write
+        out_lock.enter_context(output_lock(a.out_dir))
+    try:
+        stale = a.run_path / "checkpoints"
+        if a.force and a.resume is None and a.checkpoint_every and dist.is_main and stale.is_dir():
+            shutil.rmtree(stale)  # --force starts over: an earlier run's checkpoints would mix with ours
+        if dist.world_size > 1:
+            import torch.distributed as tdist
+            tdist.barrier()
+        report = _train(a, cfg, dist)
+        if report is None:  # not rank 0: rank 0 writes OUT and renders
+            return
+        metrics = a.run_path / "metrics.jsonl"
+        if metrics.is_file():
+            shutil.copy2(metrics, a.out_dir / "metrics.jsonl")
+        render_distill(cli.out, report, a.run_path)
+    finally:
+        out_lock.close()
+        _leave_group(dist)
+
+
+def _train(a: DistillArgs, cfg, dist) -> dict | None:
+    """Load both models and the data, train; rank 0 writes OUT and returns the report, other
+    ranks return None."""
+    from moeconv import Context, cli, load
+    from moeconv.cli.common import format_of
+    from moeconv.model_limits import model_limits
+    from moeconv.pipeline import Pipeline
+    from moeconv.train.data import load_token_data
+    from passes.distill import Distill
+    t_state, s_state = load(a.teacher), load(a.student)
+    tok = None if a.data.suffix in (".safetensors", ".pt") else student_tokenizer(a.student)
+    rows = load_token_data(a.data, seq_len=a.seq_len, tokenizer=tok, eval_fraction=a.eval_fraction,
+                           eval_path=a.eval_data, vocab_size=model_limits(s_state).vocab_size,
+                           model=f"--student {a.student}")
+    held_rows = rows.eval[:a.eval_rows] if rows.eval is not None and a.eval_rows > 0 else None
+    s_state.artifacts["teacher"] = t_state.module
+    with TrainProgress(cli.err, enabled=dist.is_main and not cli._state["verbose"]) as progress:
+        ctx = Context(calibration=rows.train, evaluation=held_rows, seed=a.seed, device=a.device, progress=progress)
+        p = Distill(cfg, run_dir=a.run_path, resume=a.resume)
+        if not dist.is_main:
+            Pipeline([p]).run(s_state, ctx)
+            return None
+        from moeconv.jobs.pipeline_job import run_to_dir
+        return run_to_dir(a.student, a.out_dir, [p], ctx=ctx, fmt=format_of(a.student), force=a.force,
+                          state=s_state, reload_tolerance=RELOAD_RTOL)
 
 
 def check_data_arguments(teacher: str, student: str, data: Path, eval_data: Path | None, seq_len: int,

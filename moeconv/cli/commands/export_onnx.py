@@ -51,7 +51,8 @@ def register(app: typer.Typer) -> None:
             from moeconv.errors import ConfigError
             from moeconv.pass_base import _first_error
             from moeconv.render import Progress
-            from passes.export_onnx import ExportOnnxConfig, export_onnx_to_dir
+            from moeconv.jobs.export_onnx import export_onnx_to_dir
+            from passes.export_onnx import ExportOnnxConfig
             from pydantic import ValidationError
             try:
                 cfg = ExportOnnxConfig(strategy=strategy, quantize=quantize, quant_scheme=quant_scheme,

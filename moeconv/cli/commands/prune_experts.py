@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from moeconv.cli.common import SELECTOR_HELP, format_of
+
 
 def parse_per_layer(text: str | None):
     """'6,6,5,…' → [6, 6, 5, …]; 'global' stays; None stays."""
@@ -35,6 +37,9 @@ def register(app: typer.Typer) -> None:
                                                 "with --keep/--ratio: allocate that total across layers by importance. "
                                                 "Only for moeconv-format models (HF MoE families hold one count)."),
         criterion: str = typer.Option("reap", "--criterion", help="frequency | mass | reap | reconstruction."),
+        targets: Optional[list[str]] = typer.Option(None, "--targets", help="MoE layers to prune (default: all): "
+                                                    f"{SELECTOR_HELP}. Repeatable."),
+        ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="MoE layers left as they are (same syntax)."),
         calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (.txt / .jsonl) or token ids (.safetensors / .pt)."),
         merge: bool = typer.Option(False, "--merge", help="Fold removed experts into their most similar kept expert instead of dropping them."),
         recalibrate_router: bool = typer.Option(False, "--recalibrate-router", help="Router-only distillation against the unpruned layer outputs."),
@@ -49,17 +54,19 @@ def register(app: typer.Typer) -> None:
 
         Kept experts and their router rows are bit-identical to the source; no layer keeps fewer
         experts than its top_k. report.json lists every expert's scores and fate, per layer.
+        --targets/--ignore limit it to some MoE layers; the others are left as they are.
         """
         def go():
             from moeconv import Context, load
             from moeconv.data import calibration_tokens
             from moeconv.io.atomic import check_new_output
             from moeconv.errors import ConfigError, InputError
-            from moeconv.job import run_to_dir
+            from moeconv.jobs.pipeline_job import run_to_dir
             from moeconv.render import Progress
             from passes.prune_experts import PruneExperts
             p = PruneExperts(keep=keep, ratio=ratio, per_layer=parse_per_layer(per_layer), criterion=criterion,
-                             merge=merge, recalibrate_router=recalibrate_router, max_tokens=max_tokens,
+                             targets=targets or None, ignore=ignore or [], merge=merge,
+                             recalibrate_router=recalibrate_router, max_tokens=max_tokens,
                              recalib_steps=recalib_steps, seed=seed)
             if calib is None:
                 raise ConfigError("prune-experts needs calibration data: --calib FILE (text, .jsonl, or token ids)")
@@ -73,20 +80,9 @@ def register(app: typer.Typer) -> None:
                                              seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
             with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
                 report = run_to_dir(src, out_dir, [p], ctx=Context(calibration=calibration, seed=seed, progress=progress),
-                                    fmt=_format_of(src), force=force, state=state)
+                                    fmt=format_of(src), force=force, state=state)
             render_prune(cli.out, report)
         cli._run(go)
-
-
-def _format_of(src: str) -> str:
-    """Write the source's own format: moeconv-format in → moeconv-format out (it may hold per-layer
-    counts); HF MoE family in → the same family out."""
-    import json
-    cfg = Path(src) / "config.json"
-    try:
-        return "moeconv" if "moeconv" in json.loads(cfg.read_text(encoding="utf-8")) else "auto"
-    except (OSError, ValueError):
-        return "auto"
 
 
 def _scores_cell(rows: list[dict], criterion: str) -> str:
@@ -122,6 +118,10 @@ def render_prune(console, report: dict) -> None:
                          if "recal_error_before" in lr else "-")
         t.add_row(*cells)
     console.print(t)
+    skipped = rep["tables"].get("skipped", [])
+    if skipped:
+        console.print("left as they are (not selected by --targets/--ignore): "
+                      + ", ".join(r["layer"] for r in skipped))
     console.print(f"parameters {m['params_before']:,} → {m['params_after']:,} "
                   f"({m['active_params_after']:,} active per token); mean block error {m['mean_error_pruned']:.4g}"
                   + (f"; router re-calibration {m['mean_recal_error_before']:.4g} → {m['mean_recal_error_after']:.4g} "

@@ -1,14 +1,17 @@
 """`moeconv quantize SRC OUT --method int8|nf4|fp4`: bitsandbytes quantization, verified on reload.
 
-A thin shell over the `quantize` pass and `moeconv.job.run_to_dir`: parse, refuse bad requests
+A thin shell over the `quantize` pass and `moeconv.jobs.pipeline_job.run_to_dir`: parse, refuse bad requests
 before anything is loaded or written, run, render the report.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from moeconv.cli.common import SELECTOR_HELP
 
 RELOAD_RTOL_HALF = 1e-2  # transformers reloads float parts in fp32; a half-precision model then differs by rounding
 
@@ -19,79 +22,116 @@ def register(app: typer.Typer) -> None:
     # that transformers loads (moeconv inspect / load of a dense quantized model) would repeat it.
     for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    app.command()(quantize)
 
-    @app.command()
-    def quantize(
-        src: str = typer.Argument(..., help="Float model: HF checkpoint dir (dense or MoE), moeconv dir, .gguf, builtin:NAME, FILE.py."),
-        out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory (must not exist unless --force)."),
-        method: str = typer.Option("nf4", "--method", "-m", help="int8 (LLM.int8) | nf4 | fp4."),
-        double_quant: bool = typer.Option(False, "--double-quant", help="4-bit: quantize the block scales too."),
-        blocksize: Optional[int] = typer.Option(None, "--blocksize", help="4-bit: weights per scale, 32…4096 (default 64)."),
-        compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", help="4-bit: float32 | bfloat16 | float16 (default: the model's)."),
-        int8_threshold: float = typer.Option(6.0, "--int8-threshold", help="int8: LLM.int8 outlier threshold; activation columns above it run in fp16 (lower: more accurate, slower; 0 = none)."),
-        targets: Optional[list[str]] = typer.Option(None, "--targets", help="Only these modules: a group (attention, experts, mlp, shared_expert), re:REGEX, layers:0-3, or a module path. Repeatable."),
-        ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Leave these modules in float (same syntax). Repeatable."),
-        quantize_routers: bool = typer.Option(False, "--quantize-routers", help="Also quantize MoE routers (not advised)."),
-        quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantize lm_head (unless tied to the embeddings)."),
-        eval_file: Optional[Path] = typer.Option(None, "--eval", help="Held-out text (.txt/.jsonl) or token ids: perplexity before and after."),
-        eval_batches: int = typer.Option(16, "--eval-batches", min=1, help="Sequences of --eval-seq-len tokens to evaluate."),
-        eval_seq_len: int = typer.Option(256, "--eval-seq-len", min=8),
-        shard_size: str = typer.Option("5GB", help="Maximum shard size, e.g. 5GB, 500MB."),
-        seed: int = typer.Option(0, help="Seed of the example inputs the output error is measured on."),
-        force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    ):
-        """Quantize a model with bitsandbytes and write a checkpoint its users can load.
 
-        Dense Hugging Face models load with transformers (`quantization_config`); MoE models are
-        written in moeconv's format and load with `moeconv.load` (transformers 5.x would leave their
-        experts in float). Routers, embeddings and lm_head stay in full precision by default. The
-        error against the unquantized model is measured and reported, not promised.
-        """
-        from moeconv.cli import _run, _state, err, out
+def quantize(
+    src: str = typer.Argument(..., help="Float model: HF checkpoint dir (dense or MoE), moeconv dir, .gguf, builtin:NAME, FILE.py."),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory (must not exist unless --force)."),
+    method: str = typer.Option("nf4", "--method", "-m", help="int8 (LLM.int8) | nf4 | fp4."),
+    double_quant: bool = typer.Option(False, "--double-quant", help="4-bit: quantize the block scales too."),
+    blocksize: Optional[int] = typer.Option(None, "--blocksize", help="4-bit: weights per scale, 32…4096 (default 64)."),
+    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", help="4-bit: float32 | bfloat16 | float16 (default: the model's)."),
+    int8_threshold: float = typer.Option(6.0, "--int8-threshold", help="int8: LLM.int8 outlier threshold; activation columns above it run in fp16 (lower: more accurate, slower; 0 = none)."),
+    targets: Optional[list[str]] = typer.Option(None, "--targets", help=f"Only these modules (default: every linear layer): {SELECTOR_HELP}. Repeatable."),
+    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Leave these modules in float (same syntax). Repeatable."),
+    quantize_routers: bool = typer.Option(False, "--quantize-routers", help="Also quantize MoE routers (not advised)."),
+    quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantize lm_head (unless tied to the embeddings)."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", help="Held-out text (.txt/.jsonl) or token ids: perplexity before and after."),
+    eval_batches: int = typer.Option(16, "--eval-batches", min=1, help="Sequences of --eval-seq-len tokens to evaluate."),
+    eval_seq_len: int = typer.Option(256, "--eval-seq-len", min=8),
+    shard_size: str = typer.Option("5GB", help="Maximum shard size, e.g. 5GB, 500MB."),
+    seed: int = typer.Option(0, help="Seed of the example inputs the output error is measured on."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Quantize a model with bitsandbytes and write a checkpoint its users can load.
 
-        def go():
-            import torch
-            from pydantic import ValidationError
+    Dense Hugging Face models load with transformers (`quantization_config`); MoE models are
+    written in moeconv's format and load with `moeconv.load` (transformers 5.x would leave their
+    experts in float). Routers, embeddings and lm_head stay in full precision by default. The
+    error against the unquantized model is measured and reported, not promised.
+    """
+    args = QuantizeArgs(**locals())  # first statement: exactly the options above
+    from moeconv import cli
+    cli._run(lambda: _run_quantize(args))
 
-            from moeconv import Context, load
-            from moeconv.context import check_seed
-            from moeconv.io.atomic import check_new_output
-            from moeconv.errors import ConfigError, UnsupportedError
-            from moeconv.job import run_to_dir
-            from moeconv.pass_base import _first_error
-            from moeconv.render import Progress
-            from moeconv.verify import EXACT
-            from passes.quantize import Quantize, QuantizeConfig
-            from passes.upcycle_checkpoint import parse_size
 
-            try:
-                cfg = QuantizeConfig(method=method, double_quant=double_quant, blocksize=blocksize,
-                                     compute_dtype=compute_dtype, int8_threshold=int8_threshold,
-                                     targets=targets or None, ignore=ignore or [], quantize_routers=quantize_routers,
-                                     quantize_lm_head=quantize_lm_head)
-            except ValidationError as exc:
-                raise ConfigError(f"quantize: {_first_error(exc)}") from None
-            shard_bytes = parse_size(shard_size)
-            check_seed(seed)  # before any loading: it reaches every generator of the run
-            check_new_output(out_dir, force=force)
-            state = load(src)
-            if "quantized" in state.facts():
-                raise UnsupportedError(f"{src} is already quantized (bitsandbytes layers); quantizing twice "
-                                       "is not supported: start from the float checkpoint")
-            evaluation = None
-            if eval_file is not None:
-                from moeconv.data import calibration_tokens
-                evaluation = calibration_tokens(eval_file, src, num_samples=eval_batches, seq_len=eval_seq_len,
-                                                what="evaluation", seq_len_flag="--eval-seq-len",
-                                                samples_flag="--eval-batches")
-            dtype = next((p.dtype for p in state.module.parameters() if p.is_floating_point()), torch.float32)
-            tolerance = EXACT if dtype == torch.float32 else RELOAD_RTOL_HALF
-            with Progress(err, enabled=not _state["verbose"]) as progress:
-                ctx = Context(seed=seed, progress=progress, evaluation=evaluation)
-                report = run_to_dir(src, out_dir, [Quantize(cfg)], ctx=ctx, shard_bytes=shard_bytes, force=force,
-                                    state=state, reload_tolerance=tolerance)
-            render_quantize(out, report)
-        _run(go)
+@dataclass(frozen=True)
+class QuantizeArgs:
+    """`moeconv quantize`'s options as typer parsed them (see `quantize` for their meaning)."""
+    src: str
+    out_dir: Path
+    method: str
+    double_quant: bool
+    blocksize: Optional[int]
+    compute_dtype: Optional[str]
+    int8_threshold: float
+    targets: Optional[list[str]]
+    ignore: Optional[list[str]]
+    quantize_routers: bool
+    quantize_lm_head: bool
+    eval_file: Optional[Path]
+    eval_batches: int
+    eval_seq_len: int
+    shard_size: str
+    seed: int
+    force: bool
+
+
+def _quantize_config(a: QuantizeArgs):
+    """The pass's typed config; an invalid combination is one `ConfigError` line."""
+    from pydantic import ValidationError
+
+    from moeconv.errors import ConfigError
+    from moeconv.pass_base import _first_error
+    from passes.quantize import QuantizeConfig
+    try:
+        return QuantizeConfig(method=a.method, double_quant=a.double_quant, blocksize=a.blocksize,
+                              compute_dtype=a.compute_dtype, int8_threshold=a.int8_threshold,
+                              targets=a.targets or None, ignore=a.ignore or [], quantize_routers=a.quantize_routers,
+                              quantize_lm_head=a.quantize_lm_head)
+    except ValidationError as exc:
+        raise ConfigError(f"quantize: {_first_error(exc)}") from None
+
+
+def _reload_tolerance(state) -> float:
+    """Exact for an fp32 model; a half-precision one differs by rounding when reloaded in fp32."""
+    import torch
+
+    from moeconv.verify import EXACT
+    dtype = next((p.dtype for p in state.module.parameters() if p.is_floating_point()), torch.float32)
+    return EXACT if dtype == torch.float32 else RELOAD_RTOL_HALF
+
+
+def _run_quantize(a: QuantizeArgs) -> None:
+    from moeconv import Context, cli, load
+    from moeconv.context import check_seed
+    from moeconv.errors import UnsupportedError
+    from moeconv.io.atomic import check_new_output
+    from moeconv.jobs.pipeline_job import run_to_dir
+    from moeconv.render import Progress
+    from moeconv.units import parse_size
+    from passes.quantize import Quantize
+
+    cfg = _quantize_config(a)
+    shard_bytes = parse_size(a.shard_size)
+    check_seed(a.seed)  # before any loading: it reaches every generator of the run
+    check_new_output(a.out_dir, force=a.force)
+    state = load(a.src)
+    if "quantized" in state.facts():
+        raise UnsupportedError(f"{a.src} is already quantized (bitsandbytes layers); quantizing twice "
+                               "is not supported: start from the float checkpoint")
+    evaluation = None
+    if a.eval_file is not None:
+        from moeconv.data import calibration_tokens
+        evaluation = calibration_tokens(a.eval_file, a.src, num_samples=a.eval_batches, seq_len=a.eval_seq_len,
+                                        what="evaluation", seq_len_flag="--eval-seq-len", samples_flag="--eval-batches")
+    tolerance = _reload_tolerance(state)
+    with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
+        ctx = Context(seed=a.seed, progress=progress, evaluation=evaluation)
+        report = run_to_dir(a.src, a.out_dir, [Quantize(cfg)], ctx=ctx, shard_bytes=shard_bytes, force=a.force,
+                            state=state, reload_tolerance=tolerance)
+    render_quantize(cli.out, report)
 
 
 def render_quantize(console, report: dict) -> None:

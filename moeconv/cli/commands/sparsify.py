@@ -4,95 +4,127 @@ format (dense weights with zeros, loadable everywhere), optionally also the comp
 verify both on reload."""
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from moeconv.cli.common import SELECTOR_HELP
+
 
 def register(app: typer.Typer) -> None:
+    app.command("sparsify")(sparsify)
+
+
+def sparsify(
+    src: str = typer.Argument(..., help="Model: MoE checkpoint dir (Mixtral / Qwen-MoE / moeconv format), or any model with --targets."),
+    out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory (must not exist unless --force)."),
+    pattern: str = typer.Option("2:4", "--pattern", help="N:M (keep N of every M inputs, 2:4 for sparse tensor cores) or 'unstructured'."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction pruned per row with --pattern unstructured (default 0.5)."),
+    method: str = typer.Option("sparsegpt", "--method", help="magnitude (no data) | wanda | sparsegpt."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (.txt / .jsonl 'text') or token ids (.safetensors / .pt)."),
+    num_samples: int = typer.Option(64, "--num-samples", help="Calibration sequences."),
+    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration sequence."),
+    dampening: float = typer.Option(0.01, "--dampening", help="SparseGPT Hessian dampening, relative to mean(diag H)."),
+    block_size: int = typer.Option(128, "--block-size", help="SparseGPT lazy-update block (a multiple of M)."),
+    min_coverage: float = typer.Option(0.01, "--min-coverage", help="Experts receiving fewer than this fraction of a "
+                                       "layer's calibration tokens use the fallback statistics."),
+    fallback: str = typer.Option("all-tokens", "--fallback", help="all-tokens (statistics from every token of the layer) | magnitude."),
+    targets: Optional[list[str]] = typer.Option(None, "--targets", help=f"Matrices to prune (default: experts): {SELECTOR_HELP}. Repeatable."),
+    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Matrices to leave dense (same syntax). Repeatable."),
+    compressed: bool = typer.Option(False, "--compressed", help="Also write OUT/compressed: kept values + bitmask, restored exactly by moeconv.load."),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="Maximum shard size, e.g. 5GB, 500MB."),
+    seed: int = typer.Option(0, help="Seed for the check inputs."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+):
+    """Prune expert weights to 2:4 (N:M / unstructured) with the least damage, verified on reload.
+
+    Every pruned matrix is checked against the pattern; routers, attention and embeddings stay
+    bit-identical unless selected. Each expert is calibrated on the tokens its router sends it;
+    under-covered experts fall back to all tokens of their layer and are named. On CPU, 2:4
+    saves storage (--compressed), not time.
+    """
+    args = SparsifyArgs(**locals())  # first statement: exactly the options above
     from moeconv import cli
-
-    @app.command("sparsify")
-    def sparsify(
-        src: str = typer.Argument(..., help="Model: MoE checkpoint dir (Mixtral / Qwen-MoE / moeconv format), or any model with --targets."),
-        out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory (must not exist unless --force)."),
-        pattern: str = typer.Option("2:4", "--pattern", help="N:M (keep N of every M inputs, 2:4 for sparse tensor cores) or 'unstructured'."),
-        ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction pruned per row with --pattern unstructured (default 0.5)."),
-        method: str = typer.Option("sparsegpt", "--method", help="magnitude (no data) | wanda | sparsegpt."),
-        calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (.txt / .jsonl 'text') or token ids (.safetensors / .pt)."),
-        num_samples: int = typer.Option(64, "--num-samples", help="Calibration sequences."),
-        seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration sequence."),
-        dampening: float = typer.Option(0.01, "--dampening", help="SparseGPT Hessian dampening, relative to mean(diag H)."),
-        block_size: int = typer.Option(128, "--block-size", help="SparseGPT lazy-update block (a multiple of M)."),
-        min_coverage: float = typer.Option(0.01, "--min-coverage", help="Experts receiving fewer than this fraction of a "
-                                           "layer's calibration tokens use the fallback statistics."),
-        fallback: str = typer.Option("all-tokens", "--fallback", help="all-tokens (statistics from every token of the layer) | magnitude."),
-        targets: Optional[list[str]] = typer.Option(None, "--targets", help="experts (default) | attention | dense-ffn | re:REGEX | a module path. Repeatable."),
-        ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Matrices to leave dense (same syntax). Repeatable."),
-        compressed: bool = typer.Option(False, "--compressed", help="Also write OUT/compressed: kept values + bitmask, restored exactly by moeconv.load."),
-        shard_size: str = typer.Option("5GB", "--shard-size", help="Maximum shard size, e.g. 5GB, 500MB."),
-        seed: int = typer.Option(0, help="Seed for the check inputs."),
-        force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    ):
-        """Prune expert weights to 2:4 (N:M / unstructured) with the least damage, verified on reload.
-
-        Every pruned matrix is checked against the pattern; routers, attention and embeddings stay
-        bit-identical unless selected. Each expert is calibrated on the tokens its router sends it;
-        under-covered experts fall back to all tokens of their layer and are named. On CPU, 2:4
-        saves storage (--compressed), not time.
-        """
-        def go():
-            from moeconv import Context, load
-            from moeconv.data import calibration_tokens
-            from moeconv.context import check_seed
-            from moeconv.io.atomic import check_new_output
-            from moeconv.errors import ConfigError, InputError
-            from moeconv.job import run_to_dir
-            from moeconv.render import Progress
-            from moeconv.sparsity import write_compressed
-            from passes.sparsify import Sparsify
-            from passes.upcycle_checkpoint import parse_size
-            p = Sparsify(pattern=pattern, ratio=ratio, method=method, targets=targets or ["experts"],
-                         ignore=ignore or [], dampening=dampening, block_size=block_size,
-                         min_coverage=min_coverage, fallback=fallback)
-            if method != "magnitude" and calib is None:
-                raise ConfigError(f"sparsify --method {method} needs calibration data: --calib FILE "
-                                  "(text, .jsonl, or token ids), or use --method magnitude")
-            if num_samples < 1 or seq_len < 2:
-                raise ConfigError("--num-samples must be >= 1 and --seq-len >= 2")
-            shard_bytes = parse_size(shard_size)
-            check_seed(seed)  # before any loading: it reaches every generator of the run
-            check_new_output(out_dir, force=force)
-            if not str(src).startswith("builtin:") and ".py" not in str(src) and not Path(src).exists():
-                raise InputError(f"{src}: no such file or directory")
-            state = load(src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
-            calibration = None
-            if calib is not None:
-                calibration = calibration_tokens(calib, src, num_samples=num_samples, seq_len=seq_len,
-                                                 seq_len_flag="--seq-len", samples_flag="--num-samples")
-            extra = None
-            if compressed:
-                label = p.config.sparsity_pattern().label
-
-                def extra(state, tmp):
-                    return {"compressed": write_compressed(tmp, pattern=label, shard_bytes=shard_bytes)}
-            with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
-                report = run_to_dir(src, out_dir, [p], ctx=Context(calibration=calibration, seed=seed, progress=progress),
-                                    fmt=_format_of(src), shard_bytes=shard_bytes, force=force, extra_outputs=extra,
-                                    state=state)
-            render_sparsify(cli.out, report)
-        cli._run(go)
+    cli._run(lambda: _run_sparsify(args))
 
 
-def _format_of(src: str) -> str:
-    """moeconv-format in → moeconv-format out; anything else → the automatic choice."""
-    cfg = Path(src) / "config.json"
-    try:
-        return "moeconv" if "moeconv" in json.loads(cfg.read_text(encoding="utf-8")) else "auto"
-    except (OSError, ValueError):
-        return "auto"
+@dataclass(frozen=True)
+class SparsifyArgs:
+    """`moeconv sparsify`'s options as typer parsed them (see `sparsify` for their meaning)."""
+    src: str
+    out_dir: Path
+    pattern: str
+    ratio: Optional[float]
+    method: str
+    calib: Optional[Path]
+    num_samples: int
+    seq_len: int
+    dampening: float
+    block_size: int
+    min_coverage: float
+    fallback: str
+    targets: Optional[list[str]]
+    ignore: Optional[list[str]]
+    compressed: bool
+    shard_size: str
+    seed: int
+    force: bool
+
+
+def _sparsify_pass(a: SparsifyArgs):
+    """(the configured `Sparsify` pass, shard size in bytes); a request that cannot run is refused
+    here, before anything is loaded."""
+    from moeconv.errors import ConfigError
+    from moeconv.units import parse_size
+    from passes.sparsify import Sparsify
+    p = Sparsify(pattern=a.pattern, ratio=a.ratio, method=a.method, targets=a.targets or ["experts"],
+                 ignore=a.ignore or [], dampening=a.dampening, block_size=a.block_size,
+                 min_coverage=a.min_coverage, fallback=a.fallback)
+    if a.method != "magnitude" and a.calib is None:
+        raise ConfigError(f"sparsify --method {a.method} needs calibration data: --calib FILE "
+                          "(text, .jsonl, or token ids), or use --method magnitude")
+    if a.num_samples < 1 or a.seq_len < 2:
+        raise ConfigError("--num-samples must be >= 1 and --seq-len >= 2")
+    return p, parse_size(a.shard_size)
+
+
+def _compressed_output(p, shard_bytes: int):
+    """The `extra_outputs` hook of `run_to_dir` that also writes OUT/compressed."""
+    from moeconv.formats.compressed import write_compressed
+    label = p.config.sparsity_pattern().label
+
+    def extra(state, tmp):
+        return {"compressed": write_compressed(tmp, pattern=label, shard_bytes=shard_bytes)}
+    return extra
+
+
+def _run_sparsify(a: SparsifyArgs) -> None:
+    from moeconv import Context, cli, load
+    from moeconv.cli.common import format_of
+    from moeconv.context import check_seed
+    from moeconv.data import calibration_tokens
+    from moeconv.errors import InputError
+    from moeconv.io.atomic import check_new_output
+    from moeconv.jobs.pipeline_job import run_to_dir
+    from moeconv.render import Progress
+    p, shard_bytes = _sparsify_pass(a)
+    check_seed(a.seed)  # before any loading: it reaches every generator of the run
+    check_new_output(a.out_dir, force=a.force)
+    if not str(a.src).startswith("builtin:") and ".py" not in str(a.src) and not Path(a.src).exists():
+        raise InputError(f"{a.src}: no such file or directory")
+    state = load(a.src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
+    calibration = None
+    if a.calib is not None:
+        calibration = calibration_tokens(a.calib, a.src, num_samples=a.num_samples, seq_len=a.seq_len,
+                                         seq_len_flag="--seq-len", samples_flag="--num-samples")
+    extra = _compressed_output(p, shard_bytes) if a.compressed else None
+    with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
+        report = run_to_dir(a.src, a.out_dir, [p], ctx=Context(calibration=calibration, seed=a.seed, progress=progress),
+                            fmt=format_of(a.src), shard_bytes=shard_bytes, force=a.force, extra_outputs=extra,
+                            state=state)
+    render_sparsify(cli.out, report)
 
 
 def _f(v, spec=".3g") -> str:
