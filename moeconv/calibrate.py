@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from moeconv.errors import UnsupportedError
+from moeconv.nn.hooks import removed_on_exit
 
 
 class _Stop(Exception):
@@ -116,14 +117,8 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.detach().reshape(-1, t.shape[-1])
 
 
-@contextmanager
-def _hooks(modules: dict[str, nn.Module], register: Callable[[str, nn.Module], object]) -> Iterator[None]:
-    handles = [register(name, m) for name, m in modules.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+def _hooks(modules: dict[str, nn.Module], register: Callable[[str, nn.Module], object]):
+    return removed_on_exit([register(name, m) for name, m in modules.items()])
 
 
 def observe_inputs(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]):
@@ -145,8 +140,5 @@ def expert_coverage(block: nn.Module) -> Iterator[dict[int, int]]:
         def hook(_m, args, e=e):
             counts[e] += int(args[0].reshape(-1, args[0].shape[-1]).shape[0])
         handles.append(expert.register_forward_pre_hook(hook))
-    try:
+    with removed_on_exit(handles):
         yield counts
-    finally:
-        for h in handles:
-            h.remove()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moeconv.nn.hooks import removed_on_exit
 from moeconv.nn.moe import MoEBlock
 from moeconv.onnx import runtime
 from moeconv.onnx.signature import Signature
@@ -65,11 +66,8 @@ def record_routing(model: torch.nn.Module):
             idx = torch.topk(F.softmax(logits.float(), -1), block.top_k, dim=-1).indices
             picks.setdefault(path, []).append(idx)
         handles.append(block.router.register_forward_hook(hook))
-    try:
+    with removed_on_exit(handles):
         yield picks
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _experts(model: torch.nn.Module) -> dict[str, int]:

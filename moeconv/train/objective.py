@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeconv.nn.hooks import removed_on_exit
 from moeconv.nn.moe import MoEBlock
 import moeconv.train.losses as losses
 
@@ -125,11 +126,8 @@ def capture(layers: dict[int, nn.Module], routers: dict[int, MoEBlock]):
         def on_router(_m, _a, out, i=i):
             got["router"][i] = out
         handles.append(block.router.register_forward_hook(on_router))
-    try:
+    with removed_on_exit(handles):
         yield got
-    finally:
-        for h in handles:
-            h.remove()
 
 
 class DistillObjective(nn.Module):
