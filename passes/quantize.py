@@ -35,7 +35,7 @@ from moeconv.nn.quantized import (BLOCKSIZES, QuantSpec, is_quantized_layer, ker
 from moeconv.pass_base import Contract, Pass, PassConfig, PassResult
 from moeconv.report import PassReport
 from moeconv.selectors import OptionalSelectors, Selection, Selectors, absent_note
-from moeconv.state import ModelState, model_outputs
+from moeconv.state import ModelState, model_outputs, vocab_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,7 +101,7 @@ class Quantize(Pass):
             raise UnsupportedError(f"quantize: no layer to quantize ({'; '.join(why)[:300]}){note}")
         fused = _fused_3d(model)
         routers = _router_tensors(model)
-        vocab = _vocab(state)
+        vocab = vocab_size(state.module, state.config)
         inputs = _error_inputs(ctx, vocab)
         ref = model_outputs(model, inputs).float() if inputs is not None else None
         ppl_before = _perplexity(model, ctx)
@@ -284,17 +284,6 @@ def _router_unchanged(model: nn.Module, name: str, before: torch.Tensor, quantiz
         return quantized_on_request
     p = mod._parameters.get(pname)
     return p is not None and p.dtype == before.dtype and torch.equal(p.detach(), before)
-
-
-def _vocab(state: ModelState) -> int | None:
-    for obj in (state.config, getattr(state.config, "text_config", None)):
-        v = getattr(obj, "vocab_size", None)
-        if isinstance(v, int):
-            return v
-    for m in state.module.modules():
-        if isinstance(m, nn.Embedding):
-            return m.num_embeddings
-    return None
 
 
 def _error_inputs(ctx: Context, vocab: int | None) -> torch.Tensor | None:
