@@ -156,6 +156,11 @@ def rename(fmt: MoeFormat, site_paths: list[str], roles: dict[str, str], name: s
     return name
 
 
+def gated_rename(fmt: MoeFormat, moe_paths: list[str], name: str) -> str:
+    """`rename` for the gated experts of linearised native blocks (`gate_proj|up_proj|down_proj`)."""
+    return rename(fmt, moe_paths, _GATED, name)
+
+
 def family_for_config(model_type: str | None) -> MoeFormat | None:
     """The MoE family a model belongs to: native (`mixtral`) or as an upcycling source (`llama`)."""
     for fmt in FAMILIES.values():
@@ -179,4 +184,4 @@ def hf_moe_source(module, fmt: MoeFormat, moe_paths: list[str], target_dtype):
 
     def cast(name, t):
         return t.to(target_dtype) if t.is_floating_point() and t.dtype != target_dtype else t
-    return module_source(module, lambda n: rename(fmt, moe_paths, _GATED, n), cast)
+    return module_source(module, lambda n: gated_rename(fmt, moe_paths, n), cast)

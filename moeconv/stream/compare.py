@@ -1,0 +1,108 @@
+"""A model's outputs computed one decoder layer at a time from its checkpoint, and two such
+models compared side by side: no step holds more than one layer of each.
+
+`streamed_logits(skeleton, batches)`: the embeddings and head are read once; the first layer's
+inputs are captured with the usual forward (it stops at the first decoder layer, which is never
+run on `meta`); then each layer is materialised, run on every batch, and released; the final
+hidden states go through the model's own tail (final norm, head) by replaying them in place of
+the layer stack. The result equals `model_outputs` of the loaded model up to summation order.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeconv.calibrate import capture_first_layer_inputs
+from moeconv.errors import VerificationError
+from moeconv.state import call_model
+from moeconv.stream.skeleton import Skeleton
+
+
+class _Replay(nn.Module):
+    """Stands in for the first decoder layer: returns the stored final hidden state of the batch."""
+
+    def __init__(self, outputs: list, kind: type):
+        super().__init__()
+        self.outputs, self.kind, self.batch = outputs, kind, 0
+
+    def forward(self, hidden_states, *args, **kwargs):
+        h = self.outputs[self.batch]
+        self.batch += 1
+        return (h,) if self.kind is tuple else h
+
+
+class _Through(nn.Module):
+    """Stands in for every other decoder layer: passes the hidden state on unchanged."""
+
+    def __init__(self, kind: type):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,) if self.kind is tuple else hidden_states
+
+
+@torch.inference_mode()
+def streamed_logits(skel: Skeleton, batches: list[torch.Tensor], progress=None) -> list[torch.Tensor]:
+    """The model's outputs (logits) on each batch, one decoder layer in memory at a time."""
+    outer = skel.outer_parameters()
+    skel.materialize(outer)
+    try:
+        inputs = capture_first_layer_inputs(skel.module, batches)
+        hidden, kind = [a[0] for a in inputs.args], torch.Tensor
+        for i, path in enumerate(skel.layer_paths()):
+            if progress:
+                progress("compare layers", i, skel.num_layers)
+            names = skel.names_under(path)
+            skel.materialize(names)
+            layer = skel.module.get_submodule(path)
+            outs = [layer(h, *a[1:], **kw) for h, a, kw in zip(hidden, inputs.args, inputs.kwargs)]
+            skel.release(names)
+            kind = tuple if isinstance(outs[0], (tuple, list)) else torch.Tensor
+            hidden = [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
+        return _tail(skel, batches, hidden, kind)
+    finally:
+        skel.release(outer)
+
+
+def _tail(skel: Skeleton, batches: list[torch.Tensor], hidden: list[torch.Tensor], kind: type) -> list[torch.Tensor]:
+    """Final norm and head on `hidden`: the model's own forward, the layer stack replayed."""
+    owner, _, leaf = skel.prefix.rpartition(".")
+    parent = skel.module.get_submodule(owner) if owner else skel.module
+    stack = getattr(parent, leaf)
+    replay = nn.ModuleList([_Replay(hidden, kind)] + [_Through(kind) for _ in range(skel.num_layers - 1)])
+    setattr(parent, leaf, replay)
+    try:
+        return [_logits(call_model(skel.module, b)) for b in batches]
+    finally:
+        setattr(parent, leaf, stack)
+
+
+def _logits(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        val = getattr(out, key, None)
+        if isinstance(val, torch.Tensor):
+            return val
+    return out[0]
+
+
+def compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor], *, tolerance: float | None, what: str) -> dict:
+    """max |Δ| (and relative to max(1, |ref|)), mean KL(ref ‖ got), top-1 agreement; raises
+    `VerificationError` when the relative difference exceeds `tolerance` or is not a number."""
+    r, g = torch.cat([t.float().flatten(0, -2) for t in ref]), torch.cat([t.float().flatten(0, -2) for t in got])
+    diff = (g - r).abs().max().item()
+    rel = diff / max(1.0, r.abs().max().item())
+    kl = F.kl_div(F.log_softmax(g, -1), F.log_softmax(r, -1), log_target=True, reduction="none").sum(-1).mean().item()
+    result = {"against": what, "max_abs_diff": diff, "rel_max_diff": rel, "kl": kl,
+              "top1_agreement": (g.argmax(-1) == r.argmax(-1)).float().mean().item(), "tolerance": tolerance,
+              "mode": "streamed (one layer of each model at a time)"}
+    if not math.isfinite(diff):
+        raise VerificationError(f"output differs from the {what} by a non-finite amount ({diff})")
+    if tolerance is not None and not rel <= tolerance:
+        raise VerificationError(f"output differs from the {what}: relative max |Δ| {rel:.3g} > {tolerance:.3g}")
+    return result

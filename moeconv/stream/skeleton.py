@@ -1,0 +1,169 @@
+"""A model skeleton over a safetensors checkpoint: parameters on `meta`, read one submodule at a time.
+
+Promise: `materialize(path)` gives the submodule exactly the tensors `moeconv.load` would give it
+(the same checkpoint tensor, cast to the dtype the in-memory loader holds it in: the checkpoint's
+float dtype, routers of linearised MoE blocks in fp32), and `release(path)` returns its
+parameters to `meta`, so peak memory is the largest submodule materialised at once, whatever the
+model's depth. Native MoE blocks (Mixtral, Qwen-MoE) are linearised on `meta` as `moeconv.load`
+does, and each of their parameters is read from the per-expert tensor the family stores.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeconv.calibrate import decoder_layers
+from moeconv.errors import InputError, UnsupportedError
+from moeconv.formats.hf import hf_config, plain_hf_config
+from moeconv.formats.hf_moe import MoeFormat, family_for_config, gated_rename
+from moeconv.io.json_files import read_json_object
+from moeconv.io.safetensors_io import SourceCheckpoint, validate_checkpoint
+from moeconv.io.transformers_io import model_class
+from moeconv.nn.native_moe import linearise_native_moe
+from moeconv.state import ModelState, SourceInfo
+
+
+@contextmanager
+def parameters_on_meta():
+    """Build modules with every parameter on `meta` and every buffer real (non-persistent buffers
+    such as rotary frequency tables are computed by constructors, never stored in checkpoints)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(self, name, param)
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def streamable(path: Path) -> str | None:
+    """Why the directory `path` cannot be streamed (None when it can): a Hugging Face checkpoint
+    in safetensors, not quantized, of a family transformers builds."""
+    if not (path / "config.json").is_file():
+        return "not a checkpoint directory"
+    raw = read_json_object(path / "config.json")
+    if not plain_hf_config(raw):
+        return "a moeconv-format or quantized checkpoint"
+    if not ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()):
+        return "no safetensors weights"
+    return None
+
+
+@dataclass
+class Skeleton:
+    """The model of checkpoint `path` with parameters on `meta`; see the module docstring."""
+
+    path: Path
+    ckpt: SourceCheckpoint
+    config: object
+    module: nn.Module
+    family: MoeFormat | None
+    prefix: str               # the decoder layer stack, e.g. "model.layers"
+    num_layers: int
+    tensor_of: dict[str, str] = field(default_factory=dict)  # parameter name → checkpoint tensor name
+
+    @classmethod
+    def open(cls, path: Path) -> Skeleton:
+        path = Path(path)
+        why = streamable(path)
+        if why is not None:
+            raise UnsupportedError(f"{path}: cannot be streamed ({why})")
+        raw = read_json_object(path / "config.json")
+        config = hf_config(path, raw)
+        ckpt = validate_checkpoint(path)
+        dtype = _float_dtype(ckpt)
+        with parameters_on_meta():
+            with _default_dtype(dtype):  # what from_pretrained(dtype="auto") holds the weights in
+                module = model_class(config)(config)
+            linearised = linearise_native_moe(module)  # routers in fp32, as `moeconv.load` has them
+        family = family_for_config(getattr(config, "model_type", None)) if linearised else None
+        prefix, layers = decoder_layers(module)
+        skel = cls(path, ckpt, config, module.eval(), family, prefix, len(layers))
+        skel.tensor_of = skel._map_tensors(linearised)
+        return skel
+
+    def _map_tensors(self, moe_paths: list[str]) -> dict[str, str]:
+        """Each parameter's checkpoint tensor; every parameter must have one (tied ones share)."""
+        out, missing = {}, []
+        tied = _tied_names(self.module)
+        for name, _ in self.module.named_parameters():
+            stored = gated_rename(self.family, moe_paths, name) if self.family else name
+            if stored in self.ckpt.specs:
+                out[name] = stored
+            elif name not in tied:
+                missing.append(name)
+        if missing:
+            raise InputError(f"{self.path}: {len(missing)} weights missing from the checkpoint (e.g. {missing[0]})")
+        return out
+
+    def state(self) -> ModelState:
+        """The skeleton as a `ModelState` (facts and module groups are read from its structure)."""
+        return ModelState(self.module, self.config, SourceInfo("hf", self.path, tokenizer_dir=self.path))
+
+    def layer_paths(self) -> list[str]:
+        return [f"{self.prefix}.{i}" for i in range(self.num_layers)]
+
+    def outer_parameters(self) -> list[str]:
+        """Parameters outside the decoder layers (embeddings, final norm, head)."""
+        return [n for n, _ in self.module.named_parameters() if not n.startswith(self.prefix + ".")]
+
+    @torch.no_grad()
+    def materialize(self, names: list[str]) -> None:
+        """Read the parameters `names` from the checkpoint into the module (cast to its dtypes)."""
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        for name in names:
+            p = params[name]
+            t = self.ckpt.get(self.tensor_of[name]).to(p.dtype)
+            _set_parameter(self.module, name, nn.Parameter(t, requires_grad=False))
+
+    def release(self, names: list[str]) -> None:
+        """Give the parameters `names` back to `meta` (their memory is freed)."""
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        for name in names:
+            p = params[name]
+            _set_parameter(self.module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                           requires_grad=False))
+
+    def names_under(self, path: str) -> list[str]:
+        return [n for n, _ in self.module.named_parameters() if n.startswith(path + ".")]
+
+
+def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module.get_submodule(owner)._parameters[leaf] = param
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    seen, tied = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.setdefault(id(p), name)
+    return tied
+
+
+def _float_dtype(ckpt: SourceCheckpoint) -> torch.dtype:
+    """The dtype most of the checkpoint's floating-point bytes are in (what `dtype="auto"` keeps)."""
+    totals: dict[torch.dtype, int] = {}
+    for spec in ckpt.specs.values():
+        if spec.dtype.is_floating_point:
+            totals[spec.dtype] = totals.get(spec.dtype, 0) + spec.nbytes
+    return max(totals, key=totals.get) if totals else torch.float32
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
