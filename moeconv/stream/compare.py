@@ -48,24 +48,22 @@ class _Through(nn.Module):
 @torch.inference_mode()
 def streamed_logits(skel: Skeleton, batches: list[torch.Tensor], progress=None) -> list[torch.Tensor]:
     """The model's outputs (logits) on each batch, one decoder layer in memory at a time."""
-    outer = skel.outer_parameters()
-    skel.materialize(outer)
+    skel.load_part(None)
     try:
         inputs = capture_first_layer_inputs(skel.module, batches)
         hidden, kind = [a[0] for a in inputs.args], torch.Tensor
         for i, path in enumerate(skel.layer_paths()):
             if progress:
                 progress("compare layers", i, skel.num_layers)
-            names = skel.names_under(path)
-            skel.materialize(names)
+            skel.load_part(path)
             layer = skel.module.get_submodule(path)
             outs = [layer(h, *a[1:], **kw) for h, a, kw in zip(hidden, inputs.args, inputs.kwargs)]
-            skel.release(names)
+            skel.drop_part(path)
             kind = tuple if isinstance(outs[0], (tuple, list)) else torch.Tensor
             hidden = [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
         return _tail(skel, batches, hidden, kind)
     finally:
-        skel.release(outer)
+        skel.drop_part(None)
 
 
 def _tail(skel: Skeleton, batches: list[torch.Tensor], hidden: list[torch.Tensor], kind: type) -> list[torch.Tensor]:

@@ -24,6 +24,7 @@ from moeconv.io.json_files import read_json_object
 from moeconv.io.safetensors_io import SourceCheckpoint, validate_checkpoint
 from moeconv.io.transformers_io import model_class
 from moeconv.nn.native_moe import linearise_native_moe
+from moeconv.nn.quantized import rebuild
 from moeconv.state import ModelState, SourceInfo
 
 
@@ -69,6 +70,8 @@ class Skeleton:
     prefix: str               # the decoder layer stack, e.g. "model.layers"
     num_layers: int
     tensor_of: dict[str, str] = field(default_factory=dict)  # parameter name → checkpoint tensor name
+    quantized: dict[str, dict] = field(default_factory=dict)  # layer path → bitsandbytes record (see `reading`)
+    _float_layers: dict[str, nn.Module] = field(default_factory=dict)  # meta layers a quantized one stands in for
 
     @classmethod
     def open(cls, path: Path) -> Skeleton:
@@ -134,6 +137,46 @@ class Skeleton:
 
     def names_under(self, path: str) -> list[str]:
         return [n for n, _ in self.module.named_parameters() if n.startswith(path + ".")]
+
+    # -- the same architecture read from a written output ---------------------------------------
+    def reading(self, out_dir: Path, quantized: dict[str, dict] | None = None) -> Skeleton:
+        """A skeleton of the same model over `out_dir`, a checkpoint written from this one under
+        the module's own parameter names (or the family's, as this one reads them), with the
+        layers `quantized` (path → record) stored as bitsandbytes tensors under `{path}.{name}`."""
+        other = Skeleton.open(self.path)  # its own meta module: this one may be in use
+        other.path, other.ckpt = Path(out_dir), validate_checkpoint(Path(out_dir))
+        other.quantized = dict(quantized or {})
+        inside = lambda n: any(n.startswith(lp + ".") for lp in other.quantized)  # noqa: E731
+        other.tensor_of = {n: (n if n in other.ckpt.specs else t) for n, t in self.tensor_of.items() if not inside(n)}
+        return other
+
+    def load_part(self, path: str | None) -> None:
+        """Materialise every parameter under `path` (None: everything outside the decoder layers),
+        quantized layers rebuilt from their stored tensors."""
+        names = self._part(path)
+        self.materialize([n for n in names if not self._in_quantized(n)])
+        for lp in self._quantized_in(path):
+            rel = {n[len(lp) + 1:]: n for n in self.ckpt.names() if n.startswith(lp + ".")}
+            tensors = {r: self.ckpt.get(n) for r, n in rel.items()}
+            self._float_layers[lp] = self.module.get_submodule(lp)
+            self.module.set_submodule(lp, rebuild(self.quantized[lp], tensors, where=f"{self.path}: {lp}"))
+
+    def drop_part(self, path: str | None) -> None:
+        """Undo `load_part(path)`: every parameter back on `meta`."""
+        for lp in self._quantized_in(path):
+            self.module.set_submodule(lp, self._float_layers.pop(lp))
+        self.release([n for n in self._part(path) if not self._in_quantized(n)])
+
+    def _part(self, path: str | None) -> list[str]:
+        return self.outer_parameters() if path is None else self.names_under(path)
+
+    def _in_quantized(self, name: str) -> bool:
+        return any(name.startswith(lp + ".") for lp in self.quantized)
+
+    def _quantized_in(self, path: str | None) -> list[str]:
+        inside = (lambda lp: not lp.startswith(self.prefix + ".")) if path is None else (
+            lambda lp: lp.startswith(path + "."))
+        return [lp for lp in self.quantized if inside(lp)]
 
 
 def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:

@@ -1,0 +1,180 @@
+"""`quantize` streamed: disk → one layer → disk, for checkpoints bigger than memory.
+
+bitsandbytes quantization (int8 / nf4 / fp4) needs no data. The output is planned from the
+checkpoint headers: which layers are quantized is decided on the meta-device skeleton by the
+pass's own selection, and each quantized layer's stored tensors (names, dtypes, shapes) come from
+quantizing one zero matrix of its shape with bitsandbytes itself. Then every output tensor is
+produced in order: float tensors read from the source (cast as `moeconv.load` holds them: routers
+in fp32), each quantized layer's weight read, quantized and written. The file layout is the one the
+in-memory route writes (`moeconv.formats.quantized`: the bitsandbytes layout transformers reads
+for dense models, moeconv's format with a `quantization` section for MoE models), and the tensors
+are equal to it bit for bit. Verification: every tensor re-read and checksummed; source and output
+run side by side on held-out tokens, one decoder layer of each at a time (the output's layers
+rebuilt from the written tensors), and the measured change reported.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeconv.context import Context
+from moeconv.errors import UnsupportedError
+from moeconv.formats.quantized import _hf_config, _hf_obstacle, _moeconv_config, _write_generation_config
+from moeconv.formats.writer import TensorSource, write_checkpoint
+from moeconv.io.safetensors_io import TensorSpec
+from moeconv.jobs.driver import JobResult, check_output, run_job
+from moeconv.module_groups import GROUPS, module_groups
+from moeconv.nn.linear_like import in_out_features, is_conv1d
+from moeconv.nn.quantized import QuantSpec, layer_record, quantize_linear, serialized
+from moeconv.stream.compare import compare_logits, streamed_logits
+from moeconv.stream.skeleton import Skeleton
+from moeconv.verify import check_inputs
+from passes.quantize import Quantize, QuantizeConfig
+
+
+def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, shard_bytes: int = 5 * 10**9,
+                      ctx: Context | None = None) -> dict:
+    """Quantize `src` (an HF safetensors checkpoint) into `out` one layer at a time; returns the report."""
+    ctx = ctx or Context()
+    check_output(src, out, force=force)
+    skel = Skeleton.open(Path(src))
+    plan = _Plan(skel, cfg)
+
+    def work(tmp: Path) -> JobResult:
+        written = write_checkpoint(tmp, TensorSource(plan.specs, plan.produce, []), plan.config,
+                                   shard_bytes=shard_bytes, on_tensor=plan.on_tensor(ctx))
+        if plan.consumer == "transformers":
+            _write_generation_config(skel.module, tmp)
+        written.update({"format": plan.format, "consumer": plan.consumer, "route": "streaming"})
+        if plan.consumer == "transformers":
+            written["expected_class"] = type(skel.module).__name__
+        verification = _compare(skel, skel.reading(tmp, plan.records), ctx)
+        report = {"passes": [plan.report().to_dict()], "written": written, "verification": verification}
+        return JobResult(report, skel.state().source)
+    return run_job(src, out, force=force, recipe=[{"pass": "quantize", **cfg.model_dump()}], work=work)
+
+
+class _Plan:
+    """The output's tensors in the in-memory writer's order, and how to make each one."""
+
+    def __init__(self, skel: Skeleton, cfg: QuantizeConfig):
+        self.skel, self.cfg, self.spec = skel, cfg, cfg.spec()
+        state = skel.state()
+        self.groups = module_groups(state)
+        self.rows, todo = Quantize(cfg)._select(skel.module, self.groups, self.spec)
+        if not todo:
+            raise UnsupportedError("quantize: no layer to quantize ("
+                                   + "; ".join(sorted({r["reason"] for r in self.rows}))[:300] + ")")
+        self.layers = {path: skel.module.get_submodule(path) for path, _ in todo}
+        probes = {path: _probe(m, self.spec) for path, m in self.layers.items()}
+        self.records = {path: rec for path, (rec, _) in probes.items()}
+        self.stored = {path: specs for path, (_, specs) in probes.items()}
+        for path, row in todo:
+            row["bytes_after"] = sum(s.nbytes for s in self.stored[path].values())
+        why_not_hf = _hf_obstacle(state, self.records)
+        if why_not_hf is None:
+            self.format, self.consumer, self.config = "hf-bitsandbytes", "transformers", _hf_config(state, self.records)
+        else:
+            self.format, self.consumer = "moeconv-quantized", "moeconv"
+            self.config = _moeconv_config(state, self.records)
+        self.specs, self.how = self._order()
+        self._cache: tuple[str | None, dict] = (None, {})
+
+    def _order(self) -> tuple[list[TensorSpec], dict[str, tuple]]:
+        """`moeconv.formats.quantized`'s order: modules in order, each module's own tensors; a
+        parameter shared by two modules (tied embeddings) is written once."""
+        specs, how, seen = [], {}, set()
+        for path, m in self.skel.module.named_modules(remove_duplicate=False):
+            if path in self.layers:
+                for rel, spec in self.stored[path].items():
+                    name = f"{path}.{rel}"
+                    specs.append(TensorSpec(name, spec.dtype, spec.shape))
+                    how[name] = ("quantized", path, rel)
+                continue
+            for rel, p in m._parameters.items():
+                if p is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                name = f"{path}.{rel}" if path else rel
+                specs.append(TensorSpec(name, p.dtype, tuple(p.shape)))
+                how[name] = ("float", name)
+        return specs, how
+
+    def produce(self, spec: TensorSpec) -> torch.Tensor:
+        how = self.how[spec.name]
+        if how[0] == "float":
+            return self.skel.ckpt.get(self.skel.tensor_of[how[1]]).to(spec.dtype)
+        _, path, rel = how
+        if self._cache[0] != path:
+            self._cache = (path, self._quantize(path))
+        return self._cache[1][rel]
+
+    def _quantize(self, path: str) -> dict[str, torch.Tensor]:
+        names = self.skel.names_under(path)
+        self.skel.materialize(names)
+        try:
+            return serialized(quantize_linear(self.skel.module.get_submodule(path), self.spec))
+        finally:
+            self.skel.release(names)
+
+    def on_tensor(self, ctx: Context):
+        done = [0]
+
+        def step(_spec):
+            done[0] += 1
+            ctx.report_progress("quantize (streamed)", done[0], len(self.specs))
+        return step
+
+    def report(self):
+        before, after = _group_bytes(self.skel, self.groups, self.rows), _group_bytes(self.skel, self.groups, self.rows,
+                                                                                        quantized=True)
+        rep = Quantize(self.cfg)._report(self.rows, before, after, [], [], self.spec)
+        rep.metrics["route"] = "streaming"
+        return rep
+
+
+def _probe(m: nn.Module, spec: QuantSpec) -> tuple[dict, dict[str, TensorSpec]]:
+    """(record, {stored name: spec}) of `m` quantized: bitsandbytes run on a zero matrix of its
+    shape and dtype (the stored layout depends on the shape, never on the values)."""
+    in_f, out_f = in_out_features(m)
+    dtype = m.weight.dtype
+    zero = nn.Linear(in_f, out_f, bias=m.bias is not None, dtype=dtype, device="cpu")
+    with torch.no_grad():
+        zero.weight.zero_()
+        if zero.bias is not None:
+            zero.bias.zero_()
+    q = quantize_linear(zero, spec)
+    record = layer_record(q)
+    record["source_class"] = "Conv1D" if is_conv1d(m) else "Linear"
+    return record, {rel: TensorSpec(rel, t.dtype, tuple(t.shape)) for rel, t in serialized(q).items()}
+
+
+def _group_bytes(skel: Skeleton, groups: dict[str, str], rows: list[dict], quantized: bool = False) -> dict:
+    """group → {"params", "bytes"} from the skeleton's shapes (and the planned quantized sizes)."""
+    after = {r["module"]: r["bytes_after"] for r in rows if r["action"] != "kept"} if quantized else {}
+    out: dict[str, dict] = {}
+    seen: set[int] = set()
+    for path, m in skel.module.named_modules():
+        if path not in groups:
+            continue
+        own = [p for p in m._parameters.values() if p is not None and id(p) not in seen]
+        seen.update(id(p) for p in own)
+        if not own:
+            continue
+        row = out.setdefault(groups[path], {"params": 0, "bytes": 0})
+        row["params"] += sum(p.numel() for p in own)
+        row["bytes"] += after[path] if path in after else sum(p.numel() * p.element_size() for p in own)
+    return {g: out[g] for g in GROUPS if g in out}
+
+
+def _compare(source: Skeleton, output: Skeleton, ctx: Context) -> dict:
+    """Source and output side by side, one decoder layer of each at a time, on held-out tokens."""
+    vocab = getattr(source.config, "vocab_size", None) or source.module.get_input_embeddings().num_embeddings
+    inputs = ctx.evaluation[:8] if ctx.evaluation is not None else check_inputs(vocab, ctx.seed + 1)
+    batches = list(inputs.split(2))
+    result = compare_logits(streamed_logits(source, batches), streamed_logits(output, batches),
+                            tolerance=None, what="float source")
+    result["consumer_class"] = type(output.module).__name__
+    return result
