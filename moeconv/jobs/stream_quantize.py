@@ -28,6 +28,7 @@ from moeconv.jobs.driver import JobResult, check_output, run_job
 from moeconv.module_groups import GROUPS, module_groups
 from moeconv.nn.linear_like import in_out_features, is_conv1d
 from moeconv.nn.quantized import QuantSpec, layer_record, quantize_linear, serialized
+from moeconv.stream.allocator import fixed_mmap_threshold
 from moeconv.stream.compare import compare_logits, streamed_logits
 from moeconv.stream.skeleton import Skeleton
 from moeconv.verify import check_inputs
@@ -39,6 +40,7 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
     """Quantize `src` (an HF safetensors checkpoint) into `out` one layer at a time; returns the report."""
     ctx = ctx or Context()
     check_output(src, out, force=force)
+    fixed_mmap_threshold()  # freed layers go back to the system: memory stays flat with depth
     skel = Skeleton.open(Path(src))
     plan = _Plan(skel, cfg)
 

@@ -24,6 +24,7 @@ from moeconv.nn.linear_like import is_conv1d
 from moeconv.report import PassReport
 from moeconv.sparse_cuda import speed_note
 from moeconv.sparsity import SparsityPattern, check_pattern
+from moeconv.stream.allocator import fixed_mmap_threshold
 from moeconv.stream.compare import compare_logits, streamed_logits
 from moeconv.stream.skeleton import Skeleton
 from moeconv.verify import check_inputs
@@ -38,6 +39,7 @@ def sparsify_streamed(src, out, cfg: SparsifyConfig, *, force: bool = False, sha
         raise ConfigError(f"sparsify: the streamed route prunes by magnitude only, not {cfg.method}")
     ctx = ctx or Context()
     check_output(src, out, force=force)
+    fixed_mmap_threshold()  # freed layers go back to the system: memory stays flat with depth
     skel = Skeleton.open(Path(src))
     pat = cfg.sparsity_pattern()
     pruner = _Pruner(skel, cfg, pat, ctx)
