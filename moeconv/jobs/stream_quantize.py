@@ -29,9 +29,8 @@ from moeconv.module_groups import GROUPS, module_groups
 from moeconv.nn.linear_like import in_out_features, is_conv1d
 from moeconv.nn.quantized import QuantSpec, layer_record, quantize_linear, serialized
 from moeconv.stream.allocator import fixed_mmap_threshold
-from moeconv.stream.compare import compare_logits, streamed_logits
+from moeconv.stream.compare import compare_models
 from moeconv.stream.skeleton import Skeleton
-from moeconv.verify import check_inputs
 from passes.quantize import Quantize, QuantizeConfig
 
 
@@ -52,8 +51,11 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
         written.update({"format": plan.format, "consumer": plan.consumer, "route": "streaming"})
         if plan.consumer == "transformers":
             written["expected_class"] = type(skel.module).__name__
-        verification = _compare(skel, skel.reading(tmp, plan.records), ctx)
-        report = {"passes": [plan.report().to_dict()], "written": written, "verification": verification}
+        verification = compare_models(skel, skel.reading(tmp, plan.records), evaluation=ctx.evaluation, seed=ctx.seed,
+                                      what="float source")
+        rep = plan.report()
+        rep.metrics.update(_measured(verification))
+        report = {"passes": [rep.to_dict()], "written": written, "verification": verification}
         return JobResult(report, skel.state().source)
     return run_job(src, out, force=force, recipe=[{"pass": "quantize", **cfg.model_dump()}], work=work)
 
@@ -171,12 +173,11 @@ def _group_bytes(skel: Skeleton, groups: dict[str, str], rows: list[dict], quant
     return {g: out[g] for g in GROUPS if g in out}
 
 
-def _compare(source: Skeleton, output: Skeleton, ctx: Context) -> dict:
-    """Source and output side by side, one decoder layer of each at a time, on held-out tokens."""
-    vocab = getattr(source.config, "vocab_size", None) or source.module.get_input_embeddings().num_embeddings
-    inputs = ctx.evaluation[:8] if ctx.evaluation is not None else check_inputs(vocab, ctx.seed + 1)
-    batches = list(inputs.split(2))
-    result = compare_logits(streamed_logits(source, batches), streamed_logits(output, batches),
-                            tolerance=None, what="float source")
-    result["consumer_class"] = type(output.module).__name__
-    return result
+def _measured(v: dict) -> dict:
+    """The streamed check's numbers under the names the in-memory pass reports them by."""
+    out = {"logits_max_abs_diff": v["max_abs_diff"], "kl": v["kl"], "top1_agreement": v["top1_agreement"],
+           "error_inputs": v["inputs"], "logits_scale": v["ref_max_abs"]}
+    if "ppl_before" in v:
+        out.update({"ppl_before": v["ppl_before"], "ppl_after": v["ppl_after"],
+                    "ppl_ratio": v["ppl_after"] / v["ppl_before"]})
+    return out

@@ -25,9 +25,8 @@ from moeconv.report import PassReport
 from moeconv.sparse_cuda import speed_note
 from moeconv.sparsity import SparsityPattern, check_pattern
 from moeconv.stream.allocator import fixed_mmap_threshold
-from moeconv.stream.compare import compare_logits, streamed_logits
+from moeconv.stream.compare import compare_models
 from moeconv.stream.skeleton import Skeleton
-from moeconv.verify import check_inputs
 from passes.sparsify import SparsifyConfig, select_targets
 from passes.sparsify_methods import magnitude
 
@@ -50,8 +49,11 @@ def sparsify_streamed(src, out, cfg: SparsifyConfig, *, force: bool = False, sha
                                    on_tensor=pruner.on_tensor)
         written.update({"format": skel.family.name if skel.family else "hf", "consumer": "transformers",
                         "route": "streaming"})
-        verification = _compare(skel, Skeleton.open(tmp), ctx)
-        report = {"passes": [pruner.report().to_dict()], "written": written, "verification": verification}
+        verification = compare_models(skel, Skeleton.open(tmp), evaluation=ctx.evaluation, seed=ctx.seed,
+                                      what="dense source")
+        rep = pruner.report()
+        rep.metrics["rel_max_diff"] = verification["rel_max_diff"]  # the change of the output, as measured
+        report = {"passes": [rep.to_dict()], "written": written, "verification": verification}
         return JobResult(report, skel.state().source)
     return run_job(src, out, force=force, recipe=[{"pass": "sparsify", **cfg.model_dump()}], work=work)
 
@@ -120,16 +122,3 @@ def _expert_rows(skel: Skeleton, rows: dict[str, dict]) -> list[dict]:
                             "fallback": False, "stats": "none", "rel_error_max": None,
                             "sparsity": round(sum(r["zeros"] for r in mine) / sum(r["params"] for r in mine), 4)})
     return out
-
-
-def _compare(source: Skeleton, output: Skeleton, ctx: Context) -> dict:
-    """Source and output side by side, one decoder layer of each at a time, on held-out tokens
-    (the evaluation text when given, else random ids): the measured change, not a bound."""
-    vocab = getattr(source.config, "vocab_size", None) or source.module.get_input_embeddings().num_embeddings
-    inputs = ctx.evaluation[:8] if ctx.evaluation is not None else check_inputs(vocab, ctx.seed + 1)
-    batches = list(inputs.split(2))
-    ref = streamed_logits(source, batches)
-    got = streamed_logits(output, batches)
-    result = compare_logits(ref, got, tolerance=None, what="dense source")
-    result["consumer_class"] = type(output.module).__name__
-    return result

@@ -89,6 +89,34 @@ def _logits(out) -> torch.Tensor:
     return out[0]
 
 
+def compare_models(source: Skeleton, output: Skeleton, *, evaluation: torch.Tensor | None, seed: int,
+                   what: str, progress=None) -> dict:
+    """Source and output side by side, one decoder layer of each at a time, on held-out tokens
+    (up to 8 rows of the evaluation text when given, else random ids from `seed`): the measured
+    change (`compare_logits`), with both perplexities on the evaluation text."""
+    from moeconv.verify import check_inputs
+    vocab = getattr(source.config, "vocab_size", None) or source.module.get_input_embeddings().num_embeddings
+    inputs = evaluation[:8] if evaluation is not None else check_inputs(vocab, seed + 1)
+    batches = list(inputs.split(2))
+    ref, got = streamed_logits(source, batches, progress), streamed_logits(output, batches, progress)
+    result = compare_logits(ref, got, tolerance=None, what=what)
+    result["inputs"] = "eval text" if evaluation is not None else "random tokens"
+    result["consumer_class"] = type(output.module).__name__
+    if evaluation is not None:
+        result["ppl_before"], result["ppl_after"] = _perplexity(ref, batches), _perplexity(got, batches)
+    return result
+
+
+def _perplexity(logits: list[torch.Tensor], batches: list[torch.Tensor]) -> float:
+    """exp(mean next-token cross-entropy) over every position of every row."""
+    total, count = 0.0, 0
+    for out, ids in zip(logits, batches):
+        out = out.float()
+        total += F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+        count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
 def compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor], *, tolerance: float | None, what: str) -> dict:
     """max |Δ| (and relative to max(1, |ref|)), mean KL(ref ‖ got), top-1 agreement; raises
     `VerificationError` when the relative difference exceeds `tolerance` or is not a number."""
@@ -96,7 +124,7 @@ def compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor], *, toleranc
     diff = (g - r).abs().max().item()
     rel = diff / max(1.0, r.abs().max().item())
     kl = F.kl_div(F.log_softmax(g, -1), F.log_softmax(r, -1), log_target=True, reduction="none").sum(-1).mean().item()
-    result = {"against": what, "max_abs_diff": diff, "rel_max_diff": rel, "kl": kl,
+    result = {"against": what, "max_abs_diff": diff, "rel_max_diff": rel, "kl": kl, "ref_max_abs": r.abs().max().item(),
               "top1_agreement": (g.argmax(-1) == r.argmax(-1)).float().mean().item(), "tolerance": tolerance,
               "mode": "streamed (one layer of each model at a time)"}
     if not math.isfinite(diff):
