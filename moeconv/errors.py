@@ -59,3 +59,8 @@ class ReportedVerificationError(VerificationError):
     def __init__(self, message: str, report: dict):
         super().__init__(message)
         self.report = report
+
+
+class MemoryPlanError(MoeconvError):
+    """The run's estimated peak memory (`moeconv.memory_plan`) exceeds what it may use; refused
+    before any tensor is read, with the estimate and the fixes in one line."""

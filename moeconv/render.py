@@ -52,6 +52,11 @@ class Progress:
 def render_reloaded(console: Console, report: dict, versus: str, layout: str = "") -> None:
     """The line every writing command ends with: what was written, and its reload against `versus`."""
     w, v = report["written"], report["verification"]
+    if w.get("route") == "streaming":
+        console.print(f"written {w.get('tensors', '?')} tensors ({w['format']}{layout}) one layer at a time, re-read and "
+                      f"checksummed; run beside the {v['against']} one layer of each at a time on {v['inputs']}: "
+                      f"max |Δlogits| {v['max_abs_diff']:.3g}, top-1 agreement {v['top1_agreement']:.1%}")
+        return
     console.print(f"written {w.get('tensors', '?')} tensors ({w['format']}{layout}), reloaded as "
                   f"{v['consumer_class']}: max |Δ| {v['max_abs_diff']:.3g} vs {versus}")
 

@@ -22,13 +22,14 @@ from moeconv.verify import EXACT, check_inputs, compare_outputs, load_consumer
 
 def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str = "auto",
                shard_bytes: int = 5 * 10**9, force: bool = False, reload_tolerance: float | None = EXACT,
-               state: ModelState | None = None, extra_outputs=None) -> dict:
+               state: ModelState | None = None, extra_outputs=None, extra_report: dict | None = None) -> dict:
     """Run `passes` on `src` and write the result to `out`; returns the report (also report.json).
 
     `reload_tolerance`: how closely the reloaded output must match the in-memory result (exact by
     default; a writer that re-encodes, e.g. a quantization format, may need a bound).
     `extra_outputs(state, tmp_dir) -> dict`: writes more files (e.g. a compressed form) after the
     checkpoint is verified, inside the atomic directory; its dict goes to report["extra_outputs"].
+    `extra_report`: more fields for report.json (the memory plan, the route taken and why).
     """
     ctx = ctx or Context()
     recipe = [{"pass": p.name, **p.config.model_dump()} for p in passes]
@@ -53,6 +54,7 @@ def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str =
             report["onnx_files"] = onnx_files
         if extra_outputs is not None:
             report["extra_outputs"] = extra_outputs(result.state, tmp)
+        report.update(extra_report or {})
         return JobResult(report, loaded.source)
     return run_job(src, out, force=force, recipe=recipe, work=work)
 

@@ -35,12 +35,15 @@ from passes.quantize import Quantize, QuantizeConfig
 
 
 def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, shard_bytes: int = 5 * 10**9,
-                      ctx: Context | None = None) -> dict:
-    """Quantize `src` (an HF safetensors checkpoint) into `out` one layer at a time; returns the report."""
+                      ctx: Context | None = None, extra_report: dict | None = None,
+                      skeleton: Skeleton | None = None) -> dict:
+    """Quantize `src` (an HF safetensors checkpoint) into `out` one layer at a time; returns the
+    report. `extra_report`: more fields for report.json (the memory plan, the route and why);
+    `skeleton`: `src` opened already (its config and headers checked before other inputs are read)."""
     ctx = ctx or Context()
     check_output(src, out, force=force)
     fixed_mmap_threshold()  # freed layers go back to the system: memory stays flat with depth
-    skel = Skeleton.open(Path(src))
+    skel = skeleton or Skeleton.open(Path(src))
     plan = _Plan(skel, cfg)
 
     def work(tmp: Path) -> JobResult:
@@ -55,7 +58,7 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
                                       what="float source")
         rep = plan.report()
         rep.metrics.update(_measured(verification))
-        report = {"passes": [rep.to_dict()], "written": written, "verification": verification}
+        report = {"passes": [rep.to_dict()], "written": written, "verification": verification, **(extra_report or {})}
         return JobResult(report, skel.state().source)
     return run_job(src, out, force=force, recipe=[{"pass": "quantize", **cfg.model_dump()}], work=work)
 
@@ -109,7 +112,7 @@ class _Plan:
     def produce(self, spec: TensorSpec) -> torch.Tensor:
         how = self.how[spec.name]
         if how[0] == "float":
-            return self.skel.ckpt.get(self.skel.tensor_of[how[1]]).to(spec.dtype)
+            return self.skel.read(self.skel.tensor_of[how[1]]).to(spec.dtype)
         _, path, rel = how
         if self._cache[0] != path:
             self._cache = (path, self._quantize(path))

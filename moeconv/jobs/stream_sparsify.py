@@ -17,7 +17,7 @@ import torch
 
 from moeconv.context import Context
 from moeconv.errors import ConfigError
-from moeconv.formats.compressed import compressed_nbytes
+from moeconv.formats.compressed import compressed_nbytes, write_compressed
 from moeconv.formats.writer import TensorSource, write_checkpoint
 from moeconv.jobs.driver import JobResult, check_output, run_job
 from moeconv.nn.linear_like import is_conv1d
@@ -32,8 +32,10 @@ from passes.sparsify_methods import magnitude
 
 
 def sparsify_streamed(src, out, cfg: SparsifyConfig, *, force: bool = False, shard_bytes: int = 5 * 10**9,
-                      ctx: Context | None = None) -> dict:
-    """Prune `src` (an HF safetensors checkpoint) by magnitude into `out`; returns the report."""
+                      ctx: Context | None = None, compressed: bool = False, extra_report: dict | None = None) -> dict:
+    """Prune `src` (an HF safetensors checkpoint) by magnitude into `out`; returns the report.
+    `compressed`: also write `out/compressed/` (values + bitmask, `moeconv.formats.compressed`).
+    `extra_report`: more fields for report.json (the memory plan, the route and why)."""
     if cfg.method != "magnitude":
         raise ConfigError(f"sparsify: the streamed route prunes by magnitude only, not {cfg.method}")
     ctx = ctx or Context()
@@ -44,7 +46,8 @@ def sparsify_streamed(src, out, cfg: SparsifyConfig, *, force: bool = False, sha
     pruner = _Pruner(skel, cfg, pat, ctx)
 
     def work(tmp: Path) -> JobResult:
-        source = TensorSource([skel.ckpt.specs[n] for n in skel.ckpt.names()], pruner.produce, [])
+        used = set(skel.tensor_of.values())  # tensors the class ignores on load are dropped, as in memory
+        source = TensorSource([skel.ckpt.specs[n] for n in skel.ckpt.names() if n in used], pruner.produce, [])
         written = write_checkpoint(tmp, source, skel.config.to_dict(), shard_bytes=shard_bytes,
                                    on_tensor=pruner.on_tensor)
         written.update({"format": skel.family.name if skel.family else "hf", "consumer": "transformers",
@@ -53,7 +56,9 @@ def sparsify_streamed(src, out, cfg: SparsifyConfig, *, force: bool = False, sha
                                       what="dense source")
         rep = pruner.report()
         rep.metrics["rel_max_diff"] = verification["rel_max_diff"]  # the change of the output, as measured
-        report = {"passes": [rep.to_dict()], "written": written, "verification": verification}
+        report = {"passes": [rep.to_dict()], "written": written, "verification": verification, **(extra_report or {})}
+        if compressed:
+            report["extra_outputs"] = {"compressed": write_compressed(tmp, pattern=pat.label, shard_bytes=shard_bytes)}
         return JobResult(report, skel.state().source)
     return run_job(src, out, force=force, recipe=[{"pass": "sparsify", **cfg.model_dump()}], work=work)
 
@@ -75,7 +80,7 @@ class _Pruner:
         self.done = 0
 
     def produce(self, spec) -> torch.Tensor:
-        t = self.skel.ckpt.get(spec.name)
+        t = self.skel.read(spec.name)
         if spec.name not in self.targets:
             return t
         path, conv = self.targets[spec.name]

@@ -9,6 +9,7 @@ does, and each of their parameters is read from the per-expert tensor the family
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from moeconv.errors import InputError, UnsupportedError
 from moeconv.formats.hf import hf_config, plain_hf_config
 from moeconv.formats.hf_moe import MoeFormat, family_for_config, gated_rename
 from moeconv.io.json_files import read_json_object
+from moeconv.io.load import allow_nonfinite_default
 from moeconv.io.safetensors_io import SourceCheckpoint, validate_checkpoint
 from moeconv.io.transformers_io import model_class
 from moeconv.nn.native_moe import linearise_native_moe
@@ -94,18 +96,42 @@ class Skeleton:
         return skel
 
     def _map_tensors(self, moe_paths: list[str]) -> dict[str, str]:
-        """Each parameter's checkpoint tensor; every parameter must have one (tied ones share)."""
+        """Each parameter's checkpoint tensor, checked from the headers before anything is read:
+        every parameter has one (tied ones share) of its shape, float for a float parameter, and
+        every stored tensor belongs to a parameter (or is one the class declares ignorable)."""
         out, missing = {}, []
         tied = _tied_names(self.module)
-        for name, _ in self.module.named_parameters():
+        for name, p in self.module.named_parameters():
             stored = gated_rename(self.family, moe_paths, name) if self.family else name
-            if stored in self.ckpt.specs:
-                out[name] = stored
-            elif name not in tied:
-                missing.append(name)
+            spec = self.ckpt.specs.get(stored)
+            if spec is None:
+                if name not in tied:
+                    missing.append(name)
+                continue
+            if tuple(spec.shape) != tuple(p.shape) or (p.is_floating_point() and not spec.dtype.is_floating_point):
+                raise InputError(f"{self.path}: tensor {stored} is {spec.dtype} {list(spec.shape)}, the config implies "
+                                 f"a float {list(p.shape)}")
+            out[name] = stored
         if missing:
             raise InputError(f"{self.path}: {len(missing)} weights missing from the checkpoint (e.g. {missing[0]})")
+        self._refuse_strays(set(out.values()))
         return out
+
+    def _refuse_strays(self, used: set[str]) -> None:
+        """No weight is lost silently: a stored tensor no parameter reads is refused (one rule
+        with the in-memory loader), unless the class declares it ignorable on load."""
+        ignorable = list(getattr(self.module, "_keys_to_ignore_on_load_unexpected", None) or [])
+        for name in self.ckpt.names():
+            if name not in used and not any(re.search(p, name) for p in ignorable):
+                raise InputError(f"{self.path}: weights do not match the config: tensor {name} is not a parameter "
+                                 f"of {type(self.module).__name__}")
+
+    def read(self, stored: str) -> torch.Tensor:
+        """One stored tensor, refused when it holds NaN or Inf (converting them only spreads them)."""
+        t = self.ckpt.get(stored)
+        if t.is_floating_point() and not allow_nonfinite_default() and not bool(torch.isfinite(t).all()):
+            raise InputError(f"{self.path}: weight {stored} contains NaN or Inf (pass --allow-nonfinite to convert anyway)")
+        return t
 
     def state(self) -> ModelState:
         """The skeleton as a `ModelState` (facts and module groups are read from its structure)."""
@@ -124,7 +150,7 @@ class Skeleton:
         params = dict(self.module.named_parameters(remove_duplicate=False))
         for name in names:
             p = params[name]
-            t = self.ckpt.get(self.tensor_of[name]).to(p.dtype)
+            t = self.read(self.tensor_of[name]).to(p.dtype)
             _set_parameter(self.module, name, nn.Parameter(t, requires_grad=False))
 
     def release(self, names: list[str]) -> None:

@@ -124,3 +124,42 @@ def test_streamed_quantize_equals_the_in_memory_route(kind, method, tmp_path):
     assert metrics["modules_quantized"] == memory["passes"][0]["metrics"]["modules_quantized"]
     assert metrics["bytes_after"] == memory["passes"][0]["metrics"]["bytes_after"]
     moeconv.load(tmp_path / "streamed")  # the consumer of either format reads it
+
+
+def test_the_cli_streams_what_it_can_and_says_why(tmp_path):
+    """quantize and magnitude sparsify of a safetensors checkpoint take the streamed route; the
+    report says which route and why; the compressed form is written from the streamed output."""
+    from typer.testing import CliRunner
+    from moeconv.cli import app
+    src = _mixtral(tmp_path / "src")
+    r = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "q"), "--method", "int8"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "q" / "report.json").read_text())
+    assert report["route"]["route"] == "streaming" and report["memory_plan"]["route"] == "streaming"
+    assert report["written"]["route"] == "streaming" and "one layer at a time" in r.stdout.replace("\n", " ")
+    r = CliRunner().invoke(app, ["sparsify", str(src), str(tmp_path / "s"), "--method", "magnitude", "--compressed"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["route"]["route"] == "streaming" and report["extra_outputs"]["compressed"]["compressed_tensors"] > 0
+    restored = moeconv.load(tmp_path / "s" / "compressed").module.state_dict()
+    for name, t in moeconv.load(tmp_path / "s").module.state_dict().items():
+        assert torch.equal(restored[name], t), name
+
+
+def test_streamed_routes_refuse_nan_weights_and_stray_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+    from moeconv.cli import app
+    src = _mixtral(tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    name = next(n for n in sorted(tensors) if ".experts." in n and n.endswith("w2.weight"))
+    bad = dict(tensors)
+    bad[name] = bad[name].clone()
+    bad[name][0, 0] = float("nan")
+    save_file(bad, src / "model.safetensors", metadata={"format": "pt"})
+    r = CliRunner().invoke(app, ["quantize", str(src), str(tmp_path / "q"), "--method", "int8"])
+    assert r.exit_code == 2 and "NaN or Inf" in r.stderr and name in r.stderr and not (tmp_path / "q").exists()
+    save_file({**tensors, "model.layers.0.stray.weight": torch.zeros(2, 2)}, src / "model.safetensors",
+              metadata={"format": "pt"})
+    r = CliRunner().invoke(app, ["sparsify", str(src), str(tmp_path / "s"), "--method", "magnitude"])
+    assert r.exit_code == 2 and "stray" in r.stderr and not (tmp_path / "s").exists()

@@ -6,6 +6,8 @@ from typing import Optional
 
 import typer
 
+from moeconv.memory_plan import MAX_MEMORY_HELP
+
 
 def _export_group(app: typer.Typer) -> typer.Typer:
     """The `export` sub-app, shared with other exporters that register under it."""
@@ -38,6 +40,7 @@ def register(app: typer.Typer) -> None:
         head_bits: int = typer.Option(8, help="Bits of the quantized output projection (8 or 4; --quantize int4 keeps it at 8 unless told)."),
         seed: int = typer.Option(0, help="Seed for the example and parity inputs."),
         force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+        max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
     ):
         """Export to ONNX with routing computed at run time; check onnxruntime against PyTorch.
 
@@ -61,10 +64,18 @@ def register(app: typer.Typer) -> None:
                                        quantize_lm_head=quantize_lm_head, head_bits=head_bits, seed=seed)
             except ValidationError as exc:
                 raise ConfigError(f"export onnx: {_first_error(exc)}") from None
+            _check_memory(src, cfg, max_memory)  # before any tensor is read
             with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
                 report = export_onnx_to_dir(src, out_dir, cfg, force=force, progress=progress)
             render_export(cli.out, report)
         cli._run(go)
+
+
+def _check_memory(src: str, cfg, max_memory: str | None) -> None:
+    """Refuse (exit 2, one line) an export whose estimated peak memory exceeds --max-memory."""
+    from moeconv.memory_plan import plan_and_check
+    from passes.export_onnx import ExportOnnx
+    plan_and_check(src, [ExportOnnx(cfg)], max_memory=max_memory, reload_check=False)
 
 
 def _ms(x) -> str:

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from moeconv.cli.common import SELECTOR_HELP, format_of
+from moeconv.memory_plan import MAX_MEMORY_HELP
 
 
 def parse_per_layer(text: str | None):
@@ -49,6 +50,7 @@ def register(app: typer.Typer) -> None:
         recalib_steps: int = typer.Option(100, "--recalib-steps", help="Optimiser steps per layer for --recalibrate-router."),
         seed: int = typer.Option(0, help="Seed for the held-out split and the check inputs."),
         force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+        max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
     ):
         """Drop (or merge) the least important experts of every MoE layer and repair the router.
 
@@ -57,7 +59,7 @@ def register(app: typer.Typer) -> None:
         --targets/--ignore limit it to some MoE layers; the others are left as they are.
         """
         def go():
-            from moeconv import Context, load
+            from moeconv import Context
             from moeconv.data import calibration_tokens
             from moeconv.io.atomic import check_new_output
             from moeconv.errors import ConfigError, InputError
@@ -75,14 +77,25 @@ def register(app: typer.Typer) -> None:
             check_new_output(out_dir, force=force)
             if not Path(src).exists():
                 raise InputError(f"{src}: no such file or directory")
-            state = load(src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
+            plan, state = _planned_load(src, p, calib, calib_samples, calib_seq_len, max_memory)
             calibration = calibration_tokens(calib, src, num_samples=calib_samples, seq_len=calib_seq_len,
                                              seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
             with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
                 report = run_to_dir(src, out_dir, [p], ctx=Context(calibration=calibration, seed=seed, progress=progress),
-                                    fmt=format_of(src), force=force, state=state)
+                                    fmt=format_of(src), force=force, state=state, extra_report={"memory_plan": plan.to_dict()})
             render_prune(cli.out, report)
         cli._run(go)
+
+
+def _planned_load(src: str, p, calib: Path, samples: int, seq_len: int, max_memory: str | None):
+    """(the run's memory plan, the loaded model): a plan over --max-memory is refused (exit 2, one
+    line) before any tensor is read."""
+    from moeconv import load
+    from moeconv.memory_plan import calibration_size, plan_and_check
+    tokens, seq = calibration_size(calib, samples, seq_len)
+    plan = plan_and_check(src, [p], max_memory=max_memory, calib_tokens=tokens, calib_seq_len=seq,
+                          flags={"calib": "--calib-samples / --calib-seq-len"})
+    return plan, load(src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
 
 
 def _scores_cell(rows: list[dict], criterion: str) -> str:

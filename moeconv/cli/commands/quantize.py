@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from moeconv.cli.common import SELECTOR_HELP
+from moeconv.memory_plan import MAX_MEMORY_HELP
 
 RELOAD_RTOL_HALF = 1e-2  # transformers reloads float parts in fp32; a half-precision model then differs by rounding
 
@@ -43,6 +44,7 @@ def quantize(
     shard_size: str = typer.Option("5GB", help="Maximum shard size, e.g. 5GB, 500MB."),
     seed: int = typer.Option(0, help="Seed of the example inputs the output error is measured on."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
     """Quantize a model with bitsandbytes and write a checkpoint its users can load.
 
@@ -76,6 +78,7 @@ class QuantizeArgs:
     shard_size: str
     seed: int
     force: bool
+    max_memory: Optional[str]
 
 
 def _quantize_config(a: QuantizeArgs):
@@ -104,12 +107,11 @@ def _reload_tolerance(state) -> float:
 
 
 def _run_quantize(a: QuantizeArgs) -> None:
-    from moeconv import Context, cli, load
+    from moeconv import cli
     from moeconv.context import check_seed
-    from moeconv.errors import UnsupportedError
     from moeconv.io.atomic import check_new_output
-    from moeconv.jobs.pipeline_job import run_to_dir
-    from moeconv.render import Progress
+    from moeconv.jobs.routes import choose_route
+    from moeconv.memory_plan import plan_and_check
     from moeconv.units import parse_size
     from passes.quantize import Quantize
 
@@ -117,21 +119,52 @@ def _run_quantize(a: QuantizeArgs) -> None:
     shard_bytes = parse_size(a.shard_size)
     check_seed(a.seed)  # before any loading: it reaches every generator of the run
     check_new_output(a.out_dir, force=a.force)
+    route, why = choose_route(a.src, "quantize")
+    plan = plan_and_check(a.src, [Quantize(cfg)], max_memory=a.max_memory, route=route)  # before any tensor is read
+    extra = {"memory_plan": plan.to_dict(), "route": {"route": route, "why": why}}
+    report = (_quantize_streamed if route == "streaming" else _quantize_in_memory)(a, cfg, shard_bytes, extra)
+    render_quantize(cli.out, report)
+
+
+def _evaluation(a: QuantizeArgs):
+    if a.eval_file is None:
+        return None
+    from moeconv.data import calibration_tokens
+    return calibration_tokens(a.eval_file, a.src, num_samples=a.eval_batches, seq_len=a.eval_seq_len,
+                              what="evaluation", seq_len_flag="--eval-seq-len", samples_flag="--eval-batches")
+
+
+def _quantize_streamed(a: QuantizeArgs, cfg, shard_bytes: int, extra: dict) -> dict:
+    """A safetensors checkpoint, one layer at a time (`moeconv.jobs.stream_quantize`)."""
+    from moeconv import Context, cli
+    from moeconv.jobs.stream_quantize import quantize_streamed
+    from moeconv.render import Progress
+    from moeconv.stream.skeleton import Skeleton
+    skel = Skeleton.open(Path(a.src))  # the checkpoint is refused as such before its tokenizer is used
+    evaluation = _evaluation(a)
+    with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
+        ctx = Context(seed=a.seed, progress=progress, evaluation=evaluation)
+        return quantize_streamed(a.src, a.out_dir, cfg, force=a.force, shard_bytes=shard_bytes, ctx=ctx,
+                                 extra_report=extra, skeleton=skel)
+
+
+def _quantize_in_memory(a: QuantizeArgs, cfg, shard_bytes: int, extra: dict) -> dict:
+    from moeconv import Context, cli, load
+    from moeconv.errors import UnsupportedError
+    from moeconv.jobs.pipeline_job import run_to_dir
+    from moeconv.render import Progress
+    from passes.quantize import Quantize
     state = load(a.src)
     if "quantized" in state.facts():
         raise UnsupportedError(f"{a.src} is already quantized (bitsandbytes layers); quantizing twice "
                                "is not supported: start from the float checkpoint")
-    evaluation = None
-    if a.eval_file is not None:
-        from moeconv.data import calibration_tokens
-        evaluation = calibration_tokens(a.eval_file, a.src, num_samples=a.eval_batches, seq_len=a.eval_seq_len,
-                                        what="evaluation", seq_len_flag="--eval-seq-len", samples_flag="--eval-batches")
+    evaluation = _evaluation(a)
     tolerance = _reload_tolerance(state)
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
         ctx = Context(seed=a.seed, progress=progress, evaluation=evaluation)
         report = run_to_dir(a.src, a.out_dir, [Quantize(cfg)], ctx=ctx, shard_bytes=shard_bytes, force=a.force,
-                            state=state, reload_tolerance=tolerance)
-    render_quantize(cli.out, report)
+                            state=state, reload_tolerance=tolerance, extra_report=extra)
+    return report
 
 
 def render_quantize(console, report: dict) -> None:
@@ -158,8 +191,12 @@ def render_quantize(console, report: dict) -> None:
                   f"KL {m['kl']:.4g}, top-1 agreement {m['top1_agreement']:.1%} on {m['error_inputs']}")
     if "ppl_before" in m:
         t.add_row("perplexity", f"{m['ppl_before']:.4g} → {m['ppl_after']:.4g} ({(m['ppl_ratio'] - 1):+.2%}) on --eval text")
-    t.add_row("reload check", f"max |Δ| {v['max_abs_diff']:.3g} vs the in-memory quantized model, "
-              f"reloaded as {v['consumer_class']}")
+    if w.get("route") == "streaming":
+        t.add_row("check", "written one layer at a time; its layers rebuilt from the files and run beside the "
+                  "float source one at a time (max |Δlogits| above)")
+    else:
+        t.add_row("reload check", f"max |Δ| {v['max_abs_diff']:.3g} vs the in-memory quantized model, "
+                  f"reloaded as {v['consumer_class']}")
     t.add_row("time", f"{report['seconds']} s")
     console.print(t)
     g = Table(title="bytes per module group")

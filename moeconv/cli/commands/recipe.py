@@ -6,8 +6,12 @@ from typing import Optional
 
 import typer
 
+from moeconv.memory_plan import MAX_MEMORY_HELP
+
 # What a dense Hugging Face checkpoint offers before any pass: the default for `plan` without --model.
 DENSE_FACTS = {"dense-ffn", "float-weights", "hf-config"}
+# The fixes a memory plan may name, in a recipe's terms (`moeconv.memory_plan.plan_memory`).
+RECIPE_FLAGS = {"method": "--set sparsify.method=magnitude"}
 
 
 def register(app: typer.Typer) -> None:
@@ -21,10 +25,13 @@ def plan(
                                         "(default: a dense float checkpoint)."),
     calib: bool = typer.Option(False, "--calib", help="Plan as if calibration data will be given."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override STEP.FIELD=VALUE (repeatable)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --model: the memory the run may use "
+                                             "(default or 0: the memory available here)."),
 ):
-    """Print the step × facts table and every problem with its fix, before touching a tensor."""
+    """Print the step × facts table, every problem with its fix and, with --model, the run's
+    estimated peak memory with its breakdown (read from the checkpoint's headers)."""
     from moeconv import cli
-    cli._run(lambda: _plan_recipe(recipe, model, calib, set_ or []))
+    cli._run(lambda: _plan_recipe(recipe, model, calib, set_ or [], max_memory))
 
 
 def run(
@@ -37,10 +44,11 @@ def run(
     seed: int = typer.Option(0, help="Seed for example inputs and every random choice not set in the recipe."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: check the recipe against the model."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
     """Run a recipe's passes on a model and write the verified result with report.json."""
     from moeconv import cli
-    cli._run(lambda: _run_recipe(recipe, model, out_dir, calib, set_ or [], fmt, seed, dry_run, force))
+    cli._run(lambda: _run_recipe(recipe, model, out_dir, calib, set_ or [], fmt, seed, dry_run, force, max_memory))
 
 
 def _passes(recipe: Path, overrides: list[str]) -> list:
@@ -63,10 +71,17 @@ def _render_plan(passes: list, facts: set[str]) -> None:
         raise PlanError(result.problems)
 
 
-def _plan_recipe(recipe: Path, model: str | None, calib: bool, overrides: list[str]) -> None:
+def _plan_recipe(recipe: Path, model: str | None, calib: bool, overrides: list[str], max_memory: str | None) -> None:
     passes = _passes(recipe, overrides)
     if model:
-        from moeconv import load
+        from moeconv import cli, load
+        from moeconv.data import DEFAULT_SEQ_LEN
+        from moeconv.memory_plan import check_plan, parse_max_memory, plan_memory
+        limit = parse_max_memory(max_memory)
+        memory = plan_memory(model, passes, calib_tokens=32 * DEFAULT_SEQ_LEN if calib else None,  # headers only
+                             flags=RECIPE_FLAGS)
+        render_memory(cli.out, memory)
+        check_plan(memory, limit, given=max_memory)  # before the model is loaded for its facts
         facts = load(model).facts()
     else:
         facts = set(DENSE_FACTS)
@@ -75,8 +90,28 @@ def _plan_recipe(recipe: Path, model: str | None, calib: bool, overrides: list[s
     _render_plan(passes, facts)
 
 
+def render_memory(console, plan) -> None:
+    """The memory plan: the estimate, when it peaks, its parts, whole-model passes and notes."""
+    from rich.table import Table
+
+    from moeconv.io.config_checks import format_bytes
+    t = Table(title=f"memory: about {format_bytes(plan.total)} at the peak ({plan.peak}; {plan.route} route, "
+                    "estimated from the checkpoint's headers)")
+    t.add_column("held by")
+    t.add_column("estimate", justify="right")
+    for part, size in plan.parts.items():
+        t.add_row(part, format_bytes(size))
+    for part, size in plan.on_device.items():
+        t.add_row(f"{part} (on {plan.device})", format_bytes(size))
+    console.print(t)
+    for name, need in plan.whole_model.items():
+        console.print(f"{name} needs the whole model in memory: about {format_bytes(need)} for it alone")
+    for note in plan.notes:
+        console.print(f"note: {note}")
+
+
 def _run_recipe(recipe: Path, model: str, out_dir: Path, calib: Path | None, overrides: list[str], fmt: str, seed: int,
-                dry_run: bool, force: bool) -> None:
+                dry_run: bool, force: bool, max_memory: str | None = None) -> None:
     from moeconv import Context, cli, load
     from moeconv.context import check_seed
     from moeconv.errors import ConfigError
@@ -87,6 +122,7 @@ def _run_recipe(recipe: Path, model: str, out_dir: Path, calib: Path | None, ove
     except ConfigError as exc:
         raise ConfigError(f"--seed: {exc}") from None
     passes = _passes(recipe, overrides)
+    memory = _memory_plan(model, passes, calib, max_memory, show=dry_run)  # before any tensor is read
     calibration = None
     if calib is not None:
         from moeconv.data import calibration_tokens
@@ -96,5 +132,18 @@ def _run_recipe(recipe: Path, model: str, out_dir: Path, calib: Path | None, ove
         return
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
         report = run_to_dir(model, out_dir, passes, ctx=Context(calibration=calibration, seed=seed, progress=progress),
-                            fmt=fmt, force=force)
+                            fmt=fmt, force=force, extra_report={"memory_plan": memory.to_dict()})
     render_run(cli.out, report)
+
+
+def _memory_plan(model: str, passes: list, calib: Path | None, max_memory: str | None, *, show: bool):
+    """The run's memory plan (printed with `show`), refused (exit 2, one line) over --max-memory."""
+    from moeconv import cli
+    from moeconv.memory_plan import calibration_size, check_plan, parse_max_memory, plan_memory
+    limit = parse_max_memory(max_memory)
+    tokens, seq = calibration_size(calib, 32, None) if calib is not None else (None, None)
+    plan = plan_memory(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS)
+    if show:
+        render_memory(cli.out, plan)
+    check_plan(plan, limit, given=max_memory)
+    return plan

@@ -11,6 +11,7 @@ from typing import Optional
 import typer
 
 from moeconv.cli.common import SELECTOR_HELP
+from moeconv.memory_plan import MAX_MEMORY_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -37,6 +38,7 @@ def sparsify(
     shard_size: str = typer.Option("5GB", "--shard-size", help="Maximum shard size, e.g. 5GB, 500MB."),
     seed: int = typer.Option(0, help="Seed for the check inputs."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
     """Prune expert weights to 2:4 (N:M / unstructured) with the least damage, verified on reload.
 
@@ -71,6 +73,7 @@ class SparsifyArgs:
     shard_size: str
     seed: int
     force: bool
+    max_memory: Optional[str]
 
 
 def _sparsify_pass(a: SparsifyArgs):
@@ -88,6 +91,25 @@ def _sparsify_pass(a: SparsifyArgs):
     if a.num_samples < 1 or a.seq_len < 2:
         raise ConfigError("--num-samples must be >= 1 and --seq-len >= 2")
     return p, parse_size(a.shard_size)
+
+
+def _run_streamed(a: SparsifyArgs, p, shard_bytes: int, extra: dict) -> dict:
+    """Magnitude pruning of a safetensors checkpoint, one tensor at a time (`moeconv.jobs.stream_sparsify`)."""
+    from moeconv import Context, cli
+    from moeconv.jobs.stream_sparsify import sparsify_streamed
+    from moeconv.render import Progress
+    with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
+        return sparsify_streamed(a.src, a.out_dir, p.config, force=a.force, shard_bytes=shard_bytes,
+                                 ctx=Context(seed=a.seed, progress=progress), compressed=a.compressed,
+                                 extra_report=extra)
+
+
+def _memory_plan(a: SparsifyArgs, p, route: str = "in-memory"):
+    """The run's memory plan, refused (exit 2, one line) when it exceeds --max-memory."""
+    from moeconv.memory_plan import calibration_size, plan_and_check
+    tokens, seq = calibration_size(a.calib, a.num_samples, a.seq_len) if a.calib is not None else (None, None)
+    return plan_and_check(a.src, [p], max_memory=a.max_memory, route=route, calib_tokens=tokens, calib_seq_len=seq,
+                          flags={"calib": "--num-samples / --seq-len", "method": "--method magnitude"})
 
 
 def _compressed_output(p, shard_bytes: int):
@@ -114,6 +136,12 @@ def _run_sparsify(a: SparsifyArgs) -> None:
     check_new_output(a.out_dir, force=a.force)
     if not str(a.src).startswith("builtin:") and ".py" not in str(a.src) and not Path(a.src).exists():
         raise InputError(f"{a.src}: no such file or directory")
+    from moeconv.jobs.routes import choose_route
+    route, why = choose_route(a.src, "sparsify", method=a.method)
+    plan = _memory_plan(a, p, route)  # before any tensor is read
+    report_extra = {"memory_plan": plan.to_dict(), "route": {"route": route, "why": why}}
+    if route == "streaming":
+        return render_sparsify(cli.out, _run_streamed(a, p, shard_bytes, report_extra))
     state = load(a.src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
     calibration = None
     if a.calib is not None:
@@ -123,7 +151,7 @@ def _run_sparsify(a: SparsifyArgs) -> None:
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
         report = run_to_dir(a.src, a.out_dir, [p], ctx=Context(calibration=calibration, seed=a.seed, progress=progress),
                             fmt=format_of(a.src), shard_bytes=shard_bytes, force=a.force, extra_outputs=extra,
-                            state=state)
+                            state=state, extra_report=report_extra)
     render_sparsify(cli.out, report)
 
 

