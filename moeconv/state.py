@@ -128,7 +128,11 @@ def call_model(module: nn.Module, input_ids: torch.Tensor):
 def model_outputs(module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """The tensor a model's promise is checked on: logits for LMs, last hidden state otherwise."""
     with torch.inference_mode():
-        out = call_model(module, input_ids)
+        return output_tensor(call_model(module, input_ids))
+
+
+def output_tensor(out) -> torch.Tensor:
+    """The checked tensor of a model's output: itself, `logits`, `last_hidden_state` or the first element."""
     if isinstance(out, torch.Tensor):
         return out
     for key in ("logits", "last_hidden_state"):

@@ -28,7 +28,7 @@ from moeconv.jobs.driver import JobResult, check_output, run_job
 from moeconv.module_groups import GROUPS, module_groups
 from moeconv.nn.linear_like import in_out_features, is_conv1d
 from moeconv.nn.quantized import QuantSpec, layer_record, quantize_linear, serialized
-from moeconv.stream.allocator import fixed_mmap_threshold
+from moeconv.stream.allocator import fixed_mmap_threshold, release_freed
 from moeconv.stream.compare import compare_models
 from moeconv.stream.skeleton import Skeleton
 from passes.quantize import Quantize, QuantizeConfig
@@ -115,6 +115,8 @@ class _Plan:
             return self.skel.read(self.skel.tensor_of[how[1]]).to(spec.dtype)
         _, path, rel = how
         if self._cache[0] != path:
+            self._cache = (None, {})
+            release_freed()  # the previous layer's float and quantized copies
             self._cache = (path, self._quantize(path))
         return self._cache[1][rel]
 

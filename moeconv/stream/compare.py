@@ -17,7 +17,8 @@ from torch import nn
 
 from moeconv.calibrate import capture_first_layer_inputs
 from moeconv.errors import VerificationError
-from moeconv.state import call_model
+from moeconv.state import call_model, output_tensor
+from moeconv.stream.allocator import release_freed
 from moeconv.stream.skeleton import Skeleton
 
 
@@ -59,6 +60,7 @@ def streamed_logits(skel: Skeleton, batches: list[torch.Tensor], progress=None) 
             layer = skel.module.get_submodule(path)
             outs = [layer(h, *a[1:], **kw) for h, a, kw in zip(hidden, inputs.args, inputs.kwargs)]
             skel.drop_part(path)
+            release_freed()
             kind = tuple if isinstance(outs[0], (tuple, list)) else torch.Tensor
             hidden = [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
         return _tail(skel, batches, hidden, kind)
@@ -74,19 +76,9 @@ def _tail(skel: Skeleton, batches: list[torch.Tensor], hidden: list[torch.Tensor
     replay = nn.ModuleList([_Replay(hidden, kind)] + [_Through(kind) for _ in range(skel.num_layers - 1)])
     setattr(parent, leaf, replay)
     try:
-        return [_logits(call_model(skel.module, b)) for b in batches]
+        return [output_tensor(call_model(skel.module, b)) for b in batches]
     finally:
         setattr(parent, leaf, stack)
-
-
-def _logits(out) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        val = getattr(out, key, None)
-        if isinstance(val, torch.Tensor):
-            return val
-    return out[0]
 
 
 def compare_models(source: Skeleton, output: Skeleton, *, evaluation: torch.Tensor | None, seed: int,
