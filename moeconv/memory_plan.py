@@ -751,7 +751,12 @@ def plan_and_check(source, passes, *, max_memory: str | None, route: str = "in-m
     """`plan_memory(source, passes, **kwargs)` (or `plan_streaming(source)` for the streamed route),
     refused by `check_plan` against `--max-memory` (`parse_max_memory`); the commands call it
     before loading anything."""
-    limit = parse_max_memory(max_memory)
     plan = plan_streaming(source) if route == "streaming" else plan_memory(source, passes, **kwargs)
+    return refuse_over(plan, max_memory)
+
+
+def refuse_over(plan: MemoryPlan, max_memory: str | None) -> MemoryPlan:
+    """`plan`, or `MemoryPlanError` (one line) when it exceeds `--max-memory` (`parse_max_memory`)."""
+    limit = parse_max_memory(max_memory)
     check_plan(plan, limit, given=str(max_memory).strip() if limit else None)
     return plan

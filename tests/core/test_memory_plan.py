@@ -80,14 +80,23 @@ def _header_only_mixtral(path: Path, layers: int, *, hidden=1024, inter=3584, ex
     return path
 
 
+# A child's ru_maxrss starts at its parent's size when it is forked: the CLI is started by a small
+# runner process, never by this (large) pytest process, so only its own peak is measured.
+_RUNNER = ("import os, subprocess, sys\n"
+           "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)\n"
+           "err = p.stderr.read()\n"
+           "_, status, usage = os.wait4(p.pid, 0)\n"
+           "sys.stderr.write(err.decode(errors='replace')[-2000:])\n"
+           "print(usage.ru_maxrss, os.waitstatus_to_exitcode(status))\n")
+
+
 def _peak_rss(argv: list[str]) -> int:
     """Peak RSS in bytes of `python -m moeconv.cli ARGV` in a child process (os.wait4)."""
-    proc = subprocess.Popen([sys.executable, "-m", "moeconv.cli", *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    err = proc.stderr.read().decode(errors="replace")
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, err[-2000:]
-    return usage.ru_maxrss * 1024
+    done = subprocess.run([sys.executable, "-c", _RUNNER, sys.executable, "-m", "moeconv.cli", *argv], cwd=ROOT,
+                          capture_output=True, text=True)
+    rss, code = done.stdout.split()
+    assert int(code) == 0, done.stderr
+    return int(rss) * 1024
 
 
 @pytest.mark.parametrize("route", ["streaming", "in-memory"])

@@ -104,12 +104,15 @@ def _run_streamed(a: SparsifyArgs, p, shard_bytes: int, extra: dict) -> dict:
                                  extra_report=extra)
 
 
-def _memory_plan(a: SparsifyArgs, p, route: str = "in-memory"):
-    """The run's memory plan, refused (exit 2, one line) when it exceeds --max-memory."""
-    from moeconv.memory_plan import calibration_size, plan_and_check
+def _memory_plan(a: SparsifyArgs, p, route: str):
+    """The run's memory plan; the streamed route's is refused here (exit 2, one line) when it
+    exceeds --max-memory, the in-memory route's once its calibration data is read (`refuse_over`)."""
+    from moeconv.memory_plan import calibration_size, plan_memory, plan_streaming, refuse_over
+    if route == "streaming":
+        return refuse_over(plan_streaming(a.src), a.max_memory)
     tokens, seq = calibration_size(a.calib, a.num_samples, a.seq_len) if a.calib is not None else (None, None)
-    return plan_and_check(a.src, [p], max_memory=a.max_memory, route=route, calib_tokens=tokens, calib_seq_len=seq,
-                          flags={"calib": "--num-samples / --seq-len", "method": "--method magnitude"})
+    return plan_memory(a.src, [p], calib_tokens=tokens, calib_seq_len=seq,
+                       flags={"calib": "--num-samples / --seq-len", "method": "--method magnitude"})
 
 
 def _compressed_output(p, shard_bytes: int):
@@ -137,16 +140,18 @@ def _run_sparsify(a: SparsifyArgs) -> None:
     if not str(a.src).startswith("builtin:") and ".py" not in str(a.src) and not Path(a.src).exists():
         raise InputError(f"{a.src}: no such file or directory")
     from moeconv.jobs.routes import choose_route
+    from moeconv.memory_plan import refuse_over
     route, why = choose_route(a.src, "sparsify", method=a.method)
-    plan = _memory_plan(a, p, route)  # before any tensor is read
+    plan = _memory_plan(a, p, route)  # from the headers: no tensor is read
     report_extra = {"memory_plan": plan.to_dict(), "route": {"route": route, "why": why}}
     if route == "streaming":
         return render_sparsify(cli.out, _run_streamed(a, p, shard_bytes, report_extra))
-    state = load(a.src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
     calibration = None
-    if a.calib is not None:
+    if a.calib is not None:  # its own refusals (a sequence longer than the model takes) name the data first
         calibration = calibration_tokens(a.calib, a.src, num_samples=a.num_samples, seq_len=a.seq_len,
                                          seq_len_flag="--seq-len", samples_flag="--num-samples")
+    refuse_over(plan, a.max_memory)  # before any weight is read
+    state = load(a.src)
     extra = _compressed_output(p, shard_bytes) if a.compressed else None
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
         report = run_to_dir(a.src, a.out_dir, [p], ctx=Context(calibration=calibration, seed=a.seed, progress=progress),
