@@ -86,7 +86,7 @@ class Skeleton:
         ckpt = validate_checkpoint(path)
         dtype = _float_dtype(ckpt)
         with parameters_on_meta():
-            with _default_dtype(dtype):  # what from_pretrained(dtype="auto") holds the weights in
+            with _default_dtype(dtype):  # the dtype the in-memory loader (dtype="auto") holds weights in
                 module = model_class(config)(config)
             linearised = linearise_native_moe(module)  # routers in fp32, as `moeconv.load` has them
         family = family_for_config(getattr(config, "model_type", None)) if linearised else None

@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moeconv import Context, Pipeline, load
+from moeconv import Context, Pipeline
 from moeconv.cli import app
 from moeconv.data import calibration_tokens
 from moeconv.jobs.pipeline_job import run_to_dir

@@ -5,7 +5,6 @@ or creating OUT."""
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys

@@ -1,10 +1,7 @@
 """Pipeline planning and the pass contract: problems reported all at once, with fixes, before
 any tensor is touched; configs typed and validated at construction."""
-import copy
-
 import pytest
 import torch
-from torch import nn
 
 from moeconv import Context, Pipeline, load
 from moeconv.errors import ConfigError, PlanError, VerificationError

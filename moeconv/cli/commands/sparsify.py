@@ -104,6 +104,26 @@ def _run_streamed(a: SparsifyArgs, p, shard_bytes: int, extra: dict) -> dict:
                                  extra_report=extra)
 
 
+def _calibration(a: SparsifyArgs):
+    from moeconv.data import calibration_tokens
+    if a.calib is None:
+        return None
+    return calibration_tokens(a.calib, a.src, num_samples=a.num_samples, seq_len=a.seq_len,
+                              seq_len_flag="--seq-len", samples_flag="--num-samples")
+
+
+def _refuse_over(a: SparsifyArgs, plan) -> None:
+    """The in-memory plan against --max-memory; when it is over, calibration data the model
+    cannot take at all (a sequence longer than its positions) is named instead, as the cause."""
+    from moeconv.errors import MemoryPlanError
+    from moeconv.memory_plan import refuse_over
+    try:
+        refuse_over(plan, a.max_memory)
+    except MemoryPlanError:
+        _calibration(a)  # raises the precise refusal when the data is the problem
+        raise
+
+
 def _memory_plan(a: SparsifyArgs, p, route: str):
     """The run's memory plan; the streamed route's is refused here (exit 2, one line) when it
     exceeds --max-memory, the in-memory route's once its calibration data is read (`refuse_over`)."""
@@ -129,7 +149,6 @@ def _run_sparsify(a: SparsifyArgs) -> None:
     from moeconv import Context, cli, load
     from moeconv.cli.common import format_of
     from moeconv.context import check_seed
-    from moeconv.data import calibration_tokens
     from moeconv.errors import InputError
     from moeconv.io.atomic import check_new_output
     from moeconv.jobs.pipeline_job import run_to_dir
@@ -140,18 +159,14 @@ def _run_sparsify(a: SparsifyArgs) -> None:
     if not str(a.src).startswith("builtin:") and ".py" not in str(a.src) and not Path(a.src).exists():
         raise InputError(f"{a.src}: no such file or directory")
     from moeconv.jobs.routes import choose_route
-    from moeconv.memory_plan import refuse_over
     route, why = choose_route(a.src, "sparsify", method=a.method)
     plan = _memory_plan(a, p, route)  # from the headers: no tensor is read
     report_extra = {"memory_plan": plan.to_dict(), "route": {"route": route, "why": why}}
     if route == "streaming":
         return render_sparsify(cli.out, _run_streamed(a, p, shard_bytes, report_extra))
-    calibration = None
-    if a.calib is not None:  # its own refusals (a sequence longer than the model takes) name the data first
-        calibration = calibration_tokens(a.calib, a.src, num_samples=a.num_samples, seq_len=a.seq_len,
-                                         seq_len_flag="--seq-len", samples_flag="--num-samples")
-    refuse_over(plan, a.max_memory)  # before any weight is read
-    state = load(a.src)
+    _refuse_over(a, plan)  # before any weight is read
+    state = load(a.src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
+    calibration = _calibration(a)
     extra = _compressed_output(p, shard_bytes) if a.compressed else None
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
         report = run_to_dir(a.src, a.out_dir, [p], ctx=Context(calibration=calibration, seed=a.seed, progress=progress),
