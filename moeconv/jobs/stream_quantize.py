@@ -57,7 +57,7 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
         verification = compare_models(skel, skel.reading(tmp, plan.records), evaluation=ctx.evaluation, seed=ctx.seed,
                                       what="float source")
         rep = plan.report()
-        rep.metrics.update(_measured(verification))
+        rep.metrics.update(_measured(verification), model_bytes=written["bytes"])
         report = {"passes": [rep.to_dict()], "written": written, "verification": verification, **(extra_report or {})}
         return JobResult(report, skel.state().source)
     return run_job(src, out, force=force, recipe=[{"pass": "quantize", **cfg.model_dump()}], work=work)
@@ -181,7 +181,8 @@ def _group_bytes(skel: Skeleton, groups: dict[str, str], rows: list[dict], quant
 def _measured(v: dict) -> dict:
     """The streamed check's numbers under the names the in-memory pass reports them by."""
     out = {"logits_max_abs_diff": v["max_abs_diff"], "kl": v["kl"], "top1_agreement": v["top1_agreement"],
-           "error_inputs": v["inputs"], "logits_scale": v["ref_max_abs"]}
+           "error_inputs": v["inputs"], "logits_scale": v["ref_max_abs"],
+           "max_abs_diff": v["max_abs_diff"], "rel_max_diff": v["rel_max_diff"]}  # as the numeric check reports them
     if "ppl_before" in v:
         out.update({"ppl_before": v["ppl_before"], "ppl_after": v["ppl_after"],
                     "ppl_ratio": v["ppl_after"] / v["ppl_before"]})

@@ -55,7 +55,9 @@ def sparsify_streamed(src, out, cfg: SparsifyConfig, *, force: bool = False, sha
         verification = compare_models(skel, Skeleton.open(tmp), evaluation=ctx.evaluation, seed=ctx.seed,
                                       what="dense source")
         rep = pruner.report()
-        rep.metrics["rel_max_diff"] = verification["rel_max_diff"]  # the change of the output, as measured
+        # the change of the output, as measured, under the numeric check's names
+        rep.metrics.update(max_abs_diff=verification["max_abs_diff"], rel_max_diff=verification["rel_max_diff"],
+                           model_bytes=written["bytes"])
         report = {"passes": [rep.to_dict()], "written": written, "verification": verification, **(extra_report or {})}
         if compressed:
             report["extra_outputs"] = {"compressed": write_compressed(tmp, pattern=pat.label, shard_bytes=shard_bytes)}

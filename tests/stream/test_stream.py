@@ -137,6 +137,10 @@ def test_the_cli_streams_what_it_can_and_says_why(tmp_path):
     report = json.loads((tmp_path / "q" / "report.json").read_text())
     assert report["route"]["route"] == "streaming" and report["memory_plan"]["route"] == "streaming"
     assert report["written"]["route"] == "streaming" and "one layer at a time" in r.stdout.replace("\n", " ")
+    # the report's per-pass error and size are the measured ones (report.html plots them)
+    metrics = report["passes"][0]["metrics"]
+    assert metrics["rel_max_diff"] == report["verification"]["rel_max_diff"] > 0
+    assert metrics["model_bytes"] == report["written"]["bytes"]
     r = CliRunner().invoke(app, ["sparsify", str(src), str(tmp_path / "s"), "--method", "magnitude", "--compressed"])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "s" / "report.json").read_text())
