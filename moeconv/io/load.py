@@ -26,6 +26,14 @@ def allow_nonfinite_default() -> bool:
     return os.environ.get("MOECONV_ALLOW_NONFINITE", "") == "1"
 
 
+def refuse_nonfinite(where, name: str, t: torch.Tensor) -> torch.Tensor:
+    """`t`, or `InputError` when this floating-point tensor holds NaN or Inf and the user did not
+    allow it: the one rule for tensors read one at a time (the streamed routes)."""
+    if t.is_floating_point() and not allow_nonfinite_default() and not bool(torch.isfinite(t).all()):
+        raise InputError(f"{where}: weight {name} contains NaN or Inf (pass --allow-nonfinite to convert anyway)")
+    return t
+
+
 def check_finite(state: ModelState, allow: bool | None = None) -> ModelState:
     """Refuse (or, when allowed, warn about) NaN/Inf weights: converting them only spreads them."""
     allow = allow_nonfinite_default() if allow is None else allow

@@ -17,9 +17,10 @@ from moeconv.errors import InputError, VerificationError
 from moeconv.expert_init import expert_tensors, router_weight, split_partition
 from moeconv.formats.hf_moe import MoeFormat, rename
 from moeconv.formats.writer import TensorSource
-from moeconv.io.load import allow_nonfinite_default
+from moeconv.io.load import refuse_nonfinite
 from moeconv.io.safetensors_io import SourceCheckpoint, TensorSpec
 from moeconv.sites import expert_rel_names, role_paths
+from moeconv.stream.skeleton import tied_parameter_names
 
 
 @dataclass
@@ -54,7 +55,7 @@ def check_against_skeleton(ckpt: SourceCheckpoint, meta_model) -> None:
                              f"{list(meta_sd[name].shape)}")
         if name in meta_sd and meta_sd[name].is_floating_point() and not spec.dtype.is_floating_point:
             raise InputError(f"{ckpt.path}: tensor {name} is {spec.dtype}, expected a floating-point weight")
-    tied = _tied_param_names(meta_model)
+    tied = tied_parameter_names(meta_model)
     params = dict(meta_model.named_parameters())
     missing = [n for n in meta_sd if n not in ckpt.specs and n not in tied and n in params]
     if missing:
@@ -144,9 +145,9 @@ class _Producer:
             self.site = site.path
             self.dense = {}
             for role, p in role_paths(site).items():
-                self.dense[role] = _finite(f"{p}.weight", self.ckpt.get(f"{p}.weight"), self.ckpt.path)
+                self.dense[role] = refuse_nonfinite(self.ckpt.path, f"{p}.weight", self.ckpt.get(f"{p}.weight"))
                 if f"{p}.bias" in self.ckpt.specs:
-                    self.dense[f"{role}.bias"] = _finite(f"{p}.bias", self.ckpt.get(f"{p}.bias"), self.ckpt.path)
+                    self.dense[f"{role}.bias"] = refuse_nonfinite(self.ckpt.path, f"{p}.bias", self.ckpt.get(f"{p}.bias"))
             self.partition = (split_partition(self.dense, site.intermediate_size, self.cfg.num_experts,
                                               self.init_spec, index) if self.cfg.expert_init == "split" else None)
             self.expert = (None, None)
@@ -155,7 +156,7 @@ class _Producer:
     def _make(self, how: tuple) -> torch.Tensor:
         cfg = self.cfg
         if how[0] == "copy":
-            return _finite(how[1], self.ckpt.get(how[1]), self.ckpt.path)
+            return refuse_nonfinite(self.ckpt.path, how[1], self.ckpt.get(how[1]))
         if how[0] == "router":
             _, index, site = how
             return router_weight(cfg.num_experts, site.hidden_size, cfg.router_init, cfg.router_std, cfg.seed, index)
@@ -179,19 +180,3 @@ class _Producer:
             # output dtype): never written, whatever --verify says
             raise VerificationError(f"upcycling produced NaN/Inf in {s.name} ({s.dtype}); nothing was written")
         return t
-
-
-def _tied_param_names(model) -> set[str]:
-    """Parameter names that share storage with an earlier one (tied embeddings)."""
-    seen, tied = set(), set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-        seen.add(id(p))
-    return tied
-
-
-def _finite(name: str, t: torch.Tensor, where) -> torch.Tensor:
-    if t.is_floating_point() and not allow_nonfinite_default() and not bool(torch.isfinite(t).all()):
-        raise InputError(f"{where}: weight {name} contains NaN or Inf (pass --allow-nonfinite to convert anyway)")
-    return t

@@ -22,7 +22,7 @@ from moeconv.errors import InputError, UnsupportedError
 from moeconv.formats.hf import hf_config, plain_hf_config
 from moeconv.formats.hf_moe import MoeFormat, family_for_config, gated_rename
 from moeconv.io.json_files import read_json_object
-from moeconv.io.load import allow_nonfinite_default
+from moeconv.io.load import refuse_nonfinite
 from moeconv.io.safetensors_io import SourceCheckpoint, validate_checkpoint
 from moeconv.io.transformers_io import model_class
 from moeconv.nn.native_moe import linearise_native_moe
@@ -100,7 +100,7 @@ class Skeleton:
         every parameter has one (tied ones share) of its shape, float for a float parameter, and
         every stored tensor belongs to a parameter (or is one the class declares ignorable)."""
         out, missing = {}, []
-        tied = _tied_names(self.module)
+        tied = tied_parameter_names(self.module)
         for name, p in self.module.named_parameters():
             stored = gated_rename(self.family, moe_paths, name) if self.family else name
             spec = self.ckpt.specs.get(stored)
@@ -128,10 +128,7 @@ class Skeleton:
 
     def read(self, stored: str) -> torch.Tensor:
         """One stored tensor, refused when it holds NaN or Inf (converting them only spreads them)."""
-        t = self.ckpt.get(stored)
-        if t.is_floating_point() and not allow_nonfinite_default() and not bool(torch.isfinite(t).all()):
-            raise InputError(f"{self.path}: weight {stored} contains NaN or Inf (pass --allow-nonfinite to convert anyway)")
-        return t
+        return refuse_nonfinite(self.path, stored, self.ckpt.get(stored))
 
     def state(self) -> ModelState:
         """The skeleton as a `ModelState` (facts and module groups are read from its structure)."""
@@ -210,7 +207,8 @@ def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
     module.get_submodule(owner)._parameters[leaf] = param
 
 
-def _tied_names(model: nn.Module) -> set[str]:
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Parameter names that share their tensor with an earlier one (tied embeddings)."""
     seen, tied = {}, set()
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
