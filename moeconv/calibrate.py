@@ -80,27 +80,52 @@ def _hidden(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class Residency:
+    """Where the layers' weights live during a sweep: in memory already (this base class: every
+    step is a no-op), or read from disk one decoder layer at a time (`moeconv.stream.executor`)."""
+
+    def enter_outer(self) -> None:
+        """Before the first layer's inputs are captured: the parts outside the layer stack."""
+
+    def enter(self, index: int, path: str) -> None:
+        """Before layer `index` is observed or changed: its weights."""
+
+    def leave(self, index: int, path: str, layer: nn.Module) -> None:
+        """After layer `index` produced the next layer's inputs: it is final (write it, free it)."""
+
+    def leave_outer(self) -> None:
+        """After the last layer: the parts outside the layer stack are final."""
+
+
+IN_MEMORY = Residency()
+
+
 def run_layerwise(model: nn.Module, batches: list[torch.Tensor],
                   on_layer: Callable[[int, str, nn.Module, Callable[[], None]], None],
                   progress: Callable[[str, int, int], None] | None = None,
-                  after_layer: Callable[[int, str, nn.Module, list[torch.Tensor]], None] | None = None) -> None:
+                  after_layer: Callable[[int, str, nn.Module, list[torch.Tensor]], None] | None = None,
+                  residency: Residency = IN_MEMORY) -> None:
     """For each decoder layer: `on_layer(index, path, layer, forward)` where `forward()` runs the
     layer on every cached batch (the caller installs its hooks around it, and may change the layer
     afterwards). The next layer then gets the outputs of the (possibly modified) layer; with
     `after_layer`, the caller sees those outputs too (one hidden-state tensor per batch), e.g. to
-    measure how much its change moved them."""
+    measure how much its change moved them. `residency` brings each layer's weights in before it
+    is used and takes them out once it is final (one layer in memory at a time when streaming)."""
     prefix, layers = decoder_layers(model)
+    residency.enter_outer()
     inputs = capture_first_layer_inputs(model, batches)
     for i, layer in enumerate(layers):
+        path = f"{prefix}.{i}" if prefix else str(i)
         if progress:
             progress("calibrate", i, len(layers))
+        residency.enter(i, path)
 
         def forward(layer=layer):
             with torch.inference_mode():
                 for a, kw in zip(inputs.args, inputs.kwargs):
                     layer(*a, **kw)
 
-        on_layer(i, f"{prefix}.{i}" if prefix else str(i), layer, forward)
+        on_layer(i, path, layer, forward)
         with torch.inference_mode():
             new_args = []
             for a, kw in zip(inputs.args, inputs.kwargs):
@@ -108,7 +133,9 @@ def run_layerwise(model: nn.Module, batches: list[torch.Tensor],
                 new_args.append((h,) + tuple(a[1:]))
         inputs.args = new_args
         if after_layer is not None:
-            after_layer(i, f"{prefix}.{i}" if prefix else str(i), layer, [a[0] for a in new_args])
+            after_layer(i, path, layer, [a[0] for a in new_args])
+        residency.leave(i, path, layer)
+    residency.leave_outer()
     if progress:
         progress("calibrate", len(layers), len(layers))
 

@@ -101,6 +101,36 @@ class PassResult:
     report: PassReport
 
 
+class LayerJob(ABC):
+    """A pass's work cut into decoder layers, so one sweep can run several passes and a layer
+    never needs to be in memory before or after its turn (`moeconv.calibrate.run_layerwise`).
+
+    Promise: calling `on_layer` / `after_layer` for every layer in order, then `finish`, does
+    exactly what the pass's `run` does on the same model and batches."""
+
+    batch_size: int = 8  # calibration sequences per forward
+
+    def pre_sweeps(self) -> list:
+        """Read-only sweeps (`on_layer` callables) the job needs over the unchanged model before
+        its own (e.g. scores for a global budget); each is run, in order, before the main sweep."""
+        return []
+
+    @abstractmethod
+    def on_layer(self, index: int, path: str, layer, forward) -> None:
+        """Observe and change decoder layer `index`; `forward()` runs it on the calibration inputs."""
+
+    def after_layer(self, index: int, path: str, layer, outputs) -> None:
+        """The changed layer's outputs (the next layer's inputs), e.g. to measure the change."""
+
+    @abstractmethod
+    def finish(self) -> PassResult:
+        """After the last layer: the pass's result and report."""
+
+    def part_checks(self, path: str, module) -> None:
+        """Checks on the final weights of the decoder layer (or, with `path` None, the parts
+        outside the layers) while they are still in memory: the pass's `verify`, one part at a time."""
+
+
 class Pass(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -181,6 +211,11 @@ class Pass(ABC):
 
     def check(self, state: ModelState, ctx: Context) -> None:
         """Preconditions that need the model's numbers; raise a `MoeconvError` to refuse."""
+
+    def layer_job(self, state: ModelState, ctx: Context) -> LayerJob | None:
+        """This run cut into decoder layers (see `LayerJob`), or None when the pass does not work
+        layer by layer with calibration data (then it cannot join a streamed sweep)."""
+        return None
 
     @abstractmethod
     def run(self, state: ModelState, ctx: Context) -> PassResult:

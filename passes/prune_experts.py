@@ -36,7 +36,7 @@ from moeconv.calibrate import observe_inputs, run_layerwise
 from moeconv.context import Context
 from moeconv.errors import ConfigError, UnsupportedError
 from moeconv.nn.moe import MoEBlock
-from moeconv.pass_base import Pass, PassConfig, PassResult
+from moeconv.pass_base import LayerJob, Pass, PassConfig, PassResult
 from moeconv.report import PassReport
 from moeconv.selectors import MOE_LAYER_GROUP, OptionalSelectors, Selection, Selectors, absent_note
 from moeconv.state import ModelState
@@ -107,43 +107,16 @@ class PruneExperts(Pass):
         _uniform_budgets(self.config, blocks)
 
     def run(self, state: ModelState, ctx: Context) -> PassResult:
-        cfg = self.config
-        blocks, skipped = select_blocks(state, cfg)
-        model = state.module
-        params_before = state.parameter_count()
-        device = next(model.parameters()).device
-        batches = [b.to(device) for b in ctx.calibration.split(cfg.batch_size)]
-        budgets = _uniform_budgets(cfg, blocks)
-        allocation = None
-        if cfg.per_layer == "global":
-            scores = self._score_only(model, blocks, batches, ctx)
-            budgets = allocate_global(scores, budgets, [(p, b.num_experts, b.top_k) for p, b in blocks])
-            allocation = "global (from first-pass scores)"
-        budget_of = dict(zip((p for p, _ in blocks), budgets))
-        expert_rows, layer_rows, warnings, visited = [], [], [], set()
+        job = self.layer_job(state, ctx)
+        device = next(state.module.parameters()).device
+        batches = [b.to(device) for b in ctx.calibration.split(self.config.batch_size)]
+        for sweep in job.pre_sweeps():
+            run_layerwise(state.module, batches, sweep, progress=ctx.report_progress)
+        run_layerwise(state.module, batches, job.on_layer, progress=ctx.report_progress)
+        return job.finish()
 
-        def on_layer(_i, path, layer, forward):
-            inner = [(p, b) for p, b in _blocks_in(layer, path) if p in budget_of]
-            if not inner:
-                return
-            captured = _capture(inner, forward)
-            for full_path, block in inner:
-                visited.add(full_path)
-                x = _subsample(captured[full_path], cfg.max_tokens)
-                rows, lrow, warn = self._prune_block(full_path, block, x, budget_of[full_path])
-                expert_rows.extend(rows)
-                layer_rows.append(lrow)
-                warnings.extend(warn)
-
-        run_layerwise(model, batches, on_layer, progress=ctx.report_progress)
-        missed = [p for p, _ in blocks if p not in visited]
-        if missed:
-            raise UnsupportedError(f"prune-experts: MoE layers outside the decoder layer stack are not supported ({missed[0]})")
-        _update_config(state)
-        report = self._report(state, params_before, expert_rows, layer_rows, warnings, allocation,
-                              int(ctx.calibration.numel()))
-        _report_skipped(report, skipped)
-        return PassResult(state, True, report)
+    def layer_job(self, state: ModelState, ctx: Context) -> LayerJob:
+        return _PruneJob(self, state, ctx)
 
     # ---- per block ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -193,23 +166,6 @@ class PruneExperts(Pass):
                 for j in range(e) if scores["tokens"][j] == 0]
         return rows, lrow, warn
 
-    def _score_only(self, model, blocks, batches, ctx) -> dict[str, torch.Tensor]:
-        """First pass for global allocation: each layer's scores on the unpruned model."""
-        out = {}
-        chosen = {p for p, _ in blocks}
-
-        def on_layer(_i, path, layer, forward):
-            inner = [(p, b) for p, b in _blocks_in(layer, path) if p in chosen]
-            if inner:
-                captured = _capture(inner, forward)
-                for full_path, block in inner:
-                    x = _subsample(captured[full_path], self.config.max_tokens)
-                    obs = (observe_block(block, _subsample(x, _output_budget(block)))
-                           if self.config.criterion == "reconstruction" else None)
-                    out[full_path] = expert_scores(block, x, obs)[self.config.criterion]
-        run_layerwise(model, batches, on_layer, progress=ctx.report_progress)
-        return out
-
     def _report(self, state, params_before, expert_rows, layer_rows, warnings, allocation, calib_tokens) -> PassReport:
         cfg = self.config
         before = sum(r["experts_before"] for r in layer_rows)
@@ -233,6 +189,69 @@ class PruneExperts(Pass):
                             tables={"layers": layer_rows, "experts": expert_rows}, warnings=warnings)
         report.warnings.append("expert pruning changes the model on purpose; the measured error is reported")
         return report
+
+
+class _PruneJob(LayerJob):
+    """One run of `prune-experts`, layer by layer (`LayerJob`): with a global budget, a first
+    read-only sweep scores every layer on the unpruned model."""
+
+    def __init__(self, owner: PruneExperts, state: ModelState, ctx: Context):
+        self.owner, self.cfg, self.state, self.ctx = owner, owner.config, state, ctx
+        self.batch_size = self.cfg.batch_size
+        self.blocks, self.skipped = select_blocks(state, self.cfg)
+        self.params_before = state.parameter_count()
+        self.budgets = _uniform_budgets(self.cfg, self.blocks)
+        self.scores: dict[str, torch.Tensor] = {}
+        self.budget_of: dict[str, int] | None = None
+        self.expert_rows, self.layer_rows, self.warnings, self.visited = [], [], [], set()
+
+    def pre_sweeps(self) -> list:
+        return [self._score] if self.cfg.per_layer == "global" else []
+
+    def _score(self, _i, path, layer, forward) -> None:
+        """Each layer's scores on the unpruned model, for the global allocation."""
+        chosen = {p for p, _ in self.blocks}
+        inner = [(p, b) for p, b in _blocks_in(layer, path) if p in chosen]
+        if inner:
+            captured = _capture(inner, forward)
+            for full_path, block in inner:
+                x = _subsample(captured[full_path], self.cfg.max_tokens)
+                obs = (observe_block(block, _subsample(x, _output_budget(block)))
+                       if self.cfg.criterion == "reconstruction" else None)
+                self.scores[full_path] = expert_scores(block, x, obs)[self.cfg.criterion]
+
+    def _budgets(self) -> dict[str, int]:
+        if self.budget_of is None:
+            budgets = self.budgets
+            if self.cfg.per_layer == "global":
+                budgets = allocate_global(self.scores, budgets, [(p, b.num_experts, b.top_k) for p, b in self.blocks])
+            self.budget_of = dict(zip((p for p, _ in self.blocks), budgets))
+        return self.budget_of
+
+    def on_layer(self, _i, path, layer, forward) -> None:
+        budget_of = self._budgets()
+        inner = [(p, b) for p, b in _blocks_in(layer, path) if p in budget_of]
+        if not inner:
+            return
+        captured = _capture(inner, forward)
+        for full_path, block in inner:
+            self.visited.add(full_path)
+            x = _subsample(captured[full_path], self.cfg.max_tokens)
+            rows, lrow, warn = self.owner._prune_block(full_path, block, x, budget_of[full_path])
+            self.expert_rows.extend(rows)
+            self.layer_rows.append(lrow)
+            self.warnings.extend(warn)
+
+    def finish(self) -> PassResult:
+        missed = [p for p, _ in self.blocks if p not in self.visited]
+        if missed:
+            raise UnsupportedError(f"prune-experts: MoE layers outside the decoder layer stack are not supported ({missed[0]})")
+        _update_config(self.state)
+        allocation = "global (from first-pass scores)" if self.cfg.per_layer == "global" else None
+        report = self.owner._report(self.state, self.params_before, self.expert_rows, self.layer_rows, self.warnings,
+                                    allocation, int(self.ctx.calibration.numel()))
+        _report_skipped(report, self.skipped)
+        return PassResult(self.state, True, report)
 
 
 # ---- which layers, budgets -------------------------------------------------------------------

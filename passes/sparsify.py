@@ -39,7 +39,7 @@ from moeconv.formats.compressed import compressed_nbytes
 from moeconv.module_groups import module_groups
 from moeconv.nn.linear_like import is_conv1d, is_linear_like, weight_out_in
 from moeconv.nn.moe import MoEBlock
-from moeconv.pass_base import Contract, Pass, PassConfig, PassResult
+from moeconv.pass_base import Contract, LayerJob, Pass, PassConfig, PassResult
 from moeconv.report import PassReport
 from moeconv.selectors import Selection, Selectors, absent_note
 from moeconv.sparse_cuda import speed_note
@@ -109,20 +109,11 @@ class Sparsify(Pass):
                 raise InputError(f"sparsify: calibration token ids outside the vocabulary (0..{vocab - 1})")
 
     def run(self, state: ModelState, ctx: Context) -> PassResult:
-        from moeconv.nn.native_moe import linearise_native_moe
-        cfg, pat = self.config, self.config.sparsity_pattern()
+        job = self._job(state, ctx)
         model = state.module
-        linearise_native_moe(model)  # fused HF experts → per-expert nn.Linear (exact); no-op when done
-        targets = select_targets(state, cfg.targets, cfg.ignore)
-        for name, m in targets.items():
-            cols = weight_out_in(m).shape[1]
-            if pat.is_nm and cols % pat.m:
-                raise ConfigError(f"sparsify: {name} has {cols} inputs, not a multiple of {pat.m}; "
-                                  f"leave it out with ignore")
         # Cheap proof that nothing else is written: every other parameter keeps its version counter.
-        target_ids = {id(t.weight) for t in targets.values()}
+        target_ids = {id(t.weight) for t in job.targets.values()}
         untouched = {id(p): p._version for p in model.parameters() if id(p) not in target_ids}
-        job = _Job(cfg, pat, model, targets, ctx)
         if ctx.calibration is None:
             job.prune_without_data()
         else:
@@ -130,8 +121,27 @@ class Sparsify(Pass):
         changed = [n for n, p in model.named_parameters() if id(p) in untouched and p._version != untouched[id(p)]]
         if changed:
             raise VerificationError(f"sparsify wrote to parameters it must not touch: {changed[:3]}")
-        state.artifacts["sparsify"] = {"pattern": pat.label, "method": cfg.method, "matrices": list(targets)}
-        return PassResult(state, True, job.report(self.name, state))
+        return job.finish()
+
+    def layer_job(self, state: ModelState, ctx: Context) -> LayerJob | None:
+        if ctx.calibration is None:
+            return None
+        job = self._job(state, ctx)
+        job.refuse_outside("a layer-by-layer sweep prunes inside the decoder layers")
+        return job
+
+    def _job(self, state: ModelState, ctx: Context) -> _Job:
+        """The run's matrices chosen and checked against the pattern (no weight is read)."""
+        from moeconv.nn.native_moe import linearise_native_moe
+        cfg, pat = self.config, self.config.sparsity_pattern()
+        linearise_native_moe(state.module)  # fused HF experts → per-expert nn.Linear (exact); no-op when done
+        targets = select_targets(state, cfg.targets, cfg.ignore)
+        for name, m in targets.items():
+            cols = weight_out_in(m).shape[1]
+            if pat.is_nm and cols % pat.m:
+                raise ConfigError(f"sparsify: {name} has {cols} inputs, not a multiple of {pat.m}; "
+                                  f"leave it out with ignore")
+        return _Job(cfg, pat, state, targets, ctx, self.name)
 
     def verify(self, result: PassResult, ctx: Context) -> None:
         pat = self.config.sparsity_pattern()
@@ -199,7 +209,7 @@ class _Observed:
 
 @dataclass
 class _Pending:
-    """A layer pruned by `_Job._on_layer` whose output change `_Job._after_layer` still has to
+    """A layer pruned by `_Job.on_layer` whose output change `_Job.after_layer` still has to
     measure, once the pruned layer has run again."""
     index: int
     path: str
@@ -212,17 +222,19 @@ class _Pending:
     phases: dict[str, float]  # observe_s, fallback_s, prune_s
 
 
-class _Job:
+class _Job(LayerJob):
     """One run of the pass: the per-matrix rows and per-layer rows it measured."""
 
-    def __init__(self, cfg: SparsifyConfig, pat: SparsityPattern, model: nn.Module,
-                 targets: dict[str, nn.Module], ctx: Context):
-        self.cfg, self.pat, self.model, self.targets, self.ctx = cfg, pat, model, targets, ctx
+    def __init__(self, cfg: SparsifyConfig, pat: SparsityPattern, state: ModelState,
+                 targets: dict[str, nn.Module], ctx: Context, pass_name: str):
+        self.cfg, self.pat, self.state, self.targets, self.ctx = cfg, pat, state, targets, ctx
+        self.model, self.pass_name, self.batch_size = state.module, pass_name, cfg.batch_size
+        self.tokens = 0 if ctx.calibration is None else int(ctx.calibration.numel())
+        self.bytes: dict[str, tuple[int, int]] = {}  # matrix → (dense, compressed) bytes as pruned
         self.matrices: dict[str, dict] = {}
         self.layers: list[dict] = []
         self.experts: list[dict] = []
         self.fallback: list[str] = []
-        self.tokens = 0
         self._expert_info: dict[tuple[str, int], tuple[int, int, bool]] = {}
         self._pending: _Pending | None = None
 
@@ -238,25 +250,44 @@ class _Job:
 
     # -- layer by layer, routing-aware
     def prune_layerwise(self) -> None:
-        prefix, layers = decoder_layers(self.model)
-        outside = [n for n in self.targets if not n.startswith(f"{prefix}.")]
+        outside = self._outside()
         if outside and self.cfg.method != "magnitude":
-            raise ConfigError(f"sparsify: {outside[0]} is outside the decoder layers; {self.cfg.method} calibrates "
-                              "layer by layer (use method magnitude for it, or leave it out with ignore)")
+            self.refuse_outside(f"{self.cfg.method} calibrates layer by layer (use method magnitude for it, "
+                                "or leave it out with ignore)")
         for name in outside:
             self._apply(name, self.targets[name], magnitude(weight_out_in(self.targets[name]).detach().float(), self.pat),
                         None, "none")
         device = next(self.model.parameters()).device
         batches = [b.to(device) for b in self.ctx.calibration.split(self.cfg.batch_size)]
-        self.tokens = int(self.ctx.calibration.numel())
-        run_layerwise(self.model, batches, self._on_layer, after_layer=self._after_layer,
+        run_layerwise(self.model, batches, self.on_layer, after_layer=self.after_layer,
                       progress=lambda task, done, total: self.ctx.report_progress("sparsify layers", done, total))
 
-    def _on_layer(self, index: int, path: str, layer: nn.Module, forward) -> None:
-        """Calibrate and prune the targets inside decoder layer `index`; `_after_layer` then
+    def _outside(self) -> list[str]:
+        prefix, _ = decoder_layers(self.model)
+        return [n for n in self.targets if not n.startswith(f"{prefix}.")]
+
+    def refuse_outside(self, why: str) -> None:
+        """ConfigError when a selected matrix lies outside the decoder layers."""
+        outside = self._outside()
+        if outside:
+            raise ConfigError(f"sparsify: {outside[0]} is outside the decoder layers; {why}")
+
+    def finish(self) -> PassResult:
+        self.state.artifacts["sparsify"] = {"pattern": self.pat.label, "method": self.cfg.method,
+                                            "matrices": list(self.targets)}
+        return PassResult(self.state, True, self.report(self.pass_name, self.state))
+
+    def part_checks(self, path: str | None, module: nn.Module) -> None:
+        """The pattern of every pruned matrix in the part, on its final weights."""
+        for name in self.targets:
+            if path is not None and name.startswith(path + "."):
+                check_pattern(weight_out_in(module.get_submodule(name[len(path) + 1:])).detach(), self.pat, name)
+
+    def on_layer(self, index: int, path: str, layer: nn.Module, forward) -> None:
+        """Calibrate and prune the targets inside decoder layer `index`; `after_layer` then
         measures the change of its output."""
         t0 = time.perf_counter()
-        mine = {n: m for n, m in self.targets.items() if n.startswith(path + ".")}
+        mine = self._resolve(path, layer)
         if not mine:
             return
         blocks = self._blocks(mine)
@@ -276,6 +307,20 @@ class _Job:
                 info = self._expert_info.get((bpath, e))
                 if info is not None:
                     self._expert_row(index, bpath, block, e, *info)
+
+    def _resolve(self, path: str, layer: nn.Module) -> dict[str, nn.Module]:
+        """The targets inside layer `path`, looked up by name in the layer as it is now: a pass
+        before this one in the same sweep may have removed or replaced modules (prune-experts
+        renumbers the kept experts); a name that no longer exists is no longer a target."""
+        mine = {}
+        for name in [n for n in self.targets if n.startswith(path + ".")]:
+            try:
+                mine[name] = layer.get_submodule(name[len(path) + 1:])
+            except AttributeError:
+                del self.targets[name]
+                continue
+            self.targets[name] = mine[name]
+        return mine
 
     def _observe(self, layer: nn.Module, mine: dict[str, nn.Module], blocks, forward) -> _Observed:
         """One forward of the layer: the targets' input statistics, each MoE block's inputs and
@@ -347,7 +392,7 @@ class _Job:
     def _energy_hook(stats: InputStats, modules: dict[str, nn.Module]):
         return lambda name, y: stats.add_output(name, y, getattr(modules[name], "bias", None))
 
-    def _after_layer(self, index: int, path: str, layer: nn.Module, new_outputs: list[torch.Tensor]) -> None:
+    def after_layer(self, index: int, path: str, layer: nn.Module, new_outputs: list[torch.Tensor]) -> None:
         p = self._pending
         if p is None or p.index != index:
             return
@@ -430,6 +475,7 @@ class _Job:
         sp = check_pattern(stored, self.pat, name)
         row = {"matrix": name, "shape": list(stored.shape), "sparsity": round(sp, 4), "stats": source,
                "rel_error": err, "params": stored.numel(), "zeros": int((stored == 0).sum())}
+        self.bytes[name] = (stored.numel() * stored.element_size(), compressed_nbytes(m.weight.detach()))
         if damp is not None:
             row["dampening"] = damp
         self.matrices[name] = row
@@ -464,11 +510,8 @@ class _Job:
         params = sum(r["params"] for r in rows)
         zeros = sum(r["zeros"] for r in rows)
         total_params = sum(p.numel() for p in self.model.parameters())
-        dense_bytes = compressed = 0
-        for name in self.matrices:
-            w = self.targets[name].weight
-            dense_bytes += w.numel() * w.element_size()
-            compressed += compressed_nbytes(w.detach())
+        dense_bytes = sum(d for d, _ in self.bytes.values())
+        compressed = sum(c for _, c in self.bytes.values())
         errs = [r["rel_error"] for r in rows if r["rel_error"] is not None]
         metrics = {"pattern": self.pat.label, "method": self.cfg.method, "matrices_pruned": len(rows),
                    "target_params": params, "target_sparsity": round(zeros / max(1, params), 4),

@@ -173,26 +173,40 @@ def write_sharded(
     checksums: dict[str, str] = {}
     total = 0
     for fname, shard in zip(names, shards):
-        header, _ = _header_bytes(shard, metadata or {"format": "pt"})
-        with open(out_dir / fname, "wb") as fh:
-            fh.write(struct.pack("<Q", len(header)))
-            fh.write(header)
-            for spec in shard:
-                t = produce(spec)
-                if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
-                    raise VerificationError(f"internal: {spec.name} produced {t.dtype}{tuple(t.shape)}, "
-                                            f"planned {spec.dtype}{spec.shape}")
-                data = tensor_bytes(t)
-                fh.write(data)
-                checksums[spec.name] = hashlib.sha256(data).hexdigest()
-                weight_map[spec.name] = fname
-                total += spec.nbytes
-                if on_tensor:
-                    on_tensor(spec)
+        checksums.update(write_shard(out_dir / fname, shard, produce, metadata=metadata, on_tensor=on_tensor))
+        weight_map.update({spec.name: fname for spec in shard})
+        total += sum(spec.nbytes for spec in shard)
     if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_index(out_dir, weight_map, total)
     return checksums
+
+
+def write_shard(path: Path, specs: list[TensorSpec], produce: Callable[[TensorSpec], torch.Tensor], *,
+                metadata: dict[str, str] | None = None,
+                on_tensor: Callable[[TensorSpec], None] | None = None) -> dict[str, str]:
+    """One safetensors file holding `specs` in order, each tensor asked of `produce` when its turn
+    comes; returns {name: sha256 of its bytes}. Every produced tensor must match its spec."""
+    checksums = {}
+    header, _ = _header_bytes(specs, metadata or {"format": "pt"})
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(header)))
+        fh.write(header)
+        for spec in specs:
+            t = produce(spec)
+            if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
+                raise VerificationError(f"internal: {spec.name} produced {t.dtype}{tuple(t.shape)}, "
+                                        f"planned {spec.dtype}{spec.shape}")
+            data = tensor_bytes(t)
+            fh.write(data)
+            checksums[spec.name] = hashlib.sha256(data).hexdigest()
+            if on_tensor:
+                on_tensor(spec)
+    return checksums
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total: int) -> None:
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def verify_written(out_dir: Path, specs: Iterable[TensorSpec], checksums: dict[str, str]) -> None:

@@ -57,7 +57,7 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
         verification = compare_models(skel, skel.reading(tmp, plan.records), evaluation=ctx.evaluation, seed=ctx.seed,
                                       what="float source")
         rep = plan.report()
-        rep.metrics.update(_measured(verification), model_bytes=written["bytes"])
+        rep.metrics.update(measured(verification), model_bytes=written["bytes"])
         report = {"passes": [rep.to_dict()], "written": written, "verification": verification, **(extra_report or {})}
         return JobResult(report, skel.state().source)
     return run_job(src, out, force=force, recipe=[{"pass": "quantize", **cfg.model_dump()}], work=work)
@@ -137,7 +137,7 @@ class _Plan:
         return step
 
     def report(self):
-        before, after = _group_bytes(self.skel, self.groups, self.rows), _group_bytes(self.skel, self.groups, self.rows,
+        before, after = group_bytes(self.skel, self.groups, self.rows), group_bytes(self.skel, self.groups, self.rows,
                                                                                         quantized=True)
         rep = Quantize(self.cfg)._report(self.rows, before, after, [], [], self.spec)
         rep.metrics["route"] = "streaming"
@@ -160,7 +160,7 @@ def _probe(m: nn.Module, spec: QuantSpec) -> tuple[dict, dict[str, TensorSpec]]:
     return record, {rel: TensorSpec(rel, t.dtype, tuple(t.shape)) for rel, t in serialized(q).items()}
 
 
-def _group_bytes(skel: Skeleton, groups: dict[str, str], rows: list[dict], quantized: bool = False) -> dict:
+def group_bytes(skel: Skeleton, groups: dict[str, str], rows: list[dict], quantized: bool = False) -> dict:
     """group → {"params", "bytes"} from the skeleton's shapes (and the planned quantized sizes)."""
     after = {r["module"]: r["bytes_after"] for r in rows if r["action"] != "kept"} if quantized else {}
     out: dict[str, dict] = {}
@@ -178,7 +178,7 @@ def _group_bytes(skel: Skeleton, groups: dict[str, str], rows: list[dict], quant
     return {g: out[g] for g in GROUPS if g in out}
 
 
-def _measured(v: dict) -> dict:
+def measured(v: dict) -> dict:
     """The streamed check's numbers under the names the in-memory pass reports them by."""
     out = {"logits_max_abs_diff": v["max_abs_diff"], "kl": v["kl"], "top1_agreement": v["top1_agreement"],
            "error_inputs": v["inputs"], "logits_scale": v["ref_max_abs"],

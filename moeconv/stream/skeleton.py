@@ -9,6 +9,7 @@ does, and each of their parameters is read from the per-expert tensor the family
 """
 from __future__ import annotations
 
+import copy
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,33 +77,45 @@ class Skeleton:
     _float_layers: dict[str, nn.Module] = field(default_factory=dict)  # meta layers a quantized one stands in for
 
     @classmethod
-    def open(cls, path: Path) -> Skeleton:
+    def open(cls, path: Path, *, config=None, dtype: torch.dtype | None = None,
+             quantized: dict[str, dict] | None = None) -> Skeleton:
+        """The skeleton of checkpoint `path`. `config` (a transformers config) and `dtype` build
+        the model when the directory's own config.json does not describe the float model (a
+        quantized output); `quantized` (layer path → bitsandbytes record) names the layers stored
+        as bitsandbytes tensors under `{path}.{name}`, rebuilt by `load_part`."""
         path = Path(path)
-        why = streamable(path)
-        if why is not None:
-            raise UnsupportedError(f"{path}: cannot be streamed ({why})")
-        raw = read_json_object(path / "config.json")
-        config = hf_config(path, raw)
+        if config is None:
+            why = streamable(path)
+            if why is not None:
+                raise UnsupportedError(f"{path}: cannot be streamed ({why})")
+            config = hf_config(path, read_json_object(path / "config.json"))
         ckpt = validate_checkpoint(path)
-        dtype = _float_dtype(ckpt)
         with parameters_on_meta():
-            with _default_dtype(dtype):  # the dtype the in-memory loader (dtype="auto") holds weights in
+            with _default_dtype(dtype or _float_dtype(ckpt)):  # what the in-memory loader (dtype="auto") holds
                 module = model_class(config)(config)
             linearised = linearise_native_moe(module)  # routers in fp32, as `moeconv.load` has them
         family = family_for_config(getattr(config, "model_type", None)) if linearised else None
         prefix, layers = decoder_layers(module)
-        skel = cls(path, ckpt, config, module.eval(), family, prefix, len(layers))
+        skel = cls(path, ckpt, config, module.eval(), family, prefix, len(layers), quantized=dict(quantized or {}))
         skel.tensor_of = skel._map_tensors(linearised)
         return skel
 
+    def dtype(self) -> torch.dtype:
+        """The dtype the model's float weights are held in (routers of linearised blocks aside)."""
+        floats = [p.dtype for p in self.module.parameters() if p.is_floating_point() and p.dtype != torch.float32]
+        return floats[0] if floats else torch.float32
+
     def _map_tensors(self, moe_paths: list[str]) -> dict[str, str]:
-        """Each parameter's checkpoint tensor, checked from the headers before anything is read:
-        every parameter has one (tied ones share) of its shape, float for a float parameter, and
+        """Each parameter's checkpoint tensor (under the module's own name, else the family's),
+        checked from the headers before anything is read: every parameter has one (tied ones
+        share; quantized layers are read whole) of its shape, float for a float parameter, and
         every stored tensor belongs to a parameter (or is one the class declares ignorable)."""
         out, missing = {}, []
         tied = tied_parameter_names(self.module)
         for name, p in self.module.named_parameters():
-            stored = gated_rename(self.family, moe_paths, name) if self.family else name
+            if self._in_quantized(name):
+                continue
+            stored = name if name in self.ckpt.specs or not self.family else gated_rename(self.family, moe_paths, name)
             spec = self.ckpt.specs.get(stored)
             if spec is None:
                 if name not in tied:
@@ -114,7 +127,7 @@ class Skeleton:
             out[name] = stored
         if missing:
             raise InputError(f"{self.path}: {len(missing)} weights missing from the checkpoint (e.g. {missing[0]})")
-        self._refuse_strays(set(out.values()))
+        self._refuse_strays(set(out.values()) | {n for n in self.ckpt.names() if self._in_quantized(n)})
         return out
 
     def _refuse_strays(self, used: set[str]) -> None:
@@ -166,12 +179,7 @@ class Skeleton:
         """A skeleton of the same model over `out_dir`, a checkpoint written from this one under
         the module's own parameter names (or the family's, as this one reads them), with the
         layers `quantized` (path → record) stored as bitsandbytes tensors under `{path}.{name}`."""
-        other = Skeleton.open(self.path)  # its own meta module: this one may be in use
-        other.path, other.ckpt = Path(out_dir), validate_checkpoint(Path(out_dir))
-        other.quantized = dict(quantized or {})
-        inside = lambda n: any(n.startswith(lp + ".") for lp in other.quantized)  # noqa: E731
-        other.tensor_of = {n: (n if n in other.ckpt.specs else t) for n, t in self.tensor_of.items() if not inside(n)}
-        return other
+        return Skeleton.open(out_dir, config=copy.deepcopy(self.config), dtype=self.dtype(), quantized=quantized)
 
     def load_part(self, path: str | None) -> None:
         """Materialise every parameter under `path` (None: everything outside the decoder layers),

@@ -1,0 +1,161 @@
+"""Calibrated passes streamed: disk → one decoder layer → disk, several passes in one sweep.
+
+`run_streamed(src, out, passes)` runs `prune-experts` and `sparsify --method wanda|sparsegpt`
+(any chain of passes with a `LayerJob`), optionally followed by a data-free `quantize`, on a
+safetensors checkpoint bigger than memory:
+
+1. The model is a skeleton on `meta` (`moeconv.stream.skeleton`); the recipe's contract is planned
+   against its facts and every pass's `check` runs before any weight is read.
+2. One sweep (`moeconv.calibrate.run_layerwise`) reads each decoder layer, runs every pass's
+   per-layer step on it in recipe order (each sees the layer as the passes before it left it),
+   feeds the next layer with the changed layer's outputs, checks each pass's promise on the final
+   weights (`LayerJob.part_checks`), quantizes the layer when the recipe ends with `quantize`,
+   writes it as its own shard (`moeconv.formats.part_writer`) and frees it. The source is read
+   once and the output written once, however many passes the recipe chains. A pass that needs a
+   read-only sweep first (`prune-experts --per-layer global`) gets it, and must come first.
+3. The output is re-read and checksummed tensor by tensor, then source and output run side by
+   side on held-out tokens, one layer of each at a time (`moeconv.stream.compare`).
+
+Peak memory: the embeddings and head, one decoder layer with its pass statistics, and the
+calibration hidden states (in the model's dtype), whatever the depth.
+
+For one pass, the layer-by-layer work is the pass's own (`Pass.run` runs the same `LayerJob`), so
+the tensors equal the in-memory route's bit for bit. A chain differs from running its passes one
+after another on the whole model in one way, on purpose: each pass calibrates on the hidden
+states the whole chain produced upstream (a later pass's statistics see the earlier layers
+already pruned *and* sparsified), which is the model that is written.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moeconv.calibrate import run_layerwise
+from moeconv.context import Context
+from moeconv.errors import ConfigError, PlanError, UnsupportedError
+from moeconv.formats.part_writer import PartWriter
+from moeconv.formats.quantized import _write_generation_config
+from moeconv.jobs.driver import JobResult, check_output, run_job
+from moeconv.jobs.stream_output import StreamOutput
+from moeconv.jobs.stream_quantize import group_bytes, measured
+from moeconv.pass_base import Pass
+from moeconv.pipeline import Pipeline
+from moeconv.stream.allocator import fixed_mmap_threshold
+from moeconv.stream.compare import compare_models
+from moeconv.stream.residency import StreamedLayers
+from moeconv.stream.skeleton import Skeleton
+from passes.quantize import Quantize
+
+
+def why_not_streamed(passes: list[Pass], calibrated: bool) -> str | None:
+    """Why `passes` cannot run as one streamed sweep (None when they can)."""
+    if not calibrated:
+        return "the layer-by-layer passes need calibration data (--calib)"
+    body = passes[:-1] if passes and isinstance(passes[-1], Quantize) else passes
+    if not body:
+        return "no layer-by-layer pass"
+    for p in body:
+        if type(p).layer_job is Pass.layer_job:
+            return f"{p.name} is not streamed (it works on the whole model)"
+    if passes and isinstance(passes[-1], Quantize) and passes[-1].config.method not in ("int8", "nf4", "fp4"):
+        return f"quantize {passes[-1].config.method} is not streamed"
+    if any(getattr(p.config, "per_layer", None) == "global" for p in body[1:]):
+        return "prune-experts with a global budget scores the source model first: put it first"
+    return None
+
+
+def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = False,
+                 shard_bytes: int = 5 * 10**9, extra_report: dict | None = None) -> dict:
+    """Run `passes` on `src` (an HF safetensors checkpoint) in one streamed sweep into `out`;
+    returns the report. `shard_bytes` is not used: each decoder layer is one shard."""
+    why = why_not_streamed(passes, ctx.calibration is not None)
+    if why is not None:
+        raise UnsupportedError(f"cannot stream this recipe: {why}")
+    check_output(src, out, force=force)
+    fixed_mmap_threshold()  # freed layers go back to the system: memory stays flat with depth
+    skel = Skeleton.open(Path(src))
+    body, quantize = (passes[:-1], passes[-1]) if isinstance(passes[-1], Quantize) else (passes, None)
+    _plan(skel, passes, ctx)
+    jobs = [p.layer_job(skel.state(), ctx) for p in body]
+    output = StreamOutput(skel, quantize.config if quantize else None)
+    recipe = [{"pass": p.name, **p.config.model_dump()} for p in passes]
+
+    def work(tmp: Path) -> JobResult:
+        sweep = _Sweep(skel, jobs, output, PartWriter(tmp), ctx)
+        sweep.run()
+        results = [job.finish() for job in jobs]
+        config, fmt, consumer = output.config()
+        written = sweep.writer.finish(config)
+        if consumer == "transformers":
+            _write_generation_config(skel.module, tmp)
+        written.update({"format": fmt, "consumer": consumer, "route": "streaming", "shards": "one per decoder layer"})
+        verification = compare_models(Skeleton.open(Path(src)), output.reading(tmp), evaluation=ctx.evaluation,
+                                      seed=ctx.seed, what="float source",
+                                      progress=ctx.report_progress)
+        reports = [r.report for r in results]
+        if quantize is not None:
+            reports.append(_quantize_report(quantize, skel, output))
+        for rep in reports:
+            rep.metrics["route"] = "streaming"
+        reports[-1].metrics.update(measured(verification), model_bytes=written["bytes"])
+        report = {"passes": [r.to_dict() for r in reports], "written": written, "verification": verification,
+                  **(extra_report or {})}
+        return JobResult(report, skel.state().source)
+    return run_job(src, out, force=force, recipe=recipe, work=work)
+
+
+def _plan(skel: Skeleton, passes: list[Pass], ctx: Context) -> None:
+    """The recipe's contract against the skeleton's facts, then each pass's `check` (the model
+    as the recipe starts: the checks need only its structure and the calibration data)."""
+    state = skel.state()
+    plan = Pipeline(passes).plan(state.facts() | ctx.facts())
+    if not plan.ok:
+        raise PlanError(plan.problems)
+    for p in passes:
+        p.check(state, ctx)
+
+
+class _Sweep:
+    """One pass over the layers: every job's per-layer step, each final part checked and written."""
+
+    def __init__(self, skel: Skeleton, jobs: list, output: StreamOutput, writer: PartWriter, ctx: Context):
+        self.skel, self.jobs, self.output, self.writer, self.ctx = skel, jobs, output, writer, ctx
+        size = jobs[0].batch_size
+        if any(j.batch_size != size for j in jobs):
+            raise ConfigError("the streamed passes must share one batch_size (they run on the same batches)")
+        self.batches = list(ctx.calibration.split(size))
+
+    def run(self) -> None:
+        for job in self.jobs[:1]:  # `why_not_streamed`: only the first may need the source scored first
+            for pre in job.pre_sweeps():
+                run_layerwise(self.skel.module, self.batches, pre, residency=StreamedLayers(self.skel),
+                              progress=self._progress("score layers"))
+        run_layerwise(self.skel.module, self.batches, self._on_layer, after_layer=self._after_layer,
+                      residency=StreamedLayers(self.skel, on_final=self._final),
+                      progress=self._progress("layers (read, changed, written)"))
+
+    def _progress(self, task: str):
+        return lambda _task, done, total: self.ctx.report_progress(task, done, total)
+
+    def _on_layer(self, index, path, layer, forward) -> None:
+        for job in self.jobs:
+            job.on_layer(index, path, layer, forward)
+
+    def _after_layer(self, index, path, layer, outputs) -> None:
+        for job in self.jobs:
+            job.after_layer(index, path, layer, outputs)
+
+    @torch.no_grad()
+    def _final(self, path: str | None, part) -> None:
+        for job in self.jobs:
+            job.part_checks(path, part)
+        self.writer.write(self.output.tensors(path, part))
+
+
+def _quantize_report(quantize: Quantize, skel: Skeleton, output: StreamOutput):
+    """The quantize pass's report from the rows and sizes the sweep recorded."""
+    rows = output.rows
+    before = group_bytes(skel, output.groups, rows)
+    after = group_bytes(skel, output.groups, rows, quantized=True)
+    return quantize._report(rows, before, after, [], [], quantize.config.spec())
