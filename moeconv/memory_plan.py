@@ -722,9 +722,12 @@ STREAM_LAYER_COPIES = 4   # one layer in fp32 units: read, fp32 working copy, re
 STREAM_OUTER_COPIES = 2   # embeddings + head: the source's, then the output's (and a cast)
 
 
-def plan_streaming(source) -> MemoryPlan:
+def plan_streaming(source, passes=(), *, calib_tokens: int | None = None,
+                   calib_seq_len: int | None = None) -> MemoryPlan:
     """The streamed route's peak from the safetensors headers: the runtime, the largest decoder
-    layer (parameters grouped by the layer number in their names) and everything outside layers."""
+    layer (parameters grouped by the layer number in their names) and everything outside layers;
+    with calibrated `passes` (one sweep, `moeconv.jobs.stream_layerwise`), the largest working set
+    of one pass on one layer (its statistics, the calibration hidden states) on top."""
     from moeconv.io.safetensors_io import SourceCheckpoint
     ckpt = SourceCheckpoint(Path(str(source)))
     layers: dict[str, int] = {}
@@ -740,18 +743,43 @@ def plan_streaming(source) -> MemoryPlan:
     largest = max(layers.values(), default=0)
     parts = {RUNTIME: RUNTIME_BYTES, "one decoder layer at a time (fp32 working copies)": STREAM_LAYER_COPIES * largest,
              "embeddings, final norm and head": STREAM_OUTER_COPIES * outer}
+    work, work_name = _streamed_work(source, passes, calib_tokens, calib_seq_len)
+    parts.update(work)
     total = sum(parts.values())
-    plan = MemoryPlan(total=total, parts=parts, route="streaming", source=str(source), peak="per layer",
-                      streaming=total)
+    plan = MemoryPlan(total=total, parts=parts, route="streaming", source=str(source),
+                      peak=f"per layer, during {work_name}" if work_name else "per layer", streaming=total)
     plan.fixes = _fixes(plan, {})
     return plan
+
+
+def _streamed_work(source, passes, calib_tokens, calib_seq_len) -> tuple[dict[str, int], str]:
+    """The largest per-layer working set among `passes` (they run one after another on a layer),
+    as `plan_memory` counts it, without what the in-memory route keeps across layers."""
+    if not passes:
+        return {}, ""
+    src = source_size(source)
+    calib = _calibration(calib_tokens, calib_seq_len)
+    m, work, work_name = src.model, {}, ""
+    for p in passes:
+        name, cfg = _name_config(p)
+        if name not in PASSES:
+            continue
+        step = PASSES[name](cfg, src, m, calib)
+        if sum(step.work.values()) > sum(work.values()):
+            work, work_name = step.work, name
+        m = step.model
+    return {k: int(v) for k, v in work.items() if v > 0}, work_name
 
 
 def plan_and_check(source, passes, *, max_memory: str | None, route: str = "in-memory", **kwargs) -> MemoryPlan:
     """`plan_memory(source, passes, **kwargs)` (or `plan_streaming(source)` for the streamed route),
     refused by `check_plan` against `--max-memory` (`parse_max_memory`); the commands call it
     before loading anything."""
-    plan = plan_streaming(source) if route == "streaming" else plan_memory(source, passes, **kwargs)
+    if route == "streaming":
+        plan = plan_streaming(source, passes, calib_tokens=kwargs.get("calib_tokens"),
+                              calib_seq_len=kwargs.get("calib_seq_len"))
+    else:
+        plan = plan_memory(source, passes, **kwargs)
     return refuse_over(plan, max_memory)
 
 

@@ -416,7 +416,9 @@ def block_error(obs: BlockObservation, logits: torch.Tensor, outputs: torch.Tens
 
 def recalibrate_router(block: MoEBlock, obs: BlockObservation, student: torch.Tensor, cfg: PruneExpertsConfig) -> dict:
     """Router-only distillation: Adam on the router weights (and bias) to match the unpruned
-    block's output; the best router on held-out tokens is kept if it beats the starting one."""
+    block's output; the best router on held-out tokens is kept if it beats the starting one. Each
+    candidate is judged as it will be stored: rounded to the experts' dtype (a bf16 family stores
+    its router in bf16), so the kept router is exactly the one measured."""
     n = obs.num_tokens
     gen = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(n, generator=gen).to(obs.x.device)
@@ -432,11 +434,17 @@ def recalibrate_router(block: MoEBlock, obs: BlockObservation, student: torch.Te
     bias = block.router.bias.detach().clone().requires_grad_(True) if block.router.bias is not None else None
     params = [weight] + ([bias] if bias is not None else [])
 
-    def val_error():
-        with torch.no_grad():
-            return block_error(obs, F.linear(obs.x, weight, bias), student, rows=val)
+    stored = next(block.experts[0].parameters()).dtype if len(block.experts) else weight.dtype
 
-    before = val_error()
+    def as_stored() -> list[torch.Tensor]:
+        return [p.detach().to(stored).to(p.dtype) for p in params]
+
+    def val_error(candidate):
+        with torch.no_grad():
+            return block_error(obs, F.linear(obs.x, candidate[0], candidate[1] if bias is not None else None),
+                               student, rows=val)
+
+    before = val_error(params)
     best, best_state = before, None
     opt = torch.optim.Adam(params, lr=cfg.recalib_lr)
     every = max(1, cfg.recalib_steps // 20)
@@ -448,9 +456,10 @@ def recalibrate_router(block: MoEBlock, obs: BlockObservation, student: torch.Te
             loss.backward()
             opt.step()
             if step % every == 0 or step == cfg.recalib_steps:
-                err = val_error()
+                candidate = as_stored()
+                err = val_error(candidate)
                 if err < best:
-                    best, best_state = err, [p.detach().clone() for p in params]
+                    best, best_state = err, candidate
     improved = best_state is not None
     if improved:
         with torch.no_grad():

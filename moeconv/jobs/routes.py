@@ -7,11 +7,13 @@ from pathlib import Path
 
 from moeconv.stream.skeleton import streamable
 
-STREAMED_COMMANDS = ("quantize", "sparsify")
+STREAMED_COMMANDS = ("quantize", "sparsify", "prune-experts", "run")
 
 
-def choose_route(src, command: str, *, method: str | None = None) -> tuple[str, str]:
-    """("streaming" | "in-memory", why) for `command` on `src` (`method`: sparsify's)."""
+def choose_route(src, command: str, *, method: str | None = None, passes: list | None = None,
+                 calibrated: bool = False) -> tuple[str, str]:
+    """("streaming" | "in-memory", why) for `command` on `src` (`method`: sparsify's; `passes`
+    and `calibrated`: what a calibrated sweep would run, for sparsify, prune-experts and run)."""
     if command not in STREAMED_COMMANDS:
         return "in-memory", f"{command} is not streamed yet"
     path = Path(str(src))
@@ -20,6 +22,20 @@ def choose_route(src, command: str, *, method: str | None = None) -> tuple[str, 
     why = streamable(path)
     if why is not None:
         return "in-memory", f"the source is {why}" if why.startswith("a ") else why
-    if command == "sparsify" and method != "magnitude":
-        return "in-memory", f"{method} calibrates on the whole model (the streamed route prunes by magnitude)"
-    return "streaming", "a safetensors checkpoint: read, changed and written one layer at a time"
+    if command == "quantize" or (command == "sparsify" and method == "magnitude"):
+        return "streaming", "a safetensors checkpoint: read, changed and written one tensor at a time"
+    from moeconv.jobs.stream_layerwise import why_not_streamed
+    why = why_not_streamed(passes or [], calibrated) or _plan_problem(path, passes)
+    if why is not None:
+        return "in-memory", why
+    return "streaming", ("a safetensors checkpoint: each decoder layer read, calibrated and changed by every pass "
+                         "in turn, and written, one at a time")
+
+
+def _plan_problem(path: Path, passes: list) -> str | None:
+    """Why the recipe cannot run on this model (a fact it lacks), from the skeleton's structure;
+    such a run takes the in-memory route, which checks the weights before it names the problem."""
+    from moeconv.pipeline import Pipeline
+    from moeconv.stream.skeleton import Skeleton
+    plan = Pipeline(passes).plan(Skeleton.open(path).state().facts() | {"calibration"})
+    return None if plan.ok else f"the recipe does not fit this model ({plan.problems[0]})"

@@ -12,7 +12,7 @@ safetensors checkpoint bigger than memory:
    weights (`LayerJob.part_checks`), quantizes the layer when the recipe ends with `quantize`,
    writes it as its own shard (`moeconv.formats.part_writer`) and frees it. The source is read
    once and the output written once, however many passes the recipe chains. A pass that needs a
-   read-only sweep first (`prune-experts --per-layer global`) gets it, and must come first.
+   sweep of its own first (`prune-experts --per-layer global`) is not streamed.
 3. The output is re-read and checksummed tensor by tensor, then source and output run side by
    side on held-out tokens, one layer of each at a time (`moeconv.stream.compare`).
 
@@ -60,21 +60,26 @@ def why_not_streamed(passes: list[Pass], calibrated: bool) -> str | None:
             return f"{p.name} is not streamed (it works on the whole model)"
     if passes and isinstance(passes[-1], Quantize) and passes[-1].config.method not in ("int8", "nf4", "fp4"):
         return f"quantize {passes[-1].config.method} is not streamed"
-    if any(getattr(p.config, "per_layer", None) == "global" for p in body[1:]):
-        return "prune-experts with a global budget scores the source model first: put it first"
+    if any(getattr(p.config, "per_layer", None) == "global" for p in body):
+        # scores every layer before pruning any: a second sweep; and refused anyway for the HF MoE
+        # families a streamed source is (one expert count for every layer)
+        return "prune-experts --per-layer global scores the whole model before pruning"
     return None
 
 
 def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = False,
-                 shard_bytes: int = 5 * 10**9, extra_report: dict | None = None) -> dict:
+                 extra_report: dict | None = None, extra_outputs=None, skeleton: Skeleton | None = None) -> dict:
     """Run `passes` on `src` (an HF safetensors checkpoint) in one streamed sweep into `out`;
-    returns the report. `shard_bytes` is not used: each decoder layer is one shard."""
+    returns the report (each decoder layer is one shard). `extra_report`: more fields for
+    report.json; `extra_outputs(state, tmp_dir) -> dict`: writes more files once the checkpoint is
+    verified (e.g. a compressed form), its dict under report["extra_outputs"]; `skeleton`: `src`
+    opened already (its config and headers checked before the calibration data was read)."""
     why = why_not_streamed(passes, ctx.calibration is not None)
     if why is not None:
         raise UnsupportedError(f"cannot stream this recipe: {why}")
     check_output(src, out, force=force)
     fixed_mmap_threshold()  # freed layers go back to the system: memory stays flat with depth
-    skel = Skeleton.open(Path(src))
+    skel = skeleton or Skeleton.open(Path(src))
     body, quantize = (passes[:-1], passes[-1]) if isinstance(passes[-1], Quantize) else (passes, None)
     _plan(skel, passes, ctx)
     jobs = [p.layer_job(skel.state(), ctx) for p in body]
@@ -89,7 +94,8 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
         written = sweep.writer.finish(config)
         if consumer == "transformers":
             _write_generation_config(skel.module, tmp)
-        written.update({"format": fmt, "consumer": consumer, "route": "streaming", "shards": "one per decoder layer"})
+        written.update({"format": fmt, "consumer": consumer, "route": "streaming",
+                        "sharding": "one shard per decoder layer, the parts outside the layers in one more"})
         verification = compare_models(Skeleton.open(Path(src)), output.reading(tmp), evaluation=ctx.evaluation,
                                       seed=ctx.seed, what="float source",
                                       progress=ctx.report_progress)
@@ -101,6 +107,8 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
         reports[-1].metrics.update(measured(verification), model_bytes=written["bytes"])
         report = {"passes": [r.to_dict() for r in reports], "written": written, "verification": verification,
                   **(extra_report or {})}
+        if extra_outputs is not None:
+            report["extra_outputs"] = extra_outputs(skel.state(), tmp)
         return JobResult(report, skel.state().source)
     return run_job(src, out, force=force, recipe=recipe, work=work)
 
@@ -127,10 +135,8 @@ class _Sweep:
         self.batches = list(ctx.calibration.split(size))
 
     def run(self) -> None:
-        for job in self.jobs[:1]:  # `why_not_streamed`: only the first may need the source scored first
-            for pre in job.pre_sweeps():
-                run_layerwise(self.skel.module, self.batches, pre, residency=StreamedLayers(self.skel),
-                              progress=self._progress("score layers"))
+        if any(job.pre_sweeps() for job in self.jobs):
+            raise UnsupportedError("internal: a pass that needs a sweep before its own is not streamed")
         run_layerwise(self.skel.module, self.batches, self._on_layer, after_layer=self._after_layer,
                       residency=StreamedLayers(self.skel, on_final=self._final),
                       progress=self._progress("layers (read, changed, written)"))

@@ -89,6 +89,7 @@ def test_cli_and_python_write_identical_files(runs):
     rc, rp = (json.loads((p / "report.json").read_text()) for p in (cli, py))
     # the CLI plans memory before it starts (a Python caller may call moeconv.memory_plan itself)
     assert rc.pop("memory_plan")["route"] == "in-memory" and "memory_plan" not in rp
+    assert rc.pop("route")["route"] == "in-memory" and "route" not in rp  # upcycle works on the whole model
     assert _without_timings(rc) == _without_timings(rp)
 
 

@@ -98,23 +98,30 @@ def _peak_rss(argv: list[str]) -> int:
     return int(rss) * 1024
 
 
-@pytest.mark.parametrize("route", ["streaming", "in-memory"])
-def test_estimate_bounds_the_measured_peak_of_the_real_run(work, tmp_path, route):
-    """quantize of a safetensors checkpoint streams; prune-experts holds the whole model."""
+@pytest.mark.parametrize("run", ["streaming", "streaming-calibrated", "in-memory"])
+def test_estimate_bounds_the_measured_peak_of_the_real_run(work, tmp_path, run):
+    """quantize and prune-experts of a safetensors checkpoint stream; a recipe written with
+    an explicit --format holds the whole model."""
     from moeconv.memory_plan import plan_streaming
     from passes.prune_experts import PruneExperts
     out = tmp_path / "out"
-    if route == "streaming":
+    if run == "streaming":
         planned = plan_streaming(work["src"]).total
         peak = _peak_rss(["quantize", str(work["src"]), str(out), "--method", "int8"])
-    else:
+    elif run == "streaming-calibrated":
         peak = _peak_rss(["prune-experts", str(work["src"]), str(out), "--keep", "2", "--calib", str(work["ids"])])
+        planned = plan_streaming(work["src"], [PruneExperts(keep=2)], calib_tokens=64, calib_seq_len=16).total
+    else:
+        recipe = tmp_path / "prune.yaml"
+        recipe.write_text("steps:\n  - pass: prune-experts\n    keep: 2\n")
+        peak = _peak_rss(["run", str(recipe), "--model", str(work["src"]), "--out", str(out), "--format", "hf",
+                          "--calib", str(work["ids"])])
         planned = plan_memory(work["src"], [PruneExperts(keep=2)], calib_tokens=64, calib_seq_len=16).total
     report = json.loads((out / "report.json").read_text())
-    assert report["memory_plan"]["route"] == route
+    assert report["memory_plan"]["route"] == ("in-memory" if run == "in-memory" else "streaming")
     estimate = report["memory_plan"]["estimate_bytes"]  # the plan the run checked
     assert peak <= estimate <= 2 * peak, (peak, report["memory_plan"])
-    if route == "streaming":
+    if run == "streaming":
         assert estimate == planned
     else:  # the command's own calibration size may differ a little from this guess
         assert abs(estimate - planned) <= 0.1 * planned

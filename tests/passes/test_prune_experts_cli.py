@@ -64,7 +64,12 @@ def test_mixtral_keep_6_loads_in_transformers_with_bit_identical_kept_experts(wo
     assert type(got).__name__ == "MixtralForCausalLM" and got.config.num_local_experts == 6
     report = json.loads((out / "report.json").read_text())
     rep = report["passes"][0]
-    assert rep["metrics"]["criterion"] == criterion and report["verification"]["rel_max_diff"] <= 1e-5
+    assert rep["metrics"]["criterion"] == criterion
+    # a safetensors checkpoint streams: no in-memory result to reload against; the written tensors
+    # are re-read and checksummed, and the output is measured against the source layer by layer
+    assert report["route"]["route"] == "streaming" and report["written"]["route"] == "streaming"
+    assert report["verification"]["against"] == "float source"
+    assert report["verification"]["rel_max_diff"] == rep["metrics"]["rel_max_diff"] > 0
     for i, (a, b) in enumerate(zip(src_layers, got_layers)):
         row = rep["tables"]["layers"][i]
         kept = row["kept"]

@@ -20,7 +20,9 @@ COMMANDS = {
     "upcycle-moeconv": lambda m, out, r, g, d: ["upcycle", m, out, "-e", "4", "-k", "2", "--format", "moeconv"],
     "run": lambda m, out, r, g, d: ["run", r, "--model", m, "--out", out],
     "quantize": lambda m, out, r, g, d: ["quantize", m, out, "--method", "int8"],
+    # targets valid for dense and MoE sources alike: the broken model is what must be named
     "sparsify": lambda m, out, r, g, d: ["sparsify", m, out, "--method", "wanda", "--targets", "dense-ffn",
+                                         "--targets", "experts",
                                          "--calib", d, "--num-samples", "2", "--seq-len", "16"],
     "prune-experts": lambda m, out, r, g, d: ["prune-experts", m, out, "--keep", "2", "--calib", d,
                                               "--calib-samples", "2", "--calib-seq-len", "16"],

@@ -59,12 +59,8 @@ def register(app: typer.Typer) -> None:
         --targets/--ignore limit it to some MoE layers; the others are left as they are.
         """
         def go():
-            from moeconv import Context
-            from moeconv.data import calibration_tokens
             from moeconv.io.atomic import check_new_output
             from moeconv.errors import ConfigError, InputError
-            from moeconv.jobs.pipeline_job import run_to_dir
-            from moeconv.render import Progress
             from passes.prune_experts import PruneExperts
             p = PruneExperts(keep=keep, ratio=ratio, per_layer=parse_per_layer(per_layer), criterion=criterion,
                              targets=targets or None, ignore=ignore or [], merge=merge,
@@ -77,24 +73,45 @@ def register(app: typer.Typer) -> None:
             check_new_output(out_dir, force=force)
             if not Path(src).exists():
                 raise InputError(f"{src}: no such file or directory")
-            plan, state = _planned_load(src, p, calib, calib_samples, calib_seq_len, max_memory)
-            calibration = calibration_tokens(calib, src, num_samples=calib_samples, seq_len=calib_seq_len,
-                                             seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
-            with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
-                report = run_to_dir(src, out_dir, [p], ctx=Context(calibration=calibration, seed=seed, progress=progress),
-                                    fmt=format_of(src), force=force, state=state, extra_report={"memory_plan": plan.to_dict()})
+            report = _prune(src, out_dir, p, calib, calib_samples, calib_seq_len, max_memory, seed, force)
             render_prune(cli.out, report)
         cli._run(go)
 
 
-def _planned_load(src: str, p, calib: Path, samples: int, seq_len: int, max_memory: str | None):
-    """(the run's memory plan, the loaded model): a plan over --max-memory is refused (exit 2, one
-    line) before any tensor is read."""
+def _prune(src: str, out_dir: Path, p, calib: Path, samples: int, seq_len: int, max_memory: str | None, seed: int,
+           force: bool) -> dict:
+    """Run the pass on the route `moeconv.jobs.routes` picks (streamed for a safetensors
+    checkpoint); returns the report."""
+    from moeconv import Context, cli
+    from moeconv.data import calibration_tokens
+    from moeconv.jobs.routes import choose_route
+    from moeconv.render import Progress
+    route, why = choose_route(src, "prune-experts", passes=[p], calibrated=True)
+    plan, state = _planned_load(src, p, calib, samples, seq_len, max_memory, route)
+    calibration = calibration_tokens(calib, src, num_samples=samples, seq_len=seq_len,
+                                     seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
+    extra = {"memory_plan": plan.to_dict(), "route": {"route": route, "why": why}}
+    with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
+        ctx = Context(calibration=calibration, seed=seed, progress=progress)
+        if route == "streaming":
+            from moeconv.jobs.stream_layerwise import run_streamed
+            return run_streamed(src, out_dir, [p], ctx=ctx, force=force, extra_report=extra, skeleton=state)
+        from moeconv.jobs.pipeline_job import run_to_dir
+        return run_to_dir(src, out_dir, [p], ctx=ctx, fmt=format_of(src), force=force, state=state,
+                          extra_report=extra)
+
+
+def _planned_load(src: str, p, calib: Path, samples: int, seq_len: int, max_memory: str | None, route: str):
+    """(the run's memory plan, the loaded model or, streamed, its skeleton): a plan over --max-memory
+    is refused (exit 2, one line) before any tensor is read."""
     from moeconv import load
     from moeconv.memory_plan import calibration_size, plan_and_check
     tokens, seq = calibration_size(calib, samples, seq_len)
-    plan = plan_and_check(src, [p], max_memory=max_memory, calib_tokens=tokens, calib_seq_len=seq,
+    plan = plan_and_check(src, [p], max_memory=max_memory, calib_tokens=tokens, calib_seq_len=seq, route=route,
                           flags={"calib": "--calib-samples / --calib-seq-len"})
+    if route == "streaming":
+        from moeconv.stream.skeleton import Skeleton
+        return plan, Skeleton.open(Path(src))  # the config and headers checked, no weight read
     return plan, load(src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
 
 

@@ -113,16 +113,12 @@ def render_memory(console, plan) -> None:
 def _run_recipe(recipe: Path, model: str, out_dir: Path, calib: Path | None, overrides: list[str], fmt: str, seed: int,
                 dry_run: bool, force: bool, max_memory: str | None = None) -> None:
     from moeconv import Context, cli, load
-    from moeconv.context import check_seed
-    from moeconv.errors import ConfigError
-    from moeconv.jobs.pipeline_job import run_to_dir
     from moeconv.render import Progress, render_run
-    try:
-        check_seed(seed)
-    except ConfigError as exc:
-        raise ConfigError(f"--seed: {exc}") from None
+    _check_seed(seed)
     passes = _passes(recipe, overrides)
-    memory = _memory_plan(model, passes, calib, max_memory, show=dry_run)  # before any tensor is read
+    route, why = _route(model, passes, calib, fmt)
+    memory = _memory_plan(model, passes, calib, max_memory, show=dry_run, route=route)  # before any tensor is read
+    skeleton = _skeleton(model) if route == "streaming" else None  # a broken model named before its text is read
     calibration = None
     if calib is not None:
         from moeconv.data import calibration_tokens
@@ -130,19 +126,52 @@ def _run_recipe(recipe: Path, model: str, out_dir: Path, calib: Path | None, ove
     if dry_run:
         _render_plan(passes, load(model).facts() | ({"calibration"} if calibration is not None else set()))
         return
+    extra = {"memory_plan": memory.to_dict(), "route": {"route": route, "why": why}}
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
-        report = run_to_dir(model, out_dir, passes, ctx=Context(calibration=calibration, seed=seed, progress=progress),
-                            fmt=fmt, force=force, extra_report={"memory_plan": memory.to_dict()})
+        ctx = Context(calibration=calibration, seed=seed, progress=progress)
+        if route == "streaming":
+            from moeconv.jobs.stream_layerwise import run_streamed
+            report = run_streamed(model, out_dir, passes, ctx=ctx, force=force, extra_report=extra, skeleton=skeleton)
+        else:
+            from moeconv.jobs.pipeline_job import run_to_dir
+            report = run_to_dir(model, out_dir, passes, ctx=ctx, fmt=fmt, force=force, extra_report=extra)
     render_run(cli.out, report)
 
 
-def _memory_plan(model: str, passes: list, calib: Path | None, max_memory: str | None, *, show: bool):
+def _check_seed(seed: int) -> None:
+    from moeconv.context import check_seed
+    from moeconv.errors import ConfigError
+    try:
+        check_seed(seed)
+    except ConfigError as exc:
+        raise ConfigError(f"--seed: {exc}") from None
+
+
+def _route(model: str, passes: list, calib: Path | None, fmt: str) -> tuple[str, str]:
+    """("streaming" | "in-memory", why): a recipe of calibrated layer-by-layer passes (and a final
+    quantize) on a safetensors checkpoint runs as one streamed sweep (`moeconv.jobs.routes`)."""
+    from moeconv.jobs.routes import choose_route
+    if fmt != "auto":
+        return "in-memory", f"--format {fmt} is written from a model in memory"
+    return choose_route(model, "run", passes=passes, calibrated=calib is not None)
+
+
+def _skeleton(model: str):
+    from moeconv.stream.skeleton import Skeleton
+    return Skeleton.open(Path(model))
+
+
+def _memory_plan(model: str, passes: list, calib: Path | None, max_memory: str | None, *, show: bool,
+                 route: str = "in-memory"):
     """The run's memory plan (printed with `show`), refused (exit 2, one line) over --max-memory."""
     from moeconv import cli
-    from moeconv.memory_plan import calibration_size, check_plan, parse_max_memory, plan_memory
+    from moeconv.memory_plan import calibration_size, check_plan, parse_max_memory, plan_memory, plan_streaming
     limit = parse_max_memory(max_memory)
     tokens, seq = calibration_size(calib, 32, None) if calib is not None else (None, None)
-    plan = plan_memory(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS)
+    if route == "streaming":
+        plan = plan_streaming(model, passes, calib_tokens=tokens, calib_seq_len=seq)
+    else:
+        plan = plan_memory(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS)
     if show:
         render_memory(cli.out, plan)
     check_plan(plan, limit, given=max_memory)

@@ -104,6 +104,21 @@ def _run_streamed(a: SparsifyArgs, p, shard_bytes: int, extra: dict) -> dict:
                                  extra_report=extra)
 
 
+def _run_streamed_layers(a: SparsifyArgs, p, shard_bytes: int, extra: dict) -> dict:
+    """Wanda / SparseGPT on a safetensors checkpoint, one decoder layer at a time
+    (`moeconv.jobs.stream_layerwise`)."""
+    from moeconv import Context, cli
+    from moeconv.jobs.stream_layerwise import run_streamed
+    from moeconv.render import Progress
+    from moeconv.stream.skeleton import Skeleton
+    skeleton = Skeleton.open(Path(a.src))  # a broken model is named as such, before the calibration text
+    calibration = _calibration(a)
+    more = _compressed_output(p, shard_bytes) if a.compressed else None
+    with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
+        return run_streamed(a.src, a.out_dir, [p], ctx=Context(calibration=calibration, seed=a.seed, progress=progress),
+                            force=a.force, extra_report=extra, extra_outputs=more, skeleton=skeleton)
+
+
 def _calibration(a: SparsifyArgs):
     from moeconv.data import calibration_tokens
     if a.calib is None:
@@ -113,8 +128,8 @@ def _calibration(a: SparsifyArgs):
 
 
 def _refuse_over(a: SparsifyArgs, plan) -> None:
-    """The in-memory plan against --max-memory; when it is over, calibration data the model
-    cannot take at all (a sequence longer than its positions) is named instead, as the cause."""
+    """The plan against --max-memory; when it is over, calibration data the model cannot take at
+    all (a sequence longer than its positions) is named instead, as the cause."""
     from moeconv.errors import MemoryPlanError
     from moeconv.memory_plan import refuse_over
     try:
@@ -128,9 +143,13 @@ def _memory_plan(a: SparsifyArgs, p, route: str):
     """The run's memory plan; the streamed route's is refused here (exit 2, one line) when it
     exceeds --max-memory, the in-memory route's once its calibration data is read (`refuse_over`)."""
     from moeconv.memory_plan import calibration_size, plan_memory, plan_streaming, refuse_over
-    if route == "streaming":
-        return refuse_over(plan_streaming(a.src), a.max_memory)
     tokens, seq = calibration_size(a.calib, a.num_samples, a.seq_len) if a.calib is not None else (None, None)
+    if route == "streaming" and a.method == "magnitude":
+        return refuse_over(plan_streaming(a.src), a.max_memory)
+    if route == "streaming":
+        plan = plan_streaming(a.src, [p], calib_tokens=tokens, calib_seq_len=seq)
+        _refuse_over(a, plan)
+        return plan
     return plan_memory(a.src, [p], calib_tokens=tokens, calib_seq_len=seq,
                        flags={"calib": "--num-samples / --seq-len", "method": "--method magnitude"})
 
@@ -159,11 +178,12 @@ def _run_sparsify(a: SparsifyArgs) -> None:
     if not str(a.src).startswith("builtin:") and ".py" not in str(a.src) and not Path(a.src).exists():
         raise InputError(f"{a.src}: no such file or directory")
     from moeconv.jobs.routes import choose_route
-    route, why = choose_route(a.src, "sparsify", method=a.method)
+    route, why = choose_route(a.src, "sparsify", method=a.method, passes=[p], calibrated=a.calib is not None)
     plan = _memory_plan(a, p, route)  # from the headers: no tensor is read
     report_extra = {"memory_plan": plan.to_dict(), "route": {"route": route, "why": why}}
     if route == "streaming":
-        return render_sparsify(cli.out, _run_streamed(a, p, shard_bytes, report_extra))
+        run = _run_streamed if a.method == "magnitude" else _run_streamed_layers
+        return render_sparsify(cli.out, run(a, p, shard_bytes, report_extra))
     _refuse_over(a, plan)  # before any weight is read
     state = load(a.src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
     calibration = _calibration(a)
