@@ -94,7 +94,7 @@ class Quantize(Pass):
         linearised = linearise_native_moe(model)  # fused 3-D experts → one nn.Linear per projection (exact)
         groups = module_groups(state)
         bytes_before = group_bytes(model, groups)
-        rows, todo = self._select(model, groups, spec)
+        rows, todo = self.select_layers(model, groups, spec)
         if not todo:
             why = sorted({r["reason"] for r in rows}) or ["the model has no linear layers"]
             note = absent_note(Selection.of(cfg.targets, cfg.ignore), {r["group"] for r in rows}, "linear layer")
@@ -119,7 +119,7 @@ class Quantize(Pass):
             raise VerificationError(f"quantize: router tensors changed: {changed[:3]}")
 
         bytes_after = group_bytes(model, groups)
-        report = self._report(rows, bytes_before, bytes_after, fused, linearised, spec)
+        report = self.build_report(rows, bytes_before, bytes_after, fused, linearised, spec)
         if ref is not None:
             from moeconv.evaluate import output_error
             err = output_error(_Replay(ref), model, inputs)
@@ -135,7 +135,10 @@ class Quantize(Pass):
         return PassResult(state, bool(todo), report)
 
     # ------------------------------------------------------------------ selection
-    def _select(self, model: nn.Module, groups: dict[str, str], spec: QuantSpec):
+    def select_layers(self, model: nn.Module, groups: dict[str, str], spec: QuantSpec):
+        """(a row per linear layer of `model` in `groups`: what happens to it and why, the layers
+        to quantize as (path, row)). Reads shapes and dtypes only: works on a `meta` skeleton, or
+        on one decoder layer with its paths relative to it (the streamed routes)."""
         cfg = self.config
         selection = Selection.of(cfg.targets, cfg.ignore)
         shared = _shared_weights(model)
@@ -180,7 +183,9 @@ class Quantize(Pass):
         return kernel_problem(in_f, out_f, spec)
 
     # ------------------------------------------------------------------ report
-    def _report(self, rows, before, after, fused, linearised, spec) -> PassReport:
+    def build_report(self, rows, before, after, fused, linearised, spec) -> PassReport:
+        """The pass's report from `select_layers`' rows and the bytes per group before and after
+        (shared by the in-memory run and the streamed routes)."""
         cfg = self.config
         quantized = [r for r in rows if r["action"] != "kept"]
         problems = [r for r in rows if r.get("problem")]

@@ -58,13 +58,13 @@ class HfBitsandbytes(Format):
 
     def why_not(self, state: ModelState) -> str | None:
         records = _records(state)
-        return "not quantized" if not records else _hf_obstacle(state, records)
+        return "not quantized" if not records else bnb_hf_obstacle(state, records)
 
     def write(self, state: ModelState, out_dir: Path, *, shard_bytes: int, on_tensor=None) -> dict:
         source = _tensor_source(state.module)
-        stats = write_checkpoint(out_dir, source, _hf_config(state, _records(state)), shard_bytes=shard_bytes,
+        stats = write_checkpoint(out_dir, source, bnb_hf_config(state, _records(state)), shard_bytes=shard_bytes,
                                  on_tensor=on_tensor)
-        _write_generation_config(state.module, out_dir)
+        write_generation_config(state.module, out_dir)
         stats.update({"format": "hf-bitsandbytes", "consumer": "transformers",
                       "expected_class": type(state.module).__name__, "notes": source.notes})
         return stats
@@ -88,9 +88,9 @@ class MoeconvQuantized(Format):
     def write(self, state: ModelState, out_dir: Path, *, shard_bytes: int, on_tensor=None) -> dict:
         records = _records(state)
         source = _tensor_source(state.module)
-        stats = write_checkpoint(out_dir, source, _moeconv_config(state, records), shard_bytes=shard_bytes,
+        stats = write_checkpoint(out_dir, source, moeconv_quantized_config(state, records), shard_bytes=shard_bytes,
                                  on_tensor=on_tensor)
-        why_not_hf = _hf_obstacle(state, records)
+        why_not_hf = bnb_hf_obstacle(state, records)
         stats.update({"format": "moeconv-quantized", "consumer": "moeconv", "notes": source.notes + [
             f"moeconv format, loaded with moeconv.load: {why_not_hf}"]})
         return stats
@@ -117,7 +117,7 @@ def _tensor_source(model: nn.Module) -> TensorSource:
     return TensorSource(specs, lambda s: tensors[s.name], notes)
 
 
-def _hf_obstacle(state: ModelState, records: dict[str, dict]) -> str | None:
+def bnb_hf_obstacle(state: ModelState, records: dict[str, dict]) -> str | None:
     """Why stock transformers cannot load this quantized model as it is, or None if it can."""
     model, config = state.module, state.config
     if state.moe_blocks() or any(isinstance(m, MoEBlock) for m in model.modules()):
@@ -143,7 +143,7 @@ def _hf_obstacle(state: ModelState, records: dict[str, dict]) -> str | None:
     return None
 
 
-def _hf_config(state: ModelState, records: dict[str, dict]) -> dict:
+def bnb_hf_config(state: ModelState, records: dict[str, dict]) -> dict:
     from transformers import BitsAndBytesConfig
     model = state.module
     rec = next(iter(records.values()))
@@ -165,7 +165,7 @@ def _hf_config(state: ModelState, records: dict[str, dict]) -> dict:
     return config
 
 
-def _moeconv_config(state: ModelState, records: dict[str, dict]) -> dict:
+def moeconv_quantized_config(state: ModelState, records: dict[str, dict]) -> dict:
     from moeconv.version import __version__
     import bitsandbytes
     sites = []
@@ -205,7 +205,7 @@ def _float_dtype(model: nn.Module) -> str:
     return "float32"
 
 
-def _write_generation_config(model: nn.Module, out_dir: Path) -> None:
+def write_generation_config(model: nn.Module, out_dir: Path) -> None:
     gen = getattr(model, "generation_config", None)
     if gen is not None and hasattr(gen, "save_pretrained"):
         try:

@@ -35,7 +35,7 @@ from moeconv.calibrate import run_layerwise
 from moeconv.context import Context
 from moeconv.errors import ConfigError, PlanError, UnsupportedError
 from moeconv.formats.part_writer import PartWriter
-from moeconv.formats.quantized import _write_generation_config
+from moeconv.formats.quantized import write_generation_config
 from moeconv.jobs.driver import JobResult, check_output, run_job
 from moeconv.jobs.stream_output import StreamOutput
 from moeconv.jobs.stream_quantize import group_bytes, measured
@@ -93,7 +93,7 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
         config, fmt, consumer = output.config()
         written = sweep.writer.finish(config)
         if consumer == "transformers":
-            _write_generation_config(skel.module, tmp)
+            write_generation_config(skel.module, tmp)
         written.update({"format": fmt, "consumer": consumer, "route": "streaming",
                         "sharding": "one shard per decoder layer, the parts outside the layers in one more"})
         verification = compare_models(Skeleton.open(Path(src)), output.reading(tmp), evaluation=ctx.evaluation,
@@ -164,4 +164,4 @@ def _quantize_report(quantize: Quantize, skel: Skeleton, output: StreamOutput):
     rows = output.rows
     before = group_bytes(skel, output.groups, rows)
     after = group_bytes(skel, output.groups, rows, quantized=True)
-    return quantize._report(rows, before, after, [], [], quantize.config.spec())
+    return quantize.build_report(rows, before, after, [], [], quantize.config.spec())

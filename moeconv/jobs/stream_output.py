@@ -18,7 +18,7 @@ from torch import nn
 from moeconv.errors import UnsupportedError
 from moeconv.formats.hf import hf_moe_config
 from moeconv.formats.hf_moe import gated_rename
-from moeconv.formats.quantized import _hf_config, _hf_obstacle, _moeconv_config
+from moeconv.formats.quantized import bnb_hf_config, bnb_hf_obstacle, moeconv_quantized_config
 from moeconv.module_groups import module_groups
 from moeconv.nn.moe import MoEBlock
 from moeconv.nn.quantized import layer_record, quantize_linear, serialized
@@ -38,7 +38,7 @@ class StreamOutput:
         self.records: dict[str, dict] = {}  # quantized layer → bitsandbytes record
         self.groups = module_groups(skel.state()) if quantize else {}
         if quantize is not None:
-            _, todo = Quantize(quantize)._select(skel.module, self.groups, quantize.spec())
+            _, todo = Quantize(quantize).select_layers(skel.module, self.groups, quantize.spec())
             if not todo:
                 raise UnsupportedError("quantize: no layer to quantize (see `moeconv quantize --help` for targets)")
 
@@ -49,7 +49,7 @@ class StreamOutput:
     def tensors(self, path: str | None, part: nn.Module) -> list[tuple[str, torch.Tensor]]:
         """The output tensors of the final part `path` (None: outside the decoder layers, `part`
         the whole model), in module order; a parameter shared by two modules is written once."""
-        todo = self._select(path, part) if self.quantized else set()
+        todo = self._select_in(path, part) if self.quantized else set()
         out, seen = [], set()
         for rel, m in part.named_modules(remove_duplicate=False):
             full = ".".join(x for x in (path, rel) if x)
@@ -78,13 +78,13 @@ class StreamOutput:
     def _moe_paths(self) -> list[str]:
         return [p for p, m in self.skel.module.named_modules() if isinstance(m, MoEBlock)]
 
-    def _select(self, path: str | None, part: nn.Module) -> set[str]:
+    def _select_in(self, path: str | None, part: nn.Module) -> set[str]:
         """The linears of the part quantize selects (its rows recorded for the report)."""
         pre = f"{path}." if path else ""
         groups = {p[len(pre):]: g for p, g in self.groups.items() if p.startswith(pre)}
         if path is None:
             groups = {p: g for p, g in groups.items() if not p.startswith(self.skel.prefix + ".")}
-        rows, todo = Quantize(self.qcfg)._select(part, groups, self.qcfg.spec())
+        rows, todo = Quantize(self.qcfg).select_layers(part, groups, self.qcfg.spec())
         for row in rows:
             row["module"] = pre + row["module"]
         self.rows.extend(rows)
@@ -105,9 +105,9 @@ class StreamOutput:
         """(config.json, format name, consumer) of the output, from the final model's structure."""
         state = self.skel.state()
         if self.quantized:
-            if _hf_obstacle(state, self.records) is None:
-                return _hf_config(state, self.records), "hf-bitsandbytes", "transformers"
-            return _moeconv_config(state, self.records), "moeconv-quantized", "moeconv"
+            if bnb_hf_obstacle(state, self.records) is None:
+                return bnb_hf_config(state, self.records), "hf-bitsandbytes", "transformers"
+            return moeconv_quantized_config(state, self.records), "moeconv-quantized", "moeconv"
         if self.skel.family is not None:
             return hf_moe_config(state), self.skel.family.name, "transformers"
         return self.skel.config.to_dict(), "hf", "transformers"

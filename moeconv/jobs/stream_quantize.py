@@ -21,7 +21,7 @@ from torch import nn
 
 from moeconv.context import Context
 from moeconv.errors import UnsupportedError
-from moeconv.formats.quantized import _hf_config, _hf_obstacle, _moeconv_config, _write_generation_config
+from moeconv.formats.quantized import bnb_hf_config, bnb_hf_obstacle, moeconv_quantized_config, write_generation_config
 from moeconv.formats.writer import TensorSource, write_checkpoint
 from moeconv.io.safetensors_io import TensorSpec
 from moeconv.jobs.driver import JobResult, check_output, run_job
@@ -50,7 +50,7 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
         written = write_checkpoint(tmp, TensorSource(plan.specs, plan.produce, []), plan.config,
                                    shard_bytes=shard_bytes, on_tensor=plan.on_tensor(ctx))
         if plan.consumer == "transformers":
-            _write_generation_config(skel.module, tmp)
+            write_generation_config(skel.module, tmp)
         written.update({"format": plan.format, "consumer": plan.consumer, "route": "streaming"})
         if plan.consumer == "transformers":
             written["expected_class"] = type(skel.module).__name__
@@ -70,7 +70,7 @@ class _Plan:
         self.skel, self.cfg, self.spec = skel, cfg, cfg.spec()
         state = skel.state()
         self.groups = module_groups(state)
-        self.rows, todo = Quantize(cfg)._select(skel.module, self.groups, self.spec)
+        self.rows, todo = Quantize(cfg).select_layers(skel.module, self.groups, self.spec)
         if not todo:
             raise UnsupportedError("quantize: no layer to quantize ("
                                    + "; ".join(sorted({r["reason"] for r in self.rows}))[:300] + ")")
@@ -80,12 +80,12 @@ class _Plan:
         self.stored = {path: specs for path, (_, specs) in probes.items()}
         for path, row in todo:
             row["bytes_after"] = sum(s.nbytes for s in self.stored[path].values())
-        why_not_hf = _hf_obstacle(state, self.records)
+        why_not_hf = bnb_hf_obstacle(state, self.records)
         if why_not_hf is None:
-            self.format, self.consumer, self.config = "hf-bitsandbytes", "transformers", _hf_config(state, self.records)
+            self.format, self.consumer, self.config = "hf-bitsandbytes", "transformers", bnb_hf_config(state, self.records)
         else:
             self.format, self.consumer = "moeconv-quantized", "moeconv"
-            self.config = _moeconv_config(state, self.records)
+            self.config = moeconv_quantized_config(state, self.records)
         self.specs, self.how = self._order()
         self._cache: tuple[str | None, dict] = (None, {})
 
@@ -139,7 +139,7 @@ class _Plan:
     def report(self):
         before, after = group_bytes(self.skel, self.groups, self.rows), group_bytes(self.skel, self.groups, self.rows,
                                                                                         quantized=True)
-        rep = Quantize(self.cfg)._report(self.rows, before, after, [], [], self.spec)
+        rep = Quantize(self.cfg).build_report(self.rows, before, after, [], [], self.spec)
         rep.metrics["route"] = "streaming"
         return rep
 
