@@ -723,11 +723,12 @@ STREAM_OUTER_COPIES = 2   # embeddings + head: the source's, then the output's (
 
 
 def plan_streaming(source, passes=(), *, calib_tokens: int | None = None,
-                   calib_seq_len: int | None = None) -> MemoryPlan:
+                   calib_seq_len: int | None = None, flags: dict[str, str] | None = None) -> MemoryPlan:
     """The streamed route's peak from the safetensors headers: the runtime, the largest decoder
     layer (parameters grouped by the layer number in their names) and everything outside layers;
     with calibrated `passes` (one sweep, `moeconv.jobs.stream_layerwise`), the largest working set
-    of one pass on one layer (its statistics, the calibration hidden states) on top."""
+    of one pass on one layer (its statistics, the calibration hidden states) on top. `flags`: as
+    for `plan_memory` (the options behind the fixes)."""
     from moeconv.io.safetensors_io import SourceCheckpoint
     ckpt = SourceCheckpoint(Path(str(source)))
     layers: dict[str, int] = {}
@@ -748,7 +749,7 @@ def plan_streaming(source, passes=(), *, calib_tokens: int | None = None,
     total = sum(parts.values())
     plan = MemoryPlan(total=total, parts=parts, route="streaming", source=str(source),
                       peak=f"per layer, during {work_name}" if work_name else "per layer", streaming=total)
-    plan.fixes = _fixes(plan, {})
+    plan.fixes = _fixes(plan, flags or {})
     return plan
 
 
@@ -777,7 +778,7 @@ def plan_and_check(source, passes, *, max_memory: str | None, route: str = "in-m
     before loading anything."""
     if route == "streaming":
         plan = plan_streaming(source, passes, calib_tokens=kwargs.get("calib_tokens"),
-                              calib_seq_len=kwargs.get("calib_seq_len"))
+                              calib_seq_len=kwargs.get("calib_seq_len"), flags=kwargs.get("flags"))
     else:
         plan = plan_memory(source, passes, **kwargs)
     return refuse_over(plan, max_memory)

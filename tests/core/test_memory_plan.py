@@ -244,3 +244,20 @@ def test_gguf_is_sized_as_float32_from_its_tensor_table():
     assert size.model.bytes == 4 * elements and size.model.elem == 4
     assert size.model.bytes > 5 * path.stat().st_size  # Q4_1: about 5.6× larger as float32
     assert "float32" in size.note and size.hidden == 576 and size.layers == 30
+
+
+def test_the_streamed_plan_of_calibrated_passes_does_not_grow_with_depth(tmp_path):
+    """One layer and its pass statistics, plus the calibration hidden states: the same at 2 and 8
+    layers; many calibration tokens make the activations the named fix."""
+    from moeconv.memory_plan import plan_streaming
+    from passes.prune_experts import PruneExperts
+    from passes.sparsify import Sparsify
+    passes = [PruneExperts(keep=6), Sparsify(method="sparsegpt")]
+    plans = {n: plan_streaming(_header_only_mixtral(tmp_path / f"d{n}", n), passes, calib_tokens=4096, calib_seq_len=128)
+             for n in (2, 8)}
+    assert plans[2].total == plans[8].total and plans[2].route == "streaming"
+    assert plans[2].total > plan_streaming(tmp_path / "d2").total  # the statistics are counted
+    assert plans[2].peak.startswith("per layer, during")
+    huge = plan_streaming(tmp_path / "d2", passes, calib_tokens=10**8, calib_seq_len=4096,
+                          flags={"calib": "--num-samples / --seq-len"})
+    assert huge.fixes[0] == "fewer calibration tokens (--num-samples / --seq-len)"

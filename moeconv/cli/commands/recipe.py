@@ -169,7 +169,7 @@ def _memory_plan(model: str, passes: list, calib: Path | None, max_memory: str |
     limit = parse_max_memory(max_memory)
     tokens, seq = calibration_size(calib, 32, None) if calib is not None else (None, None)
     if route == "streaming":
-        plan = plan_streaming(model, passes, calib_tokens=tokens, calib_seq_len=seq)
+        plan = plan_streaming(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS)
     else:
         plan = plan_memory(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS)
     if show:

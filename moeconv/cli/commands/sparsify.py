@@ -147,7 +147,8 @@ def _memory_plan(a: SparsifyArgs, p, route: str):
     if route == "streaming" and a.method == "magnitude":
         return refuse_over(plan_streaming(a.src), a.max_memory)
     if route == "streaming":
-        plan = plan_streaming(a.src, [p], calib_tokens=tokens, calib_seq_len=seq)
+        plan = plan_streaming(a.src, [p], calib_tokens=tokens, calib_seq_len=seq,
+                              flags={"calib": "--num-samples / --seq-len", "method": "--method magnitude"})
         _refuse_over(a, plan)
         return plan
     return plan_memory(a.src, [p], calib_tokens=tokens, calib_seq_len=seq,
