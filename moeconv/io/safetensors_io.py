@@ -112,8 +112,30 @@ class SourceCheckpoint:
         return list(self.specs)
 
     def get(self, name: str) -> torch.Tensor:
-        with self._open(self.files[name]) as f:
-            return f.get_tensor(name)
+        """Tensor `name`, read into memory of its own (never a view of a memory-mapped file: a
+        mapped shard's touched pages count in the process's RSS for as long as any tensor from it
+        lives, several GB with 5 GB shards, and a streamed run must stay small)."""
+        fname = self.files[name]
+        start, end = self._offsets(fname)[name]
+        spec = self.specs[name]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        with open(fname, "rb") as fh:
+            fh.seek(start)
+            got = fh.readinto(memoryview(buf.numpy())) if end > start else 0
+        if got != end - start:
+            raise InputError(f"{fname}: truncated safetensors file (tensor {name})")
+        return buf.view(spec.dtype).reshape(spec.shape) if spec.shape else buf.view(spec.dtype).reshape(())
+
+    def _offsets(self, fname: Path) -> dict[str, tuple[int, int]]:
+        """{name: (first byte, end byte)} of the tensors of shard `fname`, as file positions."""
+        cache = self.__dict__.setdefault("_offset_cache", {})
+        if fname not in cache:
+            with open(fname, "rb") as fh:
+                n = struct.unpack("<Q", fh.read(8))[0]
+                header = json.loads(fh.read(n))
+            cache[fname] = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                            for k, v in header.items() if k != "__metadata__"}
+        return cache[fname]
 
 
 def validate_checkpoint(path: Path) -> SourceCheckpoint:
