@@ -75,6 +75,7 @@ class Skeleton:
     tensor_of: dict[str, str] = field(default_factory=dict)  # parameter name → checkpoint tensor name
     quantized: dict[str, dict] = field(default_factory=dict)  # layer path → bitsandbytes record (see `reading`)
     _float_layers: dict[str, nn.Module] = field(default_factory=dict)  # meta layers a quantized one stands in for
+    _loaded: dict[str | None, list] = field(default_factory=dict)  # part → (owner module, name) read by load_part
 
     @classmethod
     def open(cls, path: Path, *, config=None, dtype: torch.dtype | None = None,
@@ -185,7 +186,11 @@ class Skeleton:
         """Materialise every parameter under `path` (None: everything outside the decoder layers),
         quantized layers rebuilt from their stored tensors."""
         names = self._part(path)
-        self.materialize([n for n in names if not self._in_quantized(n)])
+        floats = [n for n in names if not self._in_quantized(n)]
+        self.materialize(floats)
+        # the owners, so `drop_part` frees what it read even from modules a pass has since taken
+        # out of the model (experts prune-experts dropped), whatever still references them
+        self._loaded[path] = [(self.module.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in floats]
         for lp in self._quantized_in(path):
             rel = {n[len(lp) + 1:]: n for n in self.ckpt.names() if n.startswith(lp + ".")}
             tensors = {r: self.ckpt.get(n) for r, n in rel.items()}
@@ -197,6 +202,11 @@ class Skeleton:
         for lp in self._quantized_in(path):
             self.module.set_submodule(lp, self._float_layers.pop(lp))
         self.release([n for n in self._part(path) if not self._in_quantized(n)])
+        for owner, leaf in self._loaded.pop(path, []):
+            p = owner._parameters.get(leaf)
+            if p is not None and p.device.type != "meta":
+                owner._parameters[leaf] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
+                                                       requires_grad=False)
 
     def _part(self, path: str | None) -> list[str]:
         return self.outer_parameters() if path is None else self.names_under(path)
