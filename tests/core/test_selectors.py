@@ -123,7 +123,7 @@ def _layers(paths) -> set[int | None]:
 def _selected_layers(make, targets, ignore, dense, moe) -> dict[str, set]:
     """Decoder layers each command's own selection picks (quantize: layers passing its selectors)."""
     up, qz, sp, pr = (make(cls) for cls in (UpcycleConfig, QuantizeConfig, SparsifyConfig, PruneExpertsConfig))
-    rows, _ = Quantize(qz)._select(moe.module, module_groups(moe), qz.spec())
+    rows, _ = Quantize(qz).select_layers(moe.module, module_groups(moe), qz.spec())
     passed = [r["module"] for r in rows if r["reason"] not in ("not in targets", "ignored (--ignore)")]
     return {"upcycle": _layers(s.path for _, s in select_sites(dense.ffn_sites(), up.targets, up.ignore)),
             "quantize": _layers(passed),
@@ -158,7 +158,7 @@ def test_experts_means_routed_and_shared_experts_in_quantize_and_sparsify(models
     groups = module_groups(moe)
     assert "shared_expert" in set(groups.values())
     qz = QuantizeConfig(targets=["experts"])
-    rows, _ = Quantize(qz)._select(moe.module, groups, qz.spec())
+    rows, _ = Quantize(qz).select_layers(moe.module, groups, qz.spec())
     quantized = {r["module"] for r in rows if r["reason"] != "not in targets"}
     sparsified = set(select_targets(moe, ["experts"], []))
     assert quantized == sparsified and {groups[p] for p in sparsified} == {"experts", "shared_expert"}
