@@ -43,6 +43,7 @@ from moeconv.report import PassReport
 from moeconv.state import ModelState
 
 Mode = Literal["heal", "moe-to-dense", "moe-to-moe", "router-only"]
+Strategy = Literal["auto", "ddp", "fsdp"]
 
 # Loss weights each mode starts from (a weight given in `loss_weights` replaces its default).
 MODE_WEIGHTS: dict[str, dict[str, float]] = {
@@ -86,6 +87,9 @@ class DistillConfig(PassConfig):
     checkpoint_every: int = Field(0, ge=0)
     eval_every: int = Field(0, ge=0)
     seed: int = 0
+    strategy: Strategy = Field("auto", description="under torchrun: ddp (whole model per process), fsdp (sharded), "
+                               "auto (fsdp when DDP's per-process estimate exceeds the device)")
+    mixed_precision: Literal["bf16"] | None = Field(None, description="fsdp: bf16 compute, fp32 reduction and weights")
 
     @field_validator("freeze")
     @classmethod
@@ -103,6 +107,8 @@ class DistillConfig(PassConfig):
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide batch_size ({self.batch_size})")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
+        if self.mixed_precision and self.strategy == "ddp":
+            raise ValueError("mixed_precision is an FSDP option: use strategy fsdp (or auto)")
         if self.mode == "moe-to-dense":
             for name in ("router", "balance", "z"):
                 if getattr(self.loss_weights, name):
@@ -226,11 +232,14 @@ class Distill(Pass):
             device = ctx.device
             if dist.world_size > 1 and str(device).startswith("cuda"):
                 device = f"cuda:{dist.local_rank}"
-            teacher.to(device)
+            memory, strategy, why = self._plan_memory(state, objective, trainable, ctx, dist, device)
+            if strategy == "ddp":  # fsdp moves each rank's shards only
+                teacher.to(device)
             tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, batch_size=cfg.batch_size,
                                micro_batch_size=cfg.micro_batch_size, grad_clip=cfg.grad_clip, seed=cfg.seed,
-                               checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, dropout=cfg.dropout)
+                               checkpoint_every=cfg.checkpoint_every, eval_every=cfg.eval_every, dropout=cfg.dropout,
+                               strategy=strategy, mixed_precision=cfg.mixed_precision)
             trainer = Trainer(objective, ctx.calibration.long(), tcfg, eval_rows=_long(ctx.evaluation),
                               masks={f"student.{n}": m for n, m in masks.items()}, run_dir=self.run_dir,
                               on_step=lambda ev: _progress(ctx, ev), dist=dist, device=device)
@@ -245,7 +254,38 @@ class Distill(Pass):
             raise VerificationError("distill changed parameters it was told to freeze")
         self._check_masks(student, masks, state)
         state.artifacts["distill"] = {"mode": cfg.mode, "trained": sorted(trainable), "steps": cfg.steps}
-        return PassResult(state, True, self._report(result, weights, notes, trainable, frozen, masks, dist, objective))
+        report = self._report(result, weights, notes, trainable, frozen, masks, dist, objective)
+        report.metrics.update({"strategy": strategy, "strategy_why": why,
+                               "memory_per_rank": {"estimate": memory, "measured": result.memory}})
+        return PassResult(state, True, report)
+
+    def _plan_memory(self, state, objective, trainable: set[str], ctx: Context, dist, device) -> tuple[dict, str, str]:
+        """(per-rank estimate for ddp and fsdp, the strategy to use, why): `strategy` as configured,
+        or for auto fsdp when DDP would not fit the device (`moeconv.train.memory`)."""
+        from moeconv.model_limits import activation_bytes, model_limits
+        from moeconv.train.memory import both, choose_strategy, device_capacity, sizes_of
+        cfg = self.config
+        if cfg.strategy == "fsdp" and dist.world_size <= 1:
+            raise ConfigError("distill: --strategy fsdp shards the models over processes; run under torchrun with "
+                              "2 or more (--nproc-per-node), or use ddp")
+        if cfg.mixed_precision and cfg.strategy == "auto" and dist.world_size <= 1:
+            raise ConfigError("distill: --mixed-precision is an FSDP option; run under torchrun with 2 or more")
+        per_rank_rows = cfg.batch_size // max(1, dist.world_size)
+        micro = cfg.micro_batch_size or per_rank_rows
+        seq = int(ctx.calibration.shape[1])
+        acts = activation_bytes(model_limits(state), micro, seq, rows_per_forward=micro, training=True)
+        trained = {f"student.{n}" for n in trainable} | {n for n, _ in objective.named_parameters()
+                                                         if not n.startswith("student.")}  # + projections
+        sizes = sizes_of(objective, trained, acts)
+        estimate = both(sizes, dist.world_size, micro_batches=max(1, per_rank_rows // micro))
+        capacity = device_capacity(str(device))
+        if capacity is not None and not str(device).startswith("cuda"):
+            capacity += sizes.student + sizes.teacher  # loaded already: not in what is still available
+        strategy, why = choose_strategy(cfg.strategy, estimate, capacity, dist.world_size)
+        if cfg.mixed_precision and strategy != "fsdp":
+            raise ConfigError(f"distill: --mixed-precision is an FSDP option and auto chose ddp ({why}); "
+                              "add --strategy fsdp")
+        return estimate, strategy, why
 
     def _resolve_weights(self, s, t) -> tuple[dict[str, float], list[str]]:
         """Mode defaults + explicit weights; a *default* router loss that cannot be computed (no

@@ -24,23 +24,18 @@ micro-batches up to floating-point summation order. Only batch-statistic terms (
 loss) depend on the micro-batch size, which is why it is a setting and not derived from the world
 size. Rank 0 writes metrics and checkpoints; each rank saves its own RNG state.
 
-FSDP, for models that do not fit one device (documented, not wired in: it needs GPUs to test).
-The changes to this loop, with FSDP2 (`torch.distributed.fsdp.fully_shard`, NCCL):
-1. `_wrap`: instead of DDP, `fully_shard(layer)` for every decoder layer of the student
-   (`objective.s.layers`) and then `fully_shard(objective)`; shard the teacher the same way
-   (`model_structure(teacher).layers`, then the teacher itself) so neither model is ever whole on
-   one device. Build the optimizer *after* sharding, so its state is sharded too. The
-   unused-parameter probe is not needed.
-2. Accumulation: `objective.set_requires_gradient_sync(k == last)` instead of `no_sync()`.
-3. Masks: build them from each rank's shard (`p.to_local() == 0`) and apply them to
-   `p.to_local()` and `p.grad.to_local()`. `clip_grad_norm_` works on DTensor gradients as is.
-4. Checkpoints and the final write: `get_model_state_dict` / `get_optimizer_state_dict` from
-   `torch.distributed.checkpoint.state_dict` with `StateDictOptions(full_state_dict=True,
-   cpu_offload=True)` on every rank (they are collectives), written by rank 0; resume with
-   `set_model_state_dict` / `set_optimizer_state_dict`.
-The global-batch arithmetic, data order, RNG handling and resume checks stay as they are, so the
-1-vs-N-process equivalence carries over. Before reaching for FSDP, note that `router-only` and
-`--freeze` shrink the optimizer state (often the part that does not fit) to the trained tensors.
+FSDP (`TrainConfig.strategy="fsdp"`), for models whose training state does not fit one device:
+the loop trains a sharded copy of the module (`moeconv.train.fsdp`: FSDP2 `fully_shard` on every
+decoder layer of the student and the teacher, then on each model) and frees the module's own
+tensors meanwhile; the optimizer is built on the shards, so its state is sharded too. The rest is
+the DDP loop: micro-batches accumulate with `set_requires_gradient_sync(last)` instead of
+`no_sync()`, masks are cut to each rank's shard, `clip_grad_norm_` works on the sharded
+gradients. Checkpoints have the one format above, gathered whole (rank 0 writes) and cut back into
+shards on resume, so a run may resume under the other strategy. At the end every parameter is
+gathered back into the module, which is plain again. Measured on this machine (gloo, CPU,
+`tests/slow/test_distill_torchrun.py`): the same weights as DDP over the same processes, and as
+one process to fp32 tolerance. Before reaching for FSDP, note that `router-only` and `--freeze`
+shrink the optimizer state (often the part that does not fit) to the trained tensors.
 """
 from __future__ import annotations
 
@@ -64,7 +59,8 @@ CHECKPOINT_FORMAT = 1
 _EVAL_SUMS = ("ce_sum", "tokens", "kl_sum", "kl_tokens", "teacher_ce_sum")
 # Changing these between an interrupted run and its resume would not be an exact continuation.
 _RESUME_FIELDS = ("steps", "lr", "weight_decay", "betas", "warmup_steps", "schedule", "min_lr_ratio",
-                  "batch_size", "micro_batch_size", "grad_clip", "seed", "dropout")
+                  "batch_size", "micro_batch_size", "grad_clip", "seed", "dropout", "mixed_precision")
+STRATEGIES = ("ddp", "fsdp")
 
 
 @dataclass(frozen=True)
@@ -84,6 +80,16 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0
     dropout: bool = False  # train mode (dropout on); off keeps runs independent of the world size
+    strategy: str = "ddp"  # ddp: whole model on every rank | fsdp: sharded (moeconv.train.fsdp)
+    mixed_precision: str | None = None  # fsdp only: "bf16" compute, fp32 reduction and master weights
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        if self.mixed_precision not in (None, "bf16"):
+            raise ConfigError(f"mixed precision must be bf16 or none, not {self.mixed_precision!r}")
+        if self.mixed_precision and self.strategy != "fsdp":
+            raise ConfigError("mixed precision is an FSDP option (--strategy fsdp)")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step `step` (1-based)."""
@@ -144,6 +150,7 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)     # every evaluation, including before training
     seconds: float = 0.0
     tokens: int = 0
+    memory: dict = field(default_factory=dict)  # bytes this rank held after its first step, by kind
 
 
 class Trainer:
@@ -175,6 +182,8 @@ class Trainer:
             raise ConfigError(f"masks for parameters that are not trained: {sorted(unknown)[:3]}")
         self.micro = self._micro_batch_size()
         self._perms: dict[int, torch.Tensor] = {}
+        self.sharded = None  # the FSDP copy of `module` while `fit` runs with strategy fsdp
+        self.full_masks = self.masks  # whole masks (checkpoints); `masks`: what this rank applies
 
     # ---- batches -------------------------------------------------------------------------------
     def _micro_batch_size(self) -> int:
@@ -216,8 +225,11 @@ class Trainer:
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self, resume: Path | None = None) -> TrainResult:
         cfg = self.cfg
-        self.module.to(self.device)
-        self.module.train(cfg.dropout)
+        if cfg.strategy == "fsdp":
+            self._shard()
+        else:
+            self.module.to(self.device)
+        self._model().train(cfg.dropout)
         opt = torch.optim.AdamW([p for _, p in self.params], lr=cfg.lr, betas=cfg.betas,
                                 weight_decay=cfg.weight_decay)
         result = TrainResult(steps=cfg.steps, resumed_from=None)
@@ -261,17 +273,53 @@ class Trainer:
                     self._log(metrics, {"kind": "eval", **result.evals[-1]})
                 if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
                     self._save_checkpoint(step, opt, result.evals)
+                if not result.memory:
+                    result.memory = self._memory(opt)
                 if self.on_step is not None and self.dist.is_main:
                     self.on_step(event)
         finally:
             if metrics is not None:
                 metrics.close()
+        if self.sharded is not None:
+            self.sharded.gather_back()  # the caller's module holds the trained weights, plain again
+            self.sharded = None
         self.module.eval()
         result.seconds = time.perf_counter() - t_begin
         result.tokens = (cfg.steps - start) * tokens_per_step
         return result
 
+    def _model(self) -> nn.Module:
+        """The module the loop runs: `module`, or its FSDP copy."""
+        return self.sharded.objective if self.sharded is not None else self.module
+
+    def _shard(self) -> None:
+        """Shard a copy of `module` over the process group (`moeconv.train.fsdp`), train its
+        parameters from here on and free the module's own full tensors until `fit` gathers them back."""
+        if self.dist.world_size <= 1:
+            raise ConfigError("strategy fsdp shards the model over processes: run under torchrun with 2 or more "
+                              "(--nproc-per-node), or use ddp")
+        from moeconv.train.fsdp import local, shard_objective, shard_like
+        names = [n for n, _ in self.params]
+        self.sharded = shard_objective(self.module, device=self.device, mixed_precision=self.cfg.mixed_precision)
+        params = dict(self.sharded.objective.named_parameters())
+        self.params = [(n, params[n]) for n in names]
+        self.masks = {n: local(shard_like(m, params[n])) for n, m in self.full_masks.items()}
+        self.sharded.release()
+
+    def _memory(self, opt) -> dict:
+        """Bytes this rank holds, by kind: parameters (student, teacher, projections), gradients,
+        optimizer state (its shards of them under FSDP)."""
+        from moeconv.train.fsdp import local_bytes, optimizer_tensors
+        model = self._model()
+        teacher = getattr(model, "teacher", None)
+        params = list(model.parameters()) + (list(teacher.parameters()) if teacher is not None else [])
+        return {"parameters": local_bytes(params), "gradients": local_bytes(p.grad for _, p in self.params),
+                "optimizer_state": local_bytes(optimizer_tensors(opt)), "strategy": self.cfg.strategy,
+                "world_size": self.dist.world_size}
+
     def _wrap(self):
+        if self.sharded is not None:
+            return self.sharded.objective
         if self.dist.world_size <= 1:
             return self.module
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -300,10 +348,13 @@ class Trainer:
     def _step(self, runner, opt, step: int) -> tuple[float, dict[str, float]]:
         opt.zero_grad(set_to_none=True)
         batches = self.local_micro_batches(step)
-        ddp = runner is not self.module
+        ddp = runner is not self.module and self.sharded is None
         sums: dict[str, torch.Tensor] = {}
         for k, ids in enumerate(batches):
-            sync = nullcontext() if not ddp or k == len(batches) - 1 else runner.no_sync()
+            last = k == len(batches) - 1
+            if self.sharded is not None:  # accumulate unsharded, reduce-scatter after the last
+                self.sharded.set_gradient_sync(last)
+            sync = runner.no_sync() if ddp and not last else nullcontext()
             with sync:
                 loss, parts = runner(ids.to(self.device))
                 (loss / len(batches)).backward()
@@ -332,19 +383,21 @@ class Trainer:
     def _apply_masks(self, grads: bool) -> None:
         if not self.masks:
             return
+        from moeconv.train.fsdp import local
         for n, p in self.params:
             m = self.masks.get(n)
             if m is not None:
-                (p.grad if grads else p).masked_fill_(m, 0)
+                local(p.grad if grads else p).masked_fill_(m, 0)  # this rank's shard and its mask
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
         """Held-out metrics: student perplexity, and with a teacher KL(teacher ‖ student) and its perplexity."""
-        evaluate = getattr(self.module, "evaluate", None)
+        model = self._model()
+        evaluate = getattr(model, "evaluate", None)
         if evaluate is None or self.eval_rows is None:
             return {"step": step}
-        was_training = self.module.training
-        self.module.eval()
+        was_training = model.training
+        model.eval()
         mine = self.eval_rows[self.dist.rank::self.dist.world_size]
         totals = dict.fromkeys(_EVAL_SUMS, 0.0)  # fixed keys: a rank with no rows still all-reduces
         for ids in mine.split(self.micro):
@@ -356,7 +409,7 @@ class Trainer:
             import torch.distributed as dist
             dist.all_reduce(vec)
         t = dict(zip(names, vec.tolist()))
-        self.module.train(was_training)
+        model.train(was_training)
         out = {"step": step, "eval_ce": t["ce_sum"] / t["tokens"]}
         out["eval_ppl"] = math.exp(min(out["eval_ce"], 700))
         if t["kl_tokens"]:
@@ -432,11 +485,19 @@ class Trainer:
             tmp.mkdir(parents=True)
         self._barrier()
         torch.save(self._rng_state(), tmp / f"rng-rank{self.dist.rank}.pt")
+        tensors, opt_state = None, None
+        if self.sharded is not None:  # gathered whole (collectives: every rank), written by rank 0
+            from moeconv.train.fsdp import full_tensor, gather_optimizer_state
+            tensors = {n: full_tensor(p.detach()).cpu().contiguous() for n, p in self.params}
+            opt_state = gather_optimizer_state(opt)
+        elif self.dist.is_main:
+            tensors = {n: p.detach().cpu().contiguous() for n, p in self.params}
+            opt_state = opt.state_dict()
         if self.dist.is_main:
-            save_file({n: p.detach().cpu().contiguous() for n, p in self.params}, tmp / "trainable.safetensors")
-            if self.masks:
-                save_file({n: m.cpu().contiguous() for n, m in self.masks.items()}, tmp / "masks.safetensors")
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            save_file(tensors, tmp / "trainable.safetensors")
+            if self.full_masks:
+                save_file({n: m.cpu().contiguous() for n, m in self.full_masks.items()}, tmp / "masks.safetensors")
+            torch.save(opt_state, tmp / "optimizer.pt")
             meta = {"format_version": CHECKPOINT_FORMAT, "step": step, "world_size": self.dist.world_size,
                     "config": asdict(self.cfg), "data": fingerprint(self.train_rows),
                     "trainable": {n: list(p.shape) for n, p in self.params}, "evals": evals}
@@ -461,12 +522,18 @@ class Trainer:
         opt_state = _torch_load(ckpt / "optimizer.pt", self.device)
         _check_optimizer_state(ckpt / "optimizer.pt", opt_state, [p for _, p in self.params], opt.param_groups[0])
         rng = _read_rng_state(ckpt / f"rng-rank{self.dist.rank}.pt")
-        # everything checked: now change the model, optimizer and RNG
+        # everything checked: now change the model, optimizer and RNG (under FSDP each rank takes
+        # its shard of the whole tensors every rank read)
+        from moeconv.train.fsdp import local, shard_like, shard_optimizer_state
         with torch.no_grad():
             for n, p in self.params:
-                p.copy_(saved[n].to(p.device, p.dtype))
+                local(p).copy_(local(shard_like(saved[n].to(p.dtype), p)))
         if masks is not None:
-            self.masks = {n: m.to(self.device) for n, m in masks.items()}
+            self.full_masks = {n: m.to(self.device) for n, m in masks.items()}
+            params = dict(self.params)
+            self.masks = {n: local(shard_like(m, params[n])) for n, m in self.full_masks.items()}
+        if self.sharded is not None:
+            opt_state = shard_optimizer_state(opt_state, [p for _, p in self.params])
         try:
             opt.load_state_dict(opt_state)
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:

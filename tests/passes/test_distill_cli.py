@@ -62,6 +62,7 @@ def test_heal_writes_mixtral_keeps_2to4_and_logs(models, tmp_path):
     r = ok("--teacher", models / "moe", "--student", models / "pruned", out, "--data", models / "data.txt",
            "--steps", 6, "--seq-len", 16, "--batch-size", 4, "--lr", 1e-3)
     assert "held-out perplexity" in r.stdout and "kept" in r.stdout
+    assert "strategy ddp (one process" in " ".join(r.stdout.split())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["MixtralForCausalLM"]
     assert (out / "tokenizer.json").is_file()
@@ -76,6 +77,12 @@ def test_heal_writes_mixtral_keeps_2to4_and_logs(models, tmp_path):
     report = json.loads((out / "report.json").read_text())
     m = report["passes"][0]["metrics"]
     assert m["mode"] == "heal" and m["steps"] == 6 and report["verification"]["max_abs_diff"] == 0
+    # the per-process memory: estimated for both strategies, measured for the one that ran
+    memory = m["memory_per_rank"]
+    assert memory["estimate"]["processes"] == 1 and memory["measured"]["strategy"] == "ddp"
+    params = sum(v.numel() * v.element_size() for v in before.values())
+    assert memory["measured"]["parameters"] >= 2 * params  # student and teacher, same size here
+    assert memory["measured"]["optimizer_state"] >= 2 * params  # Adam's two moments of every weight
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log if row["kind"] == "train"] == list(range(1, 7))
     assert {"loss", "kl", "lr", "tokens_per_s", "eta_s"} <= set(log[1])
@@ -118,14 +125,16 @@ def test_moeconv_format_student_with_token_id_data(dense_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["exists", "loss-weights", "mode", "no-data", "no-tokenizer", "layer-map",
-                                  "teacher-is-out", "stale-checkpoints"])
+                                  "teacher-is-out", "stale-checkpoints", "fsdp-one-process", "strategy",
+                                  "mixed-precision-ddp"])
 def test_bad_input_exits_2_with_one_line_and_no_output(case, models, dense_ckpt, tmp_path):
     out = tmp_path / "out"
     args = ["--teacher", models / "moe", "--student", models / "pruned", "--data", models / "data.txt",
             "--steps", 1, "--seq-len", 16]
     want = {"exists": "exists", "loss-weights": "--loss-weights", "mode": "mode", "no-data": "no such data file",
             "no-tokenizer": "tokenizer", "layer-map": "--layer-map", "teacher-is-out": "teacher",
-            "stale-checkpoints": "earlier run"}[case]
+            "stale-checkpoints": "earlier run", "fsdp-one-process": "torchrun", "strategy": "strategy",
+            "mixed-precision-ddp": "fsdp"}[case]
     if case == "exists":
         out.mkdir()
     elif case == "loss-weights":
@@ -139,6 +148,12 @@ def test_bad_input_exits_2_with_one_line_and_no_output(case, models, dense_ckpt,
         args[3] = tmp_path / "student"
     elif case == "layer-map":
         args += ["--layer-map", "0-1"]
+    elif case == "fsdp-one-process":  # FSDP shards over processes: refused before a model is loaded
+        args += ["--strategy", "fsdp"]
+    elif case == "strategy":
+        args += ["--strategy", "zero3"]
+    elif case == "mixed-precision-ddp":
+        args += ["--strategy", "ddp", "--mixed-precision", "bf16"]
     elif case == "stale-checkpoints":  # OUT removed, its run directory kept: refuse to mix checkpoints
         (tmp_path / "out.run" / "checkpoints" / "step-00000009").mkdir(parents=True)
         args += ["--checkpoint-every", 1]

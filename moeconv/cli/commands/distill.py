@@ -5,6 +5,10 @@ Runs as one process, or under torchrun (every rank trains its share of each glob
 alone writes OUT, metrics and checkpoints):
 
     torchrun --nproc-per-node 2 --no-python moeconv distill --teacher T --student S OUT --data FILE
+
+Under torchrun `--strategy fsdp` shards the student, the teacher, the gradients and the optimizer
+state over the processes (FSDP2; `auto`, the default, picks it when DDP's estimate per process
+does not fit the device), for models whose training state does not fit one device.
 """
 from __future__ import annotations
 
@@ -169,6 +173,11 @@ def distill(
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="metrics.jsonl and checkpoints/ (default: OUT.run)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint or run directory."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda (one GPU per process under torchrun)."),
+    strategy: str = typer.Option("auto", "--strategy", help="Under torchrun: ddp (the whole model, gradients "
+                                 "and optimizer state in every process), fsdp (each process holds 1/N of them), "
+                                 "auto (fsdp when DDP's estimate per process exceeds the device's memory)."),
+    mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="With fsdp: bf16 (bf16 "
+                                                  "forward/backward, fp32 gradient reduction and weights)."),
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ):
@@ -212,6 +221,8 @@ class DistillArgs:
     run_dir: Optional[Path]
     resume: Optional[Path]
     device: str
+    strategy: str
+    mixed_precision: Optional[str]
     seed: int
     force: bool
 
@@ -236,7 +247,8 @@ def _distill_config(a: DistillArgs):
                              expert_map=parse_expert_map(a.expert_map), freeze_zeros=a.keep_zeros,
                              freeze=a.freeze or [], warmup_steps=a.warmup_steps, schedule=a.schedule,
                              weight_decay=a.weight_decay, grad_clip=a.grad_clip or None,
-                             checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, seed=a.seed)
+                             checkpoint_every=a.checkpoint_every, eval_every=a.eval_every, seed=a.seed,
+                             strategy=a.strategy, mixed_precision=a.mixed_precision)
     except ValidationError as exc:
         raise ConfigError(f"distill: {_first_error(exc)}") from None
 
@@ -266,6 +278,10 @@ def _run_distill(a: DistillArgs) -> None:
     cfg = _distill_config(a)
     _check_request(a)
     dist = init_distributed()
+    if dist.world_size <= 1 and (cfg.strategy == "fsdp" or cfg.mixed_precision):
+        from moeconv.errors import ConfigError
+        raise ConfigError(f"--{'strategy fsdp' if cfg.strategy == 'fsdp' else 'mixed-precision'} shards the models "
+                          "over processes: run under torchrun --nproc-per-node 2 (or more), or leave it out")
     out_lock = contextlib.ExitStack()
     if dist.is_main:  # one run per OUT (and its OUT.run) from the start, not only at the final write
         out_lock.enter_context(output_lock(a.out_dir))
@@ -354,6 +370,9 @@ def render_distill(console, report: dict, run_dir: Path) -> None:
                   f"loss weights {w}, {m['world_size']} process(es), {m['tokens']:,} tokens in {m['seconds']} s "
                   f"({m['tokens_per_s'] or 0:,.0f} tok/s)" + (f", resumed at step {m['resumed_from']}"
                                                               if m.get("resumed_from") else ""))
+    if m.get("strategy"):
+        console.print(f"strategy {m['strategy']} ({m['strategy_why']}); " + _memory_line(m.get("memory_per_rank", {}),
+                                                                                    m["strategy"]))
     if m.get("masked_matrices"):
         console.print(f"kept {m['kept_zeros']:,} zeros fixed in {m['masked_matrices']} matrices (checked after training)")
     if "loss_first" in m:
@@ -362,3 +381,15 @@ def render_distill(console, report: dict, run_dir: Path) -> None:
     render_warnings(console, rep.get("warnings", []))
     console.print(f"metrics: {run_dir}/metrics.jsonl; report: {report['output']}/report.json  ({report['seconds']} s)")
 
+
+
+def _memory_line(memory: dict, strategy: str) -> str:
+    """'per process: parameters 1.2 GiB, …, measured …' from the pass's `memory_per_rank`."""
+    from moeconv.io.config_checks import format_bytes
+    est = memory.get("estimate", {}).get(strategy, {})
+    got = memory.get("measured", {})
+    parts = ("parameters", "gradients", "optimizer_state")
+    text = "per process: " + ", ".join(f"{k.replace('_', ' ')} {format_bytes(est[k])}" for k in parts if k in est)
+    if all(k in got for k in parts):
+        text += " estimated; " + ", ".join(f"{format_bytes(got[k])}" for k in parts) + " measured"
+    return text
