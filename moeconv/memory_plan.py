@@ -124,6 +124,7 @@ class MemoryPlan:
     peak: str = ""  # when the peak comes: "during sparsify", "during the numeric check"
     on_device: dict[str, int] = field(default_factory=dict)  # parts held on the accelerator, not in `total`
     streaming: int | None = None  # extension point: a streaming route's estimate (a later change)
+    training: dict | None = None  # distill: per-process memory of ddp and fsdp (`moeconv.train.memory.both`)
 
     def breakdown(self, limit: int | None = None) -> str:
         """'weights 1.2 GiB, …': the weights, then the largest other parts (`limit` parts in all)."""
@@ -137,7 +138,7 @@ class MemoryPlan:
                 "route": self.route,
                 "parts": dict(self.parts), "whole_model": dict(self.whole_model), "fixes": list(self.fixes),
                 "notes": list(self.notes), "device": self.device, "on_device": dict(self.on_device),
-                "streaming": self.streaming}
+                "streaming": self.streaming, "training": self.training}
 
 
 _SHORT = {WEIGHTS: "weights", RUNTIME: "runtime", LOADING: "loading", CHECK: "numeric check",
@@ -427,6 +428,7 @@ class _Step:
     work: dict[str, int] = field(default_factory=dict)
     kept: dict[str, int] = field(default_factory=dict)
     whole: int | None = None
+    training: tuple | None = None  # distill: (TrainingSizes, rows per process per micro-batch, config)
 
 
 def _activations(src: SourceSize, calib: Calibration | None, elem: int) -> int:
@@ -531,7 +533,12 @@ def _distill(cfg, src: SourceSize, m: ModelSize, calib: Calibration | None) -> _
     rows = cfg.micro_batch_size or cfg.batch_size
     work = {TEACHER: int(OPTIMIZER_COPIES * m.float32_bytes),
             ACTIVATIONS: activation_bytes(limits, rows, seq, rows_per_forward=rows, training=True)}
-    return _Step(m, work, whole=m.bytes + sum(work.values()))
+    from moeconv.train.memory import TrainingSizes
+    # per process under torchrun: the teacher is the keep-teacher snapshot, as large as the model;
+    # every float weight is trained (the mode's own choice is not known from headers)
+    sizes = TrainingSizes(student=m.bytes, teacher=m.bytes, trained=m.bytes,
+                          largest_layer=m.layer_linear_bytes, activations=work[ACTIVATIONS])
+    return _Step(m, work, whole=m.bytes + sum(work.values()), training=(sizes, cfg))
 
 
 def _export_onnx(cfg, src: SourceSize, m: ModelSize, calib: Calibration | None) -> _Step:
@@ -547,7 +554,8 @@ PASSES = {"upcycle": _upcycle, "prune-experts": _prune_experts, "sparsify": _spa
 # ---- the plan --------------------------------------------------------------------------------------
 
 def plan_memory(source, passes, *, calib_tokens: int | None = None, calib_seq_len: int | None = None,
-                device: str = "cpu", reload_check: bool = True, flags: dict[str, str] | None = None) -> MemoryPlan:
+                device: str = "cpu", reload_check: bool = True, flags: dict[str, str] | None = None,
+                processes: int = 2) -> MemoryPlan:
     """The estimated peak memory of running `passes` (pass objects, with their `name` and `config`)
     on `source`, from headers only (`source_size`); passes it does not know hold nothing extra.
 
@@ -556,10 +564,12 @@ def plan_memory(source, passes, *, calib_tokens: int | None = None, calib_seq_le
     the device, not in `total`. `reload_check`: the job writes the result and reloads it to compare
     (every `run_to_dir` job; `export onnx` does not). `flags`: the command's options behind the
     fixes — "calib" (the options that set the calibration tokens), "method" (how to ask for
-    magnitude pruning), "device" (the option that picks the device)."""
+    magnitude pruning), "device" (the option that picks the device). `processes`: the torchrun
+    processes a `distill` step would run on (`MemoryPlan.training`: each one's memory under ddp
+    and fsdp)."""
     src = source_size(source)
     calib = _calibration(calib_tokens, calib_seq_len)
-    m, kept, work, whole, work_name = src.model, {}, {}, {}, ""
+    m, kept, work, whole, work_name, training = src.model, {}, {}, {}, "", None
     for p in passes:
         name, cfg = _name_config(p)
         if name not in PASSES:
@@ -571,6 +581,8 @@ def plan_memory(source, passes, *, calib_tokens: int | None = None, calib_seq_le
             work, work_name = step.work, name  # passes run one after another: the largest working set counts
         if step.whole is not None:
             whole[name] = int(step.whole)
+        if step.training is not None:
+            training = _training(*step.training, processes)
         m = step.model
     host, on_device = _by_device(work, device)
     held = {RUNTIME: RUNTIME_BYTES, WEIGHTS: src.model.bytes,
@@ -582,9 +594,17 @@ def plan_memory(source, passes, *, calib_tokens: int | None = None, calib_seq_le
     if not src.known:
         notes.append(f"{src.name}: its size is not known before it runs; the estimate counts the runtime only")
     plan = MemoryPlan(total=total, parts=parts, whole_model=whole, notes=notes, source=src.name,
-                      device=device, on_device=on_device, peak=peak)
+                      device=device, on_device=on_device, peak=peak, training=training)
     plan.fixes = _fixes(plan, flags or {})
     return plan
+
+
+def _training(sizes, cfg, processes: int) -> dict:
+    """Per-process memory of a distill step under ddp and fsdp with `processes` processes."""
+    from moeconv.train.memory import both
+    per_rank_rows = max(1, cfg.batch_size // max(1, processes))
+    micro = cfg.micro_batch_size or per_rank_rows
+    return both(sizes, processes, micro_batches=max(1, per_rank_rows // micro))
 
 
 def _peak(held: int, work: dict[str, int], check: dict[str, int], work_name: str) -> tuple[int, str]:

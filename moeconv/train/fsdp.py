@@ -13,8 +13,10 @@ the pass's checks, the writer and the verification never see a DTensor or an FSD
 Why a copy and not the caller's modules: `fully_shard` cannot be undone (it swaps each module's
 class and installs hooks), and the model outlives training (checks, write, reload-and-compare).
 
-Units: `fully_shard` on each decoder layer of the student and of the teacher (with bf16 mixed
-precision, first on each MoE router, which keeps computing in fp32), then on the student
+Units: `fully_shard` on each decoder layer of the student and of the teacher (first on each of
+its submodules whose parameters have another dtype than the rest, since a unit holds one dtype:
+MoE routers, fp32 in a bf16 model, and with bf16 mixed precision every router, which computes in
+fp32), then on the student
 and on the teacher as a whole (their embeddings, norms and heads), then on the hidden-state
 projections when there are any. The objective itself is not sharded as a unit: its evaluation
 runs the student outside the objective's own forward, and an FSDP root must be the first module
@@ -110,6 +112,24 @@ class ShardedObjective:
         self.released = False
 
 
+def _unsharded_submodules(unit: nn.Module):
+    """`unit`'s submodules (not itself) outside any module `fully_shard` was already applied to."""
+    from torch.distributed.fsdp import FSDPModule
+    for child in unit.children():
+        if isinstance(child, FSDPModule):
+            continue
+        yield child
+        yield from _unsharded_submodules(child)
+
+
+def _dominant_dtype(params) -> torch.dtype | None:
+    """The dtype most of the elements of `params` have."""
+    count: dict[torch.dtype, int] = {}
+    for p in params:
+        count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    return max(count, key=count.get) if count else None
+
+
 def _parameters(*modules) -> list[nn.Parameter]:
     seen: dict[int, nn.Parameter] = {}
     for m in modules:
@@ -136,15 +156,25 @@ def shard_objective(objective: nn.Module, *, device: torch.device, mixed_precisi
     copied = copy.deepcopy(objective, memo)
     shared = {id(p): p for p in originals}
     policy = mixed_precision_policy(mixed_precision)
-    router_policy = mixed_precision_policy(None)
+    keep_policy = mixed_precision_policy(None)
+
+    def own_units(unit: nn.Module) -> None:
+        """Shard apart, uncast, the submodules of `unit` whose parameters are kept in another dtype
+        than the rest (an FSDP unit holds one dtype): MoE routers, fp32 in a bf16 model, and under
+        mixed precision every router, since `MoEBlock.route` computes in fp32."""
+        subs = list(_unsharded_submodules(unit))
+        dominant = _dominant_dtype(p for m in [unit, *subs] for p in m.parameters(recurse=False))
+        for sub in subs:
+            direct = [p for p in sub.parameters(recurse=False)]
+            routers = mixed_precision and any(sub is b.router for b in unit.modules() if isinstance(b, MoEBlock))
+            if direct and (routers or {p.dtype for p in direct} != {dominant}):
+                fully_shard(sub, mesh=mesh, mp_policy=keep_policy)
 
     def shard(module, layers) -> None:
         for layer in layers:
-            if mixed_precision:  # routers compute in fp32 (`MoEBlock.route`): their own unit, not cast
-                for block in layer.modules():
-                    if isinstance(block, MoEBlock):
-                        fully_shard(block.router, mesh=mesh, mp_policy=router_policy)
+            own_units(layer)
             fully_shard(layer, mesh=mesh, mp_policy=policy)
+        own_units(module)
         fully_shard(module, mesh=mesh, mp_policy=policy)
 
     # parameter identity before sharding: the copy's parameter at each position is the caller's

@@ -261,3 +261,24 @@ def test_the_streamed_plan_of_calibrated_passes_does_not_grow_with_depth(tmp_pat
     huge = plan_streaming(tmp_path / "d2", passes, calib_tokens=10**8, calib_seq_len=4096,
                           flags={"calib": "--num-samples / --seq-len"})
     assert huge.fixes[0] == "fewer calibration tokens (--num-samples / --seq-len)"
+
+
+def test_plan_of_a_distill_recipe_shows_each_process_under_ddp_and_fsdp(work, tmp_path):
+    recipe = tmp_path / "heal.yaml"
+    recipe.write_text("steps:\n  - pass: keep-teacher\n  - pass: sparsify\n    method: magnitude\n"
+                      "  - pass: distill\n    mode: heal\n    batch_size: 8\n")
+    from moeconv.recipe import build_passes, load_recipe
+    passes = build_passes(load_recipe(recipe), str(recipe))
+    plan = plan_memory(work["src"], passes, calib_tokens=64 * 128, calib_seq_len=128, processes=4)
+    t = plan.training
+    assert t["processes"] == 4 and plan.to_dict()["training"] == t
+    weights = source_size(work["src"]).model.bytes
+    assert t["ddp"]["parameters"] == 2 * weights  # the student and its keep-teacher snapshot, whole
+    assert t["ddp"]["optimizer_state"] == 2 * weights
+    assert t["fsdp"]["optimizer_state"] == -(-2 * weights // 4)  # a quarter each
+    layer = source_size(work["src"]).model.layer_linear_bytes
+    assert t["fsdp"]["parameters"] == -(-2 * weights // 4) + 2 * layer  # + one layer gathered, one prefetched
+    r = CliRunner().invoke(app, ["plan", str(recipe), "--model", str(work["src"]), "--calib", "--processes", "4"])
+    assert r.exit_code == 0, r.output
+    flat = " ".join(r.stdout.split())
+    assert "distill, per process with 4 processes" in flat and "--strategy fsdp" in flat and "optimizer state" in flat

@@ -5,6 +5,7 @@ micro-batch is the same rows either way), rank 0 alone writes OUT / metrics / ch
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,24 @@ def test_fsdp_bf16_mixed_precision_trains(setup, tmp_path):
     step = sum(((one[k] - start[k]).double() ** 2).sum() for k in one) ** 0.5
     diff = sum(((got[k] - one[k]).double() ** 2).sum() for k in one) ** 0.5
     assert 0 < diff < 0.5 * step, (diff, step)
+
+
+def test_fsdp_trains_a_bf16_student_whose_routers_are_fp32(setup, tmp_path):
+    """A bf16 checkpoint trains with its routers in fp32 (`MoEBlock`): FSDP needs one dtype per
+    unit, so the routers are sharded as units of their own."""
+    from safetensors.torch import save_file
+    for name in ("moe", "pruned"):
+        shutil.copytree(setup / name, tmp_path / name)
+        cfg = json.loads((tmp_path / name / "config.json").read_text())
+        cfg["dtype"] = cfg["torch_dtype"] = "bfloat16"
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        save_file({k: v.bfloat16() for k, v in weights(setup / name).items()}, tmp_path / name / "model.safetensors",
+                  metadata={"format": "pt"})
+    args = ["--teacher", tmp_path / "moe", "--student", tmp_path / "pruned", "--data", setup / "data.txt",
+            "--mode", "heal", "--steps", 3, "--seq-len", 16, "--batch-size", 8, "--micro-batch-size", 2, "--lr", 2e-3]
+    run(2, *args, tmp_path / "fsdp", "--strategy", "fsdp")
+    run(2, *args, tmp_path / "ddp", "--strategy", "ddp")
+    fsdp, ddp, start = weights(tmp_path / "fsdp"), weights(tmp_path / "ddp"), weights(tmp_path / "pruned")
+    assert all(v.dtype == torch.bfloat16 for v in fsdp.values())
+    assert any(not torch.equal(fsdp[k], start[k]) for k in start)
+    assert per_tensor_relative_diff(fsdp, ddp) <= 1e-6

@@ -29,6 +29,18 @@ TERMS = ("kl", "ce", "hidden", "router", "balance", "z")
 RELOAD_RTOL = 1e-4
 
 
+def reload_tolerance(state) -> float:
+    """`RELOAD_RTOL` for an fp32 student. A half-precision student's checkpoint holds its routers,
+    trained in fp32 (`MoEBlock` routes in fp32), rounded to the checkpoint's dtype: 3.2e-4 relative
+    on a bf16 Mixtral after 2 steps (scripts/bench_fsdp_memory.py), so the bound of every other
+    half-precision reload applies (`quantize.RELOAD_RTOL_HALF`)."""
+    import torch
+
+    from moeconv.cli.commands.quantize import RELOAD_RTOL_HALF
+    dtype = next((p.dtype for p in state.module.parameters() if p.is_floating_point()), torch.float32)
+    return RELOAD_RTOL if dtype == torch.float32 else RELOAD_RTOL_HALF
+
+
 def parse_loss_weights(text: str | None) -> dict[str, float]:
     """'kl=1,ce=0.1' → {'kl': 1.0, 'ce': 0.1}."""
     from moeconv.errors import ConfigError
@@ -328,7 +340,7 @@ def _train(a: DistillArgs, cfg, dist) -> dict | None:
             return None
         from moeconv.jobs.pipeline_job import run_to_dir
         return run_to_dir(a.student, a.out_dir, [p], ctx=ctx, fmt=format_of(a.student), force=a.force,
-                          state=s_state, reload_tolerance=RELOAD_RTOL)
+                          state=s_state, reload_tolerance=reload_tolerance(s_state))
 
 
 def check_data_arguments(teacher: str, student: str, data: Path, eval_data: Path | None, seq_len: int,

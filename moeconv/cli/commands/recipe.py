@@ -27,11 +27,13 @@ def plan(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override STEP.FIELD=VALUE (repeatable)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --model: the memory the run may use "
                                              "(default or 0: the memory available here)."),
+    processes: int = typer.Option(2, "--processes", min=1, help="With --model and a distill step: the torchrun "
+                                  "processes it would run on (each one's memory under ddp and fsdp)."),
 ):
     """Print the step × facts table, every problem with its fix and, with --model, the run's
     estimated peak memory with its breakdown (read from the checkpoint's headers)."""
     from moeconv import cli
-    cli._run(lambda: _plan_recipe(recipe, model, calib, set_ or [], max_memory))
+    cli._run(lambda: _plan_recipe(recipe, model, calib, set_ or [], max_memory, processes))
 
 
 def run(
@@ -71,7 +73,8 @@ def _render_plan(passes: list, facts: set[str]) -> None:
         raise PlanError(result.problems)
 
 
-def _plan_recipe(recipe: Path, model: str | None, calib: bool, overrides: list[str], max_memory: str | None) -> None:
+def _plan_recipe(recipe: Path, model: str | None, calib: bool, overrides: list[str], max_memory: str | None,
+                 processes: int = 2) -> None:
     passes = _passes(recipe, overrides)
     if model:
         from moeconv import cli, load
@@ -79,7 +82,7 @@ def _plan_recipe(recipe: Path, model: str | None, calib: bool, overrides: list[s
         from moeconv.memory_plan import check_plan, parse_max_memory, plan_memory
         limit = parse_max_memory(max_memory)
         memory = plan_memory(model, passes, calib_tokens=32 * DEFAULT_SEQ_LEN if calib else None,  # headers only
-                             flags=RECIPE_FLAGS)
+                             flags=RECIPE_FLAGS, processes=processes)
         render_memory(cli.out, memory)
         check_plan(memory, limit, given=max_memory)  # before the model is loaded for its facts
         facts = load(model).facts()
@@ -106,8 +109,26 @@ def render_memory(console, plan) -> None:
     console.print(t)
     for name, need in plan.whole_model.items():
         console.print(f"{name} needs the whole model in memory: about {format_bytes(need)} for it alone")
+    if plan.training:
+        render_training_memory(console, plan.training)
     for note in plan.notes:
         console.print(f"note: {note}")
+
+
+def render_training_memory(console, training: dict) -> None:
+    """distill under torchrun: what each process holds with ddp and with fsdp, side by side."""
+    from rich.table import Table
+
+    from moeconv.io.config_checks import format_bytes
+    from moeconv.train.memory import PARTS
+    n = training["processes"]
+    t = Table(title=f"distill, per process with {n} process{'es' if n != 1 else ''} (torchrun --nproc-per-node {n})")
+    t.add_column("held by")
+    t.add_column("--strategy ddp", justify="right")
+    t.add_column("--strategy fsdp", justify="right")
+    for part in (*PARTS, "total"):
+        t.add_row(part.replace("_", " "), format_bytes(training["ddp"][part]), format_bytes(training["fsdp"][part]))
+    console.print(t)
 
 
 def _run_recipe(recipe: Path, model: str, out_dir: Path, calib: Path | None, overrides: list[str], fmt: str, seed: int,
