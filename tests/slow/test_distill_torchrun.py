@@ -190,3 +190,13 @@ def test_fsdp_trains_a_bf16_student_whose_routers_are_fp32(setup, tmp_path):
     assert all(v.dtype == torch.bfloat16 for v in fsdp.values())
     assert any(not torch.equal(fsdp[k], start[k]) for k in start)
     assert per_tensor_relative_diff(fsdp, ddp) <= 1e-6
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per process: 2 GPUs")
+def test_fsdp_on_nccl_matches_one_process(setup, tmp_path):
+    """The same code path on NCCL (one GPU per process) as on gloo."""
+    run(1, *fsdp_args(setup, "heal"), tmp_path / "one")
+    run(2, *fsdp_args(setup, "heal"), tmp_path / "nccl", "--strategy", "fsdp", "--device", "cuda")
+    assert relative_max_diff(weights(tmp_path / "nccl"), weights(tmp_path / "one")) <= 1e-5
+    m = json.loads((tmp_path / "nccl" / "report.json").read_text())["passes"][0]["metrics"]
+    assert m["strategy"] == "fsdp"
