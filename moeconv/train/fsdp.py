@@ -192,15 +192,22 @@ def shard_objective(objective: nn.Module, *, device: torch.device, mixed_precisi
         root.set_reduce_scatter_unused_params(True)
     after = dict(copied.named_parameters(remove_duplicate=False))
     t_after = dict(copied.teacher.named_parameters(remove_duplicate=False)) if copied.teacher is not None else {}
-    pairs, done = [], set()
-    for b, a in ((before, after), (t_before, t_after)):
-        for name, p in b.items():
-            if id(p) in shared and id(p) not in done:
-                done.add(id(p))
-                pairs.append((shared[id(p)], a[name]))
+    pairs = _pairs(((before, after), (t_before, t_after)), shared)
     if len(pairs) != len(originals):
         raise RuntimeError(f"internal: {len(originals) - len(pairs)} parameter(s) of the objective were not sharded")
     return ShardedObjective(copied, roots, pairs)
+
+
+def _pairs(before_after, shared: dict[int, nn.Parameter]) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(caller's parameter, its sharded copy), once per parameter: each name's parameter before
+    sharding (the caller's own, shared by the copy) and after."""
+    pairs, done = [], set()
+    for before, after in before_after:
+        for name, p in before.items():
+            if id(p) in shared and id(p) not in done:
+                done.add(id(p))
+                pairs.append((shared[id(p)], after[name]))
+    return pairs
 
 
 def local_bytes(tensors) -> int:

@@ -223,7 +223,9 @@ class Trainer:
         return [self.train_rows[chunk] for chunk in mine.split(self.micro)]
 
     # ---- the loop ------------------------------------------------------------------------------
-    def fit(self, resume: Path | None = None) -> TrainResult:
+    def _start(self, resume: Path | None) -> tuple[torch.optim.Optimizer, TrainResult, int]:
+        """Place (or shard) the model, build the optimizer on what is trained, and restore a
+        checkpoint or start fresh; returns (optimizer, result so far, steps already done)."""
         cfg = self.cfg
         if cfg.strategy == "fsdp":
             self._shard()
@@ -241,6 +243,11 @@ class Trainer:
             self._refuse_stale_checkpoints()
             torch.manual_seed(cfg.seed + self.dist.rank)  # dropout (if on); the data order has its own
             self._apply_masks(grads=False)
+        return opt, result, start
+
+    def fit(self, resume: Path | None = None) -> TrainResult:
+        cfg = self.cfg
+        opt, result, start = self._start(resume)
         runner = self._wrap()
         metrics = self._metrics_file(start)
         if start == 0 and self.eval_rows is not None:
