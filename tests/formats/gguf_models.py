@@ -25,8 +25,8 @@ MOE = {  # kind → (config class, extra config kwargs)
 }
 
 
-def native(kind: str, path: Path, *, vocab: int = VOCAB, seed: int = 0, **overrides) -> Path:
-    """A randomised transformers model of `kind` (see `MOE`), saved to `path`."""
+def native(kind: str, path: Path, *, vocab: int = VOCAB, seed: int = 0, std: float = 0.2, **overrides) -> Path:
+    """A randomised transformers model of `kind` (see `MOE`; matrices N(0, `std`)), saved to `path`."""
     import transformers
     cls, extra = MOE[kind]
     cfg = getattr(transformers, cls)(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
@@ -34,17 +34,17 @@ def native(kind: str, path: Path, *, vocab: int = VOCAB, seed: int = 0, **overri
                                      max_position_embeddings=64, tie_word_embeddings=False,
                                      **{**extra, **overrides})
     torch.manual_seed(seed)
-    model = randomise_(transformers.AutoModelForCausalLM.from_config(cfg), seed=seed)
+    model = randomise_(transformers.AutoModelForCausalLM.from_config(cfg), seed=seed, std=std)
     model.save_pretrained(path)
     return path
 
 
-def upcycled_llama(root: Path) -> Path:
+def upcycled_llama(root: Path, std: float = 0.2) -> Path:
     """A tiny dense Llama upcycled by moeconv to a 4-expert Mixtral (copy init, exact)."""
     from typer.testing import CliRunner
 
     from moeconv.cli import app
-    dense = native("llama", root / "llama-dense")
+    dense = native("llama", root / "llama-dense", std=std)
     r = CliRunner().invoke(app, ["upcycle", str(dense), str(root / "llama-moe"), "--num-experts", "4",
                                  "--top-k", "2", "--router-init", "normal"])
     assert r.exit_code == 0, r.output
