@@ -39,12 +39,15 @@ def native(kind: str, path: Path, *, vocab: int = VOCAB, seed: int = 0, std: flo
     return path
 
 
-def upcycled_llama(root: Path, std: float = 0.2) -> Path:
-    """A tiny dense Llama upcycled by moeconv to a 4-expert Mixtral (copy init, exact)."""
+def upcycled_llama(root: Path, std: float = 0.2, vocab: int = VOCAB, tokenizer: bool = False) -> Path:
+    """A tiny dense Llama upcycled by moeconv to a 4-expert Mixtral (copy init, exact); with
+    `tokenizer`, a byte-level BPE tokenizer of `vocab` ids carried along."""
     from typer.testing import CliRunner
 
     from moeconv.cli import app
-    dense = native("llama", root / "llama-dense", std=std)
+    dense = native("llama", root / "llama-dense", std=std, vocab=vocab)
+    if tokenizer:
+        bpe_tokenizer(dense, vocab)
     r = CliRunner().invoke(app, ["upcycle", str(dense), str(root / "llama-moe"), "--num-experts", "4",
                                  "--top-k", "2", "--router-init", "normal"])
     assert r.exit_code == 0, r.output
