@@ -75,11 +75,12 @@ def test_llama_cpp_computes_what_pytorch_computes(models, tmp_path, name):
     _, top1 = compare(tmp_path / "f16" / "model.gguf", models[name], inputs, kv_f32=False)  # as llama-cli runs it
     assert top1 == 1.0
     # Q8_0 (llama.cpp also rounds the activations to Q8_0): these random models' logits are nearly
-    # flat, so a few near-ties flip (measured 94.6% on the Qwen2-MoE); the 95% bound is checked on
-    # SmolLM2's real text below
+    # flat, so near-ties flip; top-1 is estimated on 576 positions (on the 93 above it swings by
+    # a few points: 94.6% there, 97.6% here for the Qwen2-MoE; 97.2% for the other two)
+    many = [torch.randint(0, 128, (48,), generator=torch.Generator().manual_seed(100 + i)) for i in range(12)]
     export(models[name], tmp_path / "q8", "--type", "q8_0")
-    rel, top1 = compare(tmp_path / "q8" / "model.gguf", models[name], inputs)
-    assert top1 >= 0.9, (rel, top1)
+    rel, top1 = compare(tmp_path / "q8" / "model.gguf", models[name], many)
+    assert top1 >= 0.95, (rel, top1)
 
 
 def test_smollm2_upcycled_generates_the_same_greedy_tokens(tmp_path):
