@@ -99,6 +99,12 @@ def from_directory(path: Path, n_vocab: int) -> GgufVocab:
             tokens.append(token)
             types.append(NORMAL)
     special = gguf.SpecialVocab(path, load_merges=True, n_vocab=n_vocab)
+    # Whether the tokenizer adds BOS / EOS around a text, measured rather than read from a config
+    # field a tokenizer may not write: llama.cpp's default for a missing key may differ
+    probe = tokenizer("a").input_ids
+    for kind, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id)):
+        if tid is not None and kind not in special.add_special_token:
+            special.add_special_token[kind] = bool(probe) and probe[0 if kind == "bos" else -1] == tid
     if not special.merges:
         return GgufVocab("none", notes=["the BPE tokenizer has no merges, which llama.cpp refuses: the GGUF holds "
                                         "no tokenizer and evaluates token ids only"])

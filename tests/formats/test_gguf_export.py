@@ -111,6 +111,9 @@ def test_byte_level_bpe_tokenizer_is_embedded_with_its_merges(tmp_path):
     assert len(reader.fields["tokenizer.ggml.merges"].contents()) > 0
     types = reader.fields["tokenizer.ggml.token_type"].contents()
     assert types[tokens.index("<|endoftext|>")] == 3  # CONTROL
+    # this tokenizer adds neither BOS nor EOS to a text: said explicitly (llama.cpp's default may differ)
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False
+    assert reader.fields["tokenizer.ggml.add_eos_token"].contents() is False
 
 
 def test_a_model_without_a_tokenizer_llama_cpp_reads_says_so(mixtral, tmp_path):
