@@ -78,9 +78,11 @@ def check_exportable(config, arch: str) -> None:
         if experts:
             renorm = True if arch == "llama" else bool(getattr(config, "norm_topk_prob", False))
             if renorm != RENORMALISES[arch]:
+                hint = (" (moeconv's exact upcycling to Qwen2-MoE renormalises; Qwen3-MoE is the family llama.cpp "
+                        "runs with renormalisation)" if arch == "qwen2moe" else "")
                 raise UnsupportedError(f"export gguf: norm_topk_prob={renorm}; llama.cpp's {arch} "
                                        f"{'renormalises' if RENORMALISES[arch] else 'does not renormalise'} "
-                                       "the top-k routing weights")
+                                       f"the top-k routing weights{hint}")
 
 
 def permute(w: torch.Tensor, heads: int) -> torch.Tensor:

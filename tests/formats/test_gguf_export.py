@@ -80,11 +80,12 @@ def test_f32_tensors_are_the_models_own_after_llama_cpps_rotary_permutation(mixt
     assert not torch.equal(permuted, q)
 
 
-@pytest.mark.parametrize("kind", ["qwen2moe", "qwen3moe", "qwen2", "qwen3"])
-def test_qwen_families(tmp_path, kind):
+@pytest.mark.parametrize("kind", ["qwen2moe", "qwen3moe", "qwen2", "qwen3", "mistral"])
+def test_other_families(tmp_path, kind):
     report = ok(native(kind, tmp_path / kind), tmp_path / "out", "--type", "q8_0")
     reader, got = tensors(tmp_path / "out" / "model.gguf")
-    assert reader.fields["general.architecture"].contents() == kind == report["architecture"]
+    arch = "llama" if kind == "mistral" else kind
+    assert reader.fields["general.architecture"].contents() == arch == report["architecture"]
     if kind == "qwen2moe":
         assert {"blk.0.ffn_gate_shexp.weight", "blk.0.ffn_up_shexp.weight", "blk.0.ffn_down_shexp.weight",
                 "blk.0.ffn_gate_inp_shexp.weight"} <= set(got)
@@ -131,6 +132,7 @@ def test_a_model_without_a_tokenizer_llama_cpp_reads_says_so(mixtral, tmp_path):
     ("qwen3moe-no-renorm", "norm_topk_prob=False"),
     ("gelu", "hidden_act='gelu'"),
     ("rope-linear", "rope_scaling 'linear'"),
+    ("sliding-window", "sliding_window=16"),
     ("type", "--type must be one of"),
 ])
 def test_what_llama_cpp_computes_differently_is_refused(tmp_path, case, needle):
@@ -140,6 +142,8 @@ def test_what_llama_cpp_computes_differently_is_refused(tmp_path, case, needle):
         src = native("qwen3moe", tmp_path / "m", norm_topk_prob=False)
     elif case == "gelu":
         src = native("llama", tmp_path / "m", hidden_act="gelu")
+    elif case == "sliding-window":
+        src = native("mistral", tmp_path / "m", sliding_window=16)
     elif case == "rope-linear":
         src = native("llama", tmp_path / "m", rope_scaling={"rope_type": "linear", "factor": 2.0})
     else:
