@@ -80,8 +80,8 @@ def from_directory(path: Path, n_vocab: int) -> GgufVocab:
         what = model.get("type", "no tokenizer.json") if spec else "no tokenizer.json"
         return GgufVocab("none", notes=[f"tokenizer ({what}) is not a byte-level BPE llama.cpp reads: the GGUF holds "
                                         "no tokenizer and evaluates token ids only"])
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    from moeconv.io.transformers_io import read_tokenizer
+    tokenizer = read_tokenizer(path)  # never runs a tokenizer's custom code
     reverse = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.get_added_vocab()
     decoder_of = tokenizer.added_tokens_decoder
