@@ -86,6 +86,15 @@ def load_causal_lm(path: Path, *, gguf_file: str | None = None, dtype=torch.floa
                                                 local_files_only=True, dtype=dtype)
 
 
+def load_causal_lm_with_info(path: Path, *, dtype=torch.float32):
+    """(`AutoModelForCausalLM` of a directory, transformers' loading info: missing / unexpected /
+    mismatched keys), for checks that every written weight is the one a consumer reads."""
+    from transformers import AutoModelForCausalLM
+    refuse_custom_code(path)
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, local_files_only=True, dtype=dtype,
+                                                output_loading_info=True)
+
+
 def config_for(model_type: str, **fields):
     """A config object of a type transformers knows, from fields (reads no file). Keys that name
     code to run are dropped: a config moeconv builds or writes never points at a `.py` file."""

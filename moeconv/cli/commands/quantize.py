@@ -1,4 +1,5 @@
-"""`moeconv quantize SRC OUT --method int8|nf4|fp4`: bitsandbytes quantization, verified on reload.
+"""`moeconv quantize SRC OUT --method int8|nf4|fp4|w4a16|w8a16|fp8`: bitsandbytes quantization, or
+compressed-tensors (w4a16, w8a16, fp8: what vLLM serves; `moeconv.jobs.quantize_ct`), verified on reload.
 
 A thin shell over the `quantize` pass and `moeconv.jobs.pipeline_job.run_to_dir`: parse, refuse bad requests
 before anything is loaded or written, run, render the report.
@@ -29,7 +30,13 @@ def register(app: typer.Typer) -> None:
 def quantize(
     src: str = typer.Argument(..., help="Float model: HF checkpoint dir (dense or MoE), moeconv dir, .gguf, builtin:NAME, FILE.py."),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory (must not exist unless --force)."),
-    method: str = typer.Option("nf4", "--method", "-m", help="int8 (LLM.int8) | nf4 | fp4."),
+    method: str = typer.Option("nf4", "--method", "-m", help="bitsandbytes: int8 (LLM.int8) | nf4 | fp4; "
+                               "compressed-tensors (vLLM, transformers): w4a16 | w8a16 | fp8."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="w4a16 / w8a16: inputs per scale "
+                                             "(default 128; must divide every quantized matrix's width)."),
+    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="w4a16 / w8a16: zero point "
+                                             "fixed at 0 (the default; keeps 2:4 zeros exactly). --asymmetric is "
+                                             "refused: transformers 5.25 cannot load its packed zero points."),
     double_quant: bool = typer.Option(False, "--double-quant", help="4-bit: quantize the block scales too."),
     blocksize: Optional[int] = typer.Option(None, "--blocksize", help="4-bit: weights per scale, 32…4096 (default 64)."),
     compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", help="4-bit: float32 | bfloat16 | float16 (default: the model's)."),
@@ -64,6 +71,8 @@ class QuantizeArgs:
     src: str
     out_dir: Path
     method: str
+    group_size: Optional[int]
+    symmetric: Optional[bool]
     double_quant: bool
     blocksize: Optional[int]
     compute_dtype: Optional[str]
@@ -108,6 +117,9 @@ def _reload_tolerance(state) -> float:
 
 def _run_quantize(a: QuantizeArgs) -> None:
     from moeconv import cli
+    from moeconv.formats.compressed_tensors_io import METHODS as CT_METHODS
+    if a.method in CT_METHODS:
+        return _run_compressed_tensors(a)
     from moeconv.context import check_seed
     from moeconv.io.atomic import check_new_output
     from moeconv.jobs.routes import choose_route
@@ -124,6 +136,52 @@ def _run_quantize(a: QuantizeArgs) -> None:
     extra = {"memory_plan": plan.to_dict(), "route": {"route": route, "why": why}}
     report = (_quantize_streamed if route == "streaming" else _quantize_in_memory)(a, cfg, shard_bytes, extra)
     render_quantize(cli.out, report)
+
+
+def _run_compressed_tensors(a: QuantizeArgs) -> None:
+    """w4a16 / w8a16 / fp8: round-to-nearest into compressed-tensors, reloaded by transformers."""
+    from moeconv import cli
+    from moeconv.context import check_seed
+    from moeconv.errors import ConfigError
+    from moeconv.jobs.quantize_ct import quantize_ct_to_dir
+    from moeconv.units import parse_size
+    bnb_only = {"--double-quant": a.double_quant, "--blocksize": a.blocksize, "--compute-dtype": a.compute_dtype,
+                "--targets": a.targets, "--ignore": a.ignore, "--quantize-routers": a.quantize_routers,
+                "--quantize-lm-head": a.quantize_lm_head, "--eval": a.eval_file}
+    given = [flag for flag, v in bnb_only.items() if v]
+    if given:
+        raise ConfigError(f"quantize --method {a.method}: {given[0]} is a bitsandbytes option")
+    check_seed(a.seed)
+    report = quantize_ct_to_dir(a.src, a.out_dir, method=a.method, group_size=a.group_size, symmetric=a.symmetric,
+                                force=a.force, seed=a.seed, shard_bytes=parse_size(a.shard_size))
+    render_compressed_tensors(cli.out, report)
+
+
+def render_compressed_tensors(console, report: dict) -> None:
+    from rich.table import Table
+
+    from moeconv.render import _bytes, render_warnings
+    w, e, v = report["written"], report["error_vs_float"], report["verification"]
+    args = report["weights"]
+    scheme = f"{args['num_bits']}-bit {args['type']}, " + (f"groups of {args['group_size']}" if args.get("group_size")
+                                                           else f"per {args['strategy']}")
+    t = Table(title="quantize", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    t.add_row("output", f"{report['output']}  (compressed-tensors, loads with transformers.AutoModelForCausalLM; "
+              "served by vLLM)")
+    t.add_row("method", f"{report['method']}: {scheme}, {'symmetric' if args.get('symmetric') else 'asymmetric'}; "
+              f"{report['quantized_modules']} matrices, {len(report['float_modules'])} left in float (routers, lm_head)")
+    t.add_row("bytes", f"written {_bytes(w['bytes'])} in {w['shards']} shard(s), re-read and checksummed")
+    t.add_row("output error", f"relative max |Δlogits| {e['rel_max_diff']:.3g}, KL {e['kl']:.3g}, "
+              f"top-1 agreement {e['top1_agreement']:.1%} vs the float model")
+    if report["zeros"]["before"]:
+        t.add_row("zeros", f"{report['zeros']['kept']:,} of {report['zeros']['before']:,} exact zeros kept")
+    t.add_row("reload check", f"{v['consumer_class']}: no missing or unexpected weight, max |Δ| {v['max_abs_diff']:.3g} "
+              f"vs the in-memory quantized model, {v['routers_bit_identical']} router(s) bit-identical")
+    t.add_row("time", f"{report['seconds']} s")
+    console.print(t)
+    render_warnings(console, report.get("warnings", []))
 
 
 def _evaluation(a: QuantizeArgs):

@@ -1,0 +1,143 @@
+"""`moeconv quantize SRC OUT --method w4a16|w8a16|fp8`: a compressed-tensors checkpoint (the format
+vLLM, SGLang and transformers load), published only after stock transformers reloaded it.
+
+Checks, in order: the source is a float Hugging Face causal LM (dense, or an MoE family
+transformers has: Mixtral, Qwen2-MoE, Qwen3-MoE) and not already quantized; every targeted
+matrix's width fits the group. Then round-to-nearest in memory (`compressed_tensors_io`), the
+output error against the float model measured (relative max |Δlogits|, KL, top-1), the compressed
+tensors written under the family's own names and re-read with SHA-256, and the directory loaded
+with `transformers.AutoModelForCausalLM.from_pretrained`: no missing or unexpected weight, its
+logits equal to the in-memory quantized model's (relative ≤ 1e-5), its routers bit-identical to
+the source's. vLLM (GPU) is the serving engine the format is for; it is not run here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moeconv.errors import InputError, UnsupportedError, VerificationError
+from moeconv.jobs.driver import JobResult, check_output, run_job
+
+EXACT = 1e-5
+DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def quantize_ct_to_dir(src, out, *, method: str, group_size: int | None = None, symmetric: bool | None = None,
+                       force: bool = False, seed: int = 0, shard_bytes: int = 5 * 10**9) -> dict:
+    from moeconv.formats.compressed_tensors_io import weight_args
+    args = weight_args(method, group_size, symmetric)  # refused before anything is read
+    check_output(src, out, force=force)
+    recipe = [{"pass": "quantize", "method": method, "format": "compressed-tensors",
+               "weights": args.model_dump(exclude_none=True, mode="json")}]
+    return run_job(src, out, force=force, recipe=recipe,
+                   work=lambda tmp: _work(src, tmp, method, args, seed, shard_bytes))
+
+
+def _work(src, tmp: Path, method: str, args, seed: int, shard_bytes: int) -> JobResult:
+    from moeconv import load
+    from moeconv.formats.compressed_tensors_io import compressed_state_dict, quantize_rtn
+    from moeconv.formats.quantized import write_generation_config
+    from moeconv.formats.writer import TensorSource, write_checkpoint
+    from moeconv.io.safetensors_io import TensorSpec
+    from moeconv.stream.compare import compare_logits
+    from moeconv.verify import check_inputs
+    state = load(src)
+    rename, family = _names(state)
+    module = state.module.eval()
+    inputs = check_inputs(int(state.config.vocab_size), seed + 1)
+    routers = _routers(module, rename)
+    with torch.no_grad():
+        float_logits = _logits(module, inputs)
+    q = quantize_rtn(module, method, args)
+    with torch.no_grad():
+        quant_logits = _logits(module, inputs)
+    error = {**compare_logits([float_logits], [quant_logits], tolerance=None, what="float model"),
+             "mode": "in memory, before writing"}
+    tensors, qconfig = compressed_state_dict(module, q)
+    tensors = {rename(k): v for k, v in tensors.items()}
+    config = state.config.to_dict()
+    config["quantization_config"] = qconfig
+    specs = [TensorSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    written = write_checkpoint(tmp, TensorSource(specs, lambda s: tensors[s.name], []), config, shard_bytes=shard_bytes)
+    write_generation_config(module, tmp)
+    reload = _reload(tmp, inputs, quant_logits, routers)
+    report = {"format": "compressed-tensors", "consumer": "transformers.AutoModelForCausalLM; served by vLLM "
+              "(not run here: no GPU)", "family": family, "method": method,
+              "weights": args.model_dump(exclude_none=True, mode="json"),
+              "quantized_modules": len(q.qparams), "float_modules": q.ignored,
+              "zeros": {"before": q.zeros_before, "kept": q.zeros_after_of_those},
+              "error_vs_float": error, "written": written, "verification": reload}
+    if q.zeros_after_of_those != q.zeros_before:  # symmetric schemes map 0 to 0: a 2:4 pattern must survive
+        raise VerificationError(f"{q.zeros_before - q.zeros_after_of_those} of {q.zeros_before} exact zeros became "
+                                "non-zero under a symmetric scheme")
+    return JobResult(report, state.source)
+
+
+def _names(state):
+    """(module name → the family's on-disk name, family name): an MoE family transformers has, or a
+    dense model whose names are its own."""
+    from moeconv.formats.hf_moe import FAMILIES, gated_rename
+    from moeconv.nn.moe import MoEBlock
+    if "quantized" in state.facts() or getattr(state.config, "quantization_config", None):
+        raise InputError("quantize: the model is already quantized; start from its float checkpoint")
+    cfg = state.config
+    model_type = getattr(cfg, "model_type", None)
+    moe_paths = [p for p, m in state.module.named_modules() if isinstance(m, MoEBlock)]
+    if not moe_paths:
+        if model_type not in DENSE_TYPES:
+            raise UnsupportedError(f"quantize --method w4a16|w8a16|fp8: {model_type or 'this model'} is not one of "
+                                   f"{', '.join(DENSE_TYPES)} or an MoE family transformers has")
+        return (lambda n: n), model_type
+    fmt = next((f for f in FAMILIES.values() if f.target_type == model_type), None)
+    if fmt is None:
+        raise UnsupportedError(f"quantize --method w4a16|w8a16|fp8: an MoE of type {model_type!r} has no "
+                               "transformers family to write compressed-tensors for (Mixtral, Qwen2-MoE, Qwen3-MoE)")
+    return (lambda n: gated_rename(fmt, moe_paths, n)), fmt.name
+
+
+def _routers(module, rename) -> dict[str, torch.Tensor]:
+    """The source's router weights under their on-disk names (bit-identity is checked on reload)."""
+    from moeconv.nn.moe import MoEBlock
+    return {rename(f"{p}.router.weight"): m.router.weight.detach().clone()
+            for p, m in module.named_modules() if isinstance(m, MoEBlock)}
+
+
+def _logits(module, ids):
+    out = module(input_ids=ids, use_cache=False) if _takes_kwargs(module) else module(ids)
+    return (out.logits if hasattr(out, "logits") else out).float()
+
+
+def _takes_kwargs(module) -> bool:
+    return hasattr(module, "config")
+
+
+def _reload(out: Path, inputs, quant_logits, routers: dict[str, torch.Tensor]) -> dict:
+    from moeconv.io.transformers_io import load_causal_lm_with_info
+    from moeconv.stream.compare import compare_logits
+    try:
+        model, info = load_causal_lm_with_info(out)
+    except Exception as exc:  # the consumer cannot load what was written: nothing is published
+        raise VerificationError(f"stock transformers could not load the compressed-tensors output "
+                                f"({exc.__class__.__name__}: {' '.join(str(exc).split())[:160]})") from None
+    missing, unexpected = sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", []))
+    if missing or unexpected:
+        raise VerificationError(f"transformers reloaded {out.name} with missing weights {missing[:3]} and unexpected "
+                                f"{unexpected[:3]}")
+    with torch.no_grad():
+        got = _logits(model.eval(), inputs)
+    result = {**compare_logits([quant_logits], [got], tolerance=EXACT, what="in-memory quantized model"),
+              "mode": "the written directory loaded by stock transformers"}
+    from safetensors import safe_open
+    bit_identical = 0
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            for name in fh.keys():
+                if name in routers:
+                    if not torch.equal(fh.get_tensor(name), routers[name].to(fh.get_tensor(name).dtype)):
+                        raise VerificationError(f"{name}: the written router differs from the source's")
+                    bit_identical += 1
+    if bit_identical != len(routers):
+        raise VerificationError(f"{len(routers) - bit_identical} router(s) not found in the written files")
+    return {**result, "consumer_class": type(model).__name__, "missing": 0, "unexpected": 0,
+            "routers_bit_identical": bit_identical}
