@@ -23,15 +23,40 @@ EXACT = 1e-5
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+# Copies of the weights the in-memory route holds at its peak, × the float32 weights: the loaded model,
+# the copy compressed-tensors compresses, transformers' reload and its decompression buffers (not
+# measured; an upper bound from what is held).
+HELD_COPIES = 4.0
+
+
+def plan(src, max_memory: str | None = None):
+    """The estimated peak memory, refused over `--max-memory` (or the memory available) before
+    any weight is read (`moeconv.memory_plan`)."""
+    from moeconv.memory_plan import CHECK, RUNTIME, RUNTIME_BYTES, WEIGHTS, MemoryPlan, refuse_over, source_size
+    size = source_size(src)
+    f32 = size.model.float32_bytes
+    parts = {RUNTIME: RUNTIME_BYTES, WEIGHTS: f32, "compressed copy": f32, CHECK: int((HELD_COPIES - 2) * f32)}
+    memory = MemoryPlan(total=sum(parts.values()), parts=parts, peak="during the reload check", source=size.name,
+                        fixes=["a machine with more memory (this route holds the whole model)"])
+    return refuse_over(memory, max_memory)
+
+
 def quantize_ct_to_dir(src, out, *, method: str, group_size: int | None = None, symmetric: bool | None = None,
-                       force: bool = False, seed: int = 0, shard_bytes: int = 5 * 10**9) -> dict:
+                       force: bool = False, seed: int = 0, shard_bytes: int = 5 * 10**9,
+                       max_memory: str | None = None) -> dict:
     from moeconv.formats.compressed_tensors_io import weight_args
     args = weight_args(method, group_size, symmetric)  # refused before anything is read
     check_output(src, out, force=force)
+    memory = plan(src, max_memory)
     recipe = [{"pass": "quantize", "method": method, "format": "compressed-tensors",
                "weights": args.model_dump(exclude_none=True, mode="json")}]
     return run_job(src, out, force=force, recipe=recipe,
-                   work=lambda tmp: _work(src, tmp, method, args, seed, shard_bytes))
+                   work=lambda tmp: _with_plan(_work(src, tmp, method, args, seed, shard_bytes), memory))
+
+
+def _with_plan(result: JobResult, memory) -> JobResult:
+    result.report["memory_plan"] = memory.to_dict()
+    return result
 
 
 def _work(src, tmp: Path, method: str, args, seed: int, shard_bytes: int) -> JobResult:

@@ -90,13 +90,15 @@ def test_2_4_zeros_survive_a_symmetric_w4a16_reloaded_in_transformers(models, tm
     ("asymmetric", "cannot load compressed-tensors' packed zero points"),
     ("bnb-option", "--double-quant is a bitsandbytes option"),
     ("quantized", "already quantized"),
+    ("memory", "(--max-memory 1MB); no weight was read"),
 ])
 def test_unsupported_requests_exit_2_and_write_nothing(models, tmp_path, case, needle):
     src = models["mixtral"]
     args = {"group": ["--method", "w4a16"], "fp8-group": ["--method", "fp8", "--group-size", 16],
             "fp8-asym": ["--method", "fp8", "--asymmetric"],
             "asymmetric": ["--method", "w4a16", "--group-size", 16, "--asymmetric"], "bnb-option": ["--method", "w8a16", "--double-quant"],
-            "quantized": ["--method", "w4a16", "--group-size", 16]}[case]
+            "quantized": ["--method", "w4a16", "--group-size", 16],
+            "memory": ["--method", "w4a16", "--group-size", 16, "--max-memory", "1MB"]}[case]
     if case == "quantized":
         ok(src, tmp_path / "first", "--method", "w4a16", "--group-size", 16)
         src = tmp_path / "first"

@@ -153,7 +153,8 @@ def _run_compressed_tensors(a: QuantizeArgs) -> None:
         raise ConfigError(f"quantize --method {a.method}: {given[0]} is a bitsandbytes option")
     check_seed(a.seed)
     report = quantize_ct_to_dir(a.src, a.out_dir, method=a.method, group_size=a.group_size, symmetric=a.symmetric,
-                                force=a.force, seed=a.seed, shard_bytes=parse_size(a.shard_size))
+                                force=a.force, seed=a.seed, shard_bytes=parse_size(a.shard_size),
+                                max_memory=a.max_memory)
     render_compressed_tensors(cli.out, report)
 
 
