@@ -47,6 +47,9 @@ class QuantizedModel:
     ignored: list[str] = field(default_factory=list)
     zeros_before: int = 0
     zeros_after_of_those: int = 0  # of the weights that were exactly 0 before, how many still are
+    fallback: list[str] = field(default_factory=list)  # gptq: expert matrices calibrated on their block's inputs
+    outside: list[str] = field(default_factory=list)   # gptq: targets outside the decoder layers (rounded)
+    seconds: float = 0.0
 
 
 def weight_args(method: str, group_size: int | None, symmetric: bool | None):

@@ -42,16 +42,24 @@ def plan(src, max_memory: str | None = None):
 
 
 def quantize_ct_to_dir(src, out, *, method: str, group_size: int | None = None, symmetric: bool | None = None,
-                       force: bool = False, seed: int = 0, shard_bytes: int = 5 * 10**9,
-                       max_memory: str | None = None) -> dict:
+                       algorithm: str = "rtn", calibration: torch.Tensor | None = None, force: bool = False,
+                       seed: int = 0, shard_bytes: int = 5 * 10**9, max_memory: str | None = None,
+                       progress=None) -> dict:
+    """`calibration`: (rows, seq) token ids, needed by `algorithm="gptq"`."""
+    from moeconv.errors import ConfigError
     from moeconv.formats.compressed_tensors_io import weight_args
     args = weight_args(method, group_size, symmetric)  # refused before anything is read
+    if algorithm not in ("rtn", "gptq"):
+        raise ConfigError(f"quantize: --algorithm must be rtn or gptq, not {algorithm!r}")
+    if algorithm == "gptq" and calibration is None:
+        raise ConfigError("quantize --algorithm gptq needs calibration text: --calib FILE")
     check_output(src, out, force=force)
     memory = plan(src, max_memory)
-    recipe = [{"pass": "quantize", "method": method, "format": "compressed-tensors",
+    recipe = [{"pass": "quantize", "method": method, "algorithm": algorithm, "format": "compressed-tensors",
                "weights": args.model_dump(exclude_none=True, mode="json")}]
     return run_job(src, out, force=force, recipe=recipe,
-                   work=lambda tmp: _with_plan(_work(src, tmp, method, args, seed, shard_bytes), memory))
+                   work=lambda tmp: _with_plan(_work(src, tmp, method, args, seed, shard_bytes, algorithm, calibration,
+                                                     progress), memory))
 
 
 def _with_plan(result: JobResult, memory) -> JobResult:
@@ -59,7 +67,8 @@ def _with_plan(result: JobResult, memory) -> JobResult:
     return result
 
 
-def _work(src, tmp: Path, method: str, args, seed: int, shard_bytes: int) -> JobResult:
+def _work(src, tmp: Path, method: str, args, seed: int, shard_bytes: int, algorithm: str = "rtn",
+          calibration: torch.Tensor | None = None, progress=None) -> JobResult:
     from moeconv import load
     from moeconv.formats.compressed_tensors_io import compressed_state_dict, quantize_rtn
     from moeconv.formats.quantized import write_generation_config
@@ -74,7 +83,11 @@ def _work(src, tmp: Path, method: str, args, seed: int, shard_bytes: int) -> Job
     routers = _routers(module, rename)
     with torch.no_grad():
         float_logits = _logits(module, inputs)
-    q = quantize_rtn(module, method, args)
+    if algorithm == "gptq":
+        from moeconv.gptq import quantize_gptq
+        q = quantize_gptq(module, method, args, calibration, progress=progress)
+    else:
+        q = quantize_rtn(module, method, args)
     with torch.no_grad():
         quant_logits = _logits(module, inputs)
     error = {**compare_logits([float_logits], [quant_logits], tolerance=None, what="float model"),
@@ -88,7 +101,7 @@ def _work(src, tmp: Path, method: str, args, seed: int, shard_bytes: int) -> Job
     write_generation_config(module, tmp)
     reload = _reload(tmp, inputs, quant_logits, routers)
     report = {"format": "compressed-tensors", "consumer": "transformers.AutoModelForCausalLM; served by vLLM "
-              "(not run here: no GPU)", "family": family, "method": method,
+              "(not run here: no GPU)", "family": family, "method": method, "algorithm": algorithm,
               "weights": args.model_dump(exclude_none=True, mode="json"),
               "quantized_modules": len(q.qparams), "float_modules": q.ignored,
               "zeros": {"before": q.zeros_before, "kept": q.zeros_after_of_those},
@@ -96,7 +109,15 @@ def _work(src, tmp: Path, method: str, args, seed: int, shard_bytes: int) -> Job
     if q.zeros_after_of_those != q.zeros_before:  # symmetric schemes map 0 to 0: a 2:4 pattern must survive
         raise VerificationError(f"{q.zeros_before - q.zeros_after_of_those} of {q.zeros_before} exact zeros became "
                                 "non-zero under a symmetric scheme")
-    return JobResult(report, state.source)
+    warnings = []
+    if algorithm == "gptq":
+        from moeconv.gptq import MIN_TOKENS
+        report["gptq"] = {"calibration_tokens": int(calibration.numel()), "seconds": round(q.seconds, 2),
+                          "fallback": q.fallback, "min_tokens": MIN_TOKENS}
+        if q.fallback:
+            warnings.append(f"{len(q.fallback)} expert matrices received too few calibration tokens and were "
+                            f"calibrated on their MoE block's inputs (first: {q.fallback[0]})")
+    return JobResult(report, state.source, warnings=warnings)
 
 
 def _names(state):

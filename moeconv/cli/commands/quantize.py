@@ -34,6 +34,12 @@ def quantize(
                                "compressed-tensors (vLLM, transformers): w4a16 | w8a16 | fp8."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="w4a16 / w8a16: inputs per scale "
                                              "(default 128; must divide every quantized matrix's width)."),
+    algorithm: str = typer.Option("rtn", "--algorithm", help="w4a16 / w8a16 / fp8: rtn (round to nearest, no "
+                                  "data) | gptq (needs --calib; each expert's Hessian from the tokens routed to it)."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="gptq: calibration text (.txt/.jsonl) or token ids."),
+    calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="gptq: calibration sequences taken from --calib."),
+    calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", min=2, help="gptq: tokens per calibration "
+                                                "sequence (default 512, or the model's context if shorter)."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="w4a16 / w8a16: zero point "
                                              "fixed at 0 (the default; keeps 2:4 zeros exactly). --asymmetric is "
                                              "refused: transformers 5.25 cannot load its packed zero points."),
@@ -72,6 +78,10 @@ class QuantizeArgs:
     out_dir: Path
     method: str
     group_size: Optional[int]
+    algorithm: str
+    calib: Optional[Path]
+    calib_samples: int
+    calib_seq_len: Optional[int]
     symmetric: Optional[bool]
     double_quant: bool
     blocksize: Optional[int]
@@ -152,9 +162,23 @@ def _run_compressed_tensors(a: QuantizeArgs) -> None:
     if given:
         raise ConfigError(f"quantize --method {a.method}: {given[0]} is a bitsandbytes option")
     check_seed(a.seed)
-    report = quantize_ct_to_dir(a.src, a.out_dir, method=a.method, group_size=a.group_size, symmetric=a.symmetric,
-                                force=a.force, seed=a.seed, shard_bytes=parse_size(a.shard_size),
-                                max_memory=a.max_memory)
+    calibration = None
+    if a.algorithm not in ("rtn", "gptq"):
+        raise ConfigError(f"quantize: --algorithm must be rtn or gptq, not {a.algorithm!r}")
+    if a.algorithm == "gptq" and a.calib is None:
+        raise ConfigError("quantize --algorithm gptq needs calibration text: --calib FILE")
+    if a.calib is not None:
+        if a.algorithm != "gptq":
+            raise ConfigError("quantize: --calib is read by --algorithm gptq only")
+        from moeconv.data import calibration_tokens
+        calibration = calibration_tokens(a.calib, a.src, num_samples=a.calib_samples, seq_len=a.calib_seq_len,
+                                         seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
+    from moeconv.render import Progress
+    with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
+        report = quantize_ct_to_dir(a.src, a.out_dir, method=a.method, group_size=a.group_size,
+                                    symmetric=a.symmetric, algorithm=a.algorithm, calibration=calibration,
+                                    force=a.force, seed=a.seed, shard_bytes=parse_size(a.shard_size),
+                                    max_memory=a.max_memory, progress=progress)
     render_compressed_tensors(cli.out, report)
 
 
@@ -171,7 +195,7 @@ def render_compressed_tensors(console, report: dict) -> None:
     t.add_column("")
     t.add_row("output", f"{report['output']}  (compressed-tensors, loads with transformers.AutoModelForCausalLM; "
               "served by vLLM)")
-    t.add_row("method", f"{report['method']}: {scheme}, {'symmetric' if args.get('symmetric') else 'asymmetric'}; "
+    t.add_row("method", f"{report['method']} ({report.get('algorithm', 'rtn')}): {scheme}, {'symmetric' if args.get('symmetric') else 'asymmetric'}; "
               f"{report['quantized_modules']} matrices, {len(report['float_modules'])} left in float (routers, lm_head)")
     t.add_row("bytes", f"written {_bytes(w['bytes'])} in {w['shards']} shard(s), re-read and checksummed")
     t.add_row("output error", f"relative max |Δlogits| {e['rel_max_diff']:.3g}, KL {e['kl']:.3g}, "

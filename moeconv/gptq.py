@@ -1,0 +1,163 @@
+"""GPTQ for the compressed-tensors schemes, routing-aware: each expert's Hessian comes from the
+tokens its router actually sends it.
+
+`gptq(w, hessian, args)`: the GPTQ column sweep (Frantar et al.) on the upper Cholesky factor of
+the dampened inverse Hessian that SparseGPT already computes (`passes.sparsify_methods.
+_upper_inverse_cholesky`): each column is rounded onto the grid of its group's scale (computed
+from the already-updated weights when the sweep enters the group, with compressed-tensors'
+`calculate_qparams`), and its rounding error is spread over the columns not yet quantized. The
+result lies exactly on the returned scales' grid, so compressing it loses nothing more.
+
+`quantize_gptq(model, method, args, calibration)`: layer by layer (`moeconv.calibrate.
+run_layerwise`: each layer sees the outputs of the already-quantized layers before it), every
+target's Hessian from its own inputs. An expert that received fewer than `MIN_TOKENS` calibration
+tokens is run on every token entering its MoE block (as if routed all of them), its matrices'
+Hessians taken from that run, and named in `fallback`; every expert gets the same scheme either way.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+
+import torch
+from torch import nn
+
+MIN_TOKENS = 16  # an expert routed fewer calibration tokens is calibrated on its block's inputs
+BLOCK = 128       # columns per lazy-update block of the sweep
+DAMPENING = 0.01
+
+
+def _column_args(args):
+    """`args` for quantizing one column with a per-row scale (the group's)."""
+    return args.model_copy(update={"strategy": "channel", "group_size": None})
+
+
+def gptq(w: torch.Tensor, hessian: torch.Tensor, args, *, dampening: float = DAMPENING
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(quantized weight (out, in), scale (out, groups), zero point or None) for `w` and its
+    inputs' Σxxᵀ `hessian` (in, in)."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    from passes.sparsify_methods import _upper_inverse_cholesky
+    rows, cols = w.shape
+    group = args.group_size if args.strategy == "group" else cols
+    upper, _ = _upper_inverse_cholesky(hessian[None].double(), dampening)
+    hinv = upper[0].float()
+    col_args = _column_args(args)
+    W = w.float().clone()
+    scales, zps = [], []
+    scale = zp = None
+    for i1 in range(0, cols, BLOCK):
+        i2 = min(i1 + BLOCK, cols)
+        err = torch.zeros(rows, i2 - i1)
+        for j in range(i1, i2):
+            if j % group == 0:
+                g = W[:, j:j + group]
+                scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), args)
+                scale, zp = scale.reshape(rows, 1), (zp.reshape(rows, 1) if zp is not None else None)
+                scales.append(scale)
+                zps.append(zp)
+            col = W[:, j:j + 1]
+            q = fake_quantize(col, scale, zp, col_args)
+            e = (col - q) / hinv[j, j]
+            W[:, j:j + 1] = q
+            if j + 1 < i2:
+                W[:, j + 1:i2] -= e * hinv[j, j + 1:i2]
+            err[:, j - i1] = e[:, 0]
+        if i2 < cols:
+            W[:, i2:] -= err @ hinv[i1:i2, i2:]
+    scale = torch.cat(scales, 1)
+    zp = torch.cat(zps, 1) if zps and zps[0] is not None else None
+    return W, scale, zp
+
+
+def quantize_gptq(model: nn.Module, method: str, args, calibration: torch.Tensor, *, batch_size: int = 8,
+                  progress=None):
+    """GPTQ every target of `model` in place (module docstring); returns a `QuantizedModel` with
+    `fallback` (experts calibrated on their block's inputs) and `seconds`."""
+    from moeconv.calibrate import expert_coverage, observe_inputs, run_layerwise
+    from moeconv.formats.compressed_tensors_io import QuantizedModel, targets
+    from moeconv.nn.moe import MoEBlock
+    from passes.sparsify_methods import InputStats
+    chosen, ignored = targets(model)
+    if args.strategy == "group":
+        from moeconv.errors import UnsupportedError
+        for name, m in chosen:
+            if m.in_features % args.group_size:
+                raise UnsupportedError(f"quantize {method}: {name} has {m.in_features} inputs, not a multiple of "
+                                       f"--group-size {args.group_size}; choose a group size that divides it")
+    wanted = dict(chosen)
+    result = QuantizedModel(method, args, ignored=ignored)
+    t0 = time.perf_counter()
+
+    def on_layer(index: int, path: str, layer: nn.Module, forward) -> None:
+        mine = {n: m for n, m in wanted.items() if n.startswith(path + ".")}
+        blocks = {p: b for p, b in model.named_modules() if isinstance(b, MoEBlock) and p.startswith(path + ".")}
+        stats = InputStats()
+        block_inputs: dict[str, list[torch.Tensor]] = {p: [] for p in blocks}
+        with ExitStack() as stack:
+            stack.enter_context(observe_inputs(mine, stats.add))
+            stack.enter_context(observe_inputs(blocks, lambda p, x: block_inputs[p].append(x.clone())))
+            for b in blocks.values():
+                stack.enter_context(expert_coverage(b))
+            forward()
+        stats.release()
+        hessians = {n: (stats.hessian.get(n), stats.tokens.get(n, 0)) for n in mine}
+        redone: set[str] = set()
+        for name, (h, tokens) in list(hessians.items()):
+            if tokens >= MIN_TOKENS or name in redone or _in_expert(name, blocks) is None:
+                continue
+            # too few routed tokens: the expert's own matrices see every token entering its block
+            bpath, e = _in_expert(name, blocks)
+            expert = blocks[bpath].experts[e]
+            again = {n: m for n, m in mine.items() if n.startswith(f"{bpath}.experts.{e}.")}
+            fallback = InputStats()
+            with observe_inputs(again, fallback.add), torch.inference_mode():
+                for x in block_inputs[bpath]:
+                    expert(x)
+            fallback.release()
+            for n in again:
+                redone.add(n)
+                hessians[n] = (fallback.hessian[n], fallback.tokens[n])
+                result.fallback.append(f"{n} ({stats.tokens.get(n, 0)} tokens routed)")
+        for name, m in mine.items():
+            h = hessians[name][0]
+            _apply(result, name, m, h if h is not None else torch.eye(m.in_features), args)
+
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in calibration.split(batch_size)]
+    outside = [n for n in wanted if not any(n.startswith(p) for p in _layer_prefixes(model))]
+    with torch.no_grad():
+        for name in outside:  # outside the decoder layers (none in the families written): no Hessian
+            _apply(result, name, wanted[name], torch.eye(wanted[name].in_features), args)
+            result.outside.append(name)
+        run_layerwise(model, batches, on_layer, progress=progress)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _in_expert(name: str, blocks: dict) -> tuple[str, int] | None:
+    """(MoE block path, expert index) of a matrix inside an expert, else None."""
+    for p in blocks:
+        pre = f"{p}.experts."
+        if name.startswith(pre):
+            return p, int(name[len(pre):].split(".", 1)[0])
+    return None
+
+
+def _layer_prefixes(model) -> list[str]:
+    from moeconv.calibrate import decoder_layers
+    prefix, layers = decoder_layers(model)
+    return [f"{prefix}.{i}." for i in range(len(layers))]
+
+
+def _apply(result, name: str, m: nn.Linear, h: torch.Tensor, args) -> None:
+    w = m.weight.detach().float()
+    new, scale, zp = gptq(w, h.float(), args)
+    zero = w == 0
+    result.zeros_before += int(zero.sum())
+    result.zeros_after_of_those += int((new[zero] == 0).sum())
+    with torch.no_grad():
+        m.weight.copy_(new.to(m.weight.dtype))
+    result.qparams[name] = (scale, zp)
