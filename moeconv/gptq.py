@@ -75,25 +75,42 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, args, *, dampening: float = DAM
 def quantize_gptq(model: nn.Module, method: str, args, calibration: torch.Tensor, *, batch_size: int = 8,
                   progress=None):
     """GPTQ every target of `model` in place (module docstring); returns a `QuantizedModel` with
-    `fallback` (experts calibrated on their block's inputs) and `seconds`."""
-    from moeconv.calibrate import expert_coverage, observe_inputs, run_layerwise
+    `fallback` (experts calibrated on all their block's tokens) and `seconds`."""
+    from moeconv.calibrate import run_layerwise
+    from moeconv.errors import UnsupportedError
     from moeconv.formats.compressed_tensors_io import QuantizedModel, targets
-    from moeconv.nn.moe import MoEBlock
-    from passes.sparsify_methods import InputStats
     chosen, ignored = targets(model)
     if args.strategy == "group":
-        from moeconv.errors import UnsupportedError
         for name, m in chosen:
             if m.in_features % args.group_size:
                 raise UnsupportedError(f"quantize {method}: {name} has {m.in_features} inputs, not a multiple of "
                                        f"--group-size {args.group_size}; choose a group size that divides it")
-    wanted = dict(chosen)
     result = QuantizedModel(method, args, ignored=ignored)
+    sweep = _Layerwise(model, dict(chosen), args, result)
     t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    batches = [b.to(device) for b in calibration.split(batch_size)]
+    with torch.no_grad():
+        for name in [n for n in sweep.wanted if not any(n.startswith(p) for p in _layer_prefixes(model))]:
+            _apply(result, name, sweep.wanted[name], torch.eye(sweep.wanted[name].in_features), args)  # no Hessian
+            result.outside.append(name)
+        run_layerwise(model, batches, sweep.on_layer, progress=progress)
+    result.seconds = time.perf_counter() - t0
+    return result
 
-    def on_layer(index: int, path: str, layer: nn.Module, forward) -> None:
-        mine = {n: m for n, m in wanted.items() if n.startswith(path + ".")}
-        blocks = {p: b for p, b in model.named_modules() if isinstance(b, MoEBlock) and p.startswith(path + ".")}
+
+class _Layerwise:
+    """`run_layerwise`'s per-layer step: observe, fall back where an expert saw too few tokens, quantize."""
+
+    def __init__(self, model: nn.Module, wanted: dict[str, nn.Module], args, result):
+        self.model, self.wanted, self.args, self.result = model, wanted, args, result
+
+    def on_layer(self, index: int, path: str, layer: nn.Module, forward) -> None:
+        from moeconv.calibrate import expert_coverage, observe_inputs
+        from moeconv.nn.moe import MoEBlock
+        from passes.sparsify_methods import InputStats
+        mine = {n: m for n, m in self.wanted.items() if n.startswith(path + ".")}
+        blocks = {p: b for p, b in self.model.named_modules() if isinstance(b, MoEBlock) and p.startswith(path + ".")}
         stats = InputStats()
         block_inputs: dict[str, list[torch.Tensor]] = {p: [] for p in blocks}
         with ExitStack() as stack:
@@ -104,37 +121,32 @@ def quantize_gptq(model: nn.Module, method: str, args, calibration: torch.Tensor
             forward()
         stats.release()
         hessians = {n: (stats.hessian.get(n), stats.tokens.get(n, 0)) for n in mine}
-        redone: set[str] = set()
-        for name, (h, tokens) in list(hessians.items()):
-            if tokens >= MIN_TOKENS or name in redone or _in_expert(name, blocks) is None:
-                continue
-            # too few routed tokens: the expert's own matrices see every token entering its block
-            bpath, e = _in_expert(name, blocks)
-            expert = blocks[bpath].experts[e]
-            again = {n: m for n, m in mine.items() if n.startswith(f"{bpath}.experts.{e}.")}
-            fallback = InputStats()
-            with observe_inputs(again, fallback.add), torch.inference_mode():
-                for x in block_inputs[bpath]:
-                    expert(x)
-            fallback.release()
-            for n in again:
-                redone.add(n)
-                hessians[n] = (fallback.hessian[n], fallback.tokens[n])
-                result.fallback.append(f"{n} ({stats.tokens.get(n, 0)} tokens routed)")
+        self._fall_back(mine, blocks, block_inputs, hessians)
         for name, m in mine.items():
             h = hessians[name][0]
-            _apply(result, name, m, h if h is not None else torch.eye(m.in_features), args)
+            _apply(self.result, name, m, h if h is not None else torch.eye(m.in_features), self.args)
 
-    device = next(model.parameters()).device
-    batches = [b.to(device) for b in calibration.split(batch_size)]
-    outside = [n for n in wanted if not any(n.startswith(p) for p in _layer_prefixes(model))]
-    with torch.no_grad():
-        for name in outside:  # outside the decoder layers (none in the families written): no Hessian
-            _apply(result, name, wanted[name], torch.eye(wanted[name].in_features), args)
-            result.outside.append(name)
-        run_layerwise(model, batches, on_layer, progress=progress)
-    result.seconds = time.perf_counter() - t0
-    return result
+    def _fall_back(self, mine, blocks, block_inputs, hessians) -> None:
+        """Experts routed fewer than `MIN_TOKENS` tokens: their matrices' Hessians from running the
+        expert on every token entering its block (as if routed all of them)."""
+        from moeconv.calibrate import observe_inputs
+        from passes.sparsify_methods import InputStats
+        redone: set[str] = set()
+        for name, (_, tokens) in list(hessians.items()):
+            where = _in_expert(name, blocks)
+            if tokens >= MIN_TOKENS or name in redone or where is None:
+                continue
+            bpath, e = where
+            again = {n: m for n, m in mine.items() if n.startswith(f"{bpath}.experts.{e}.")}
+            stats = InputStats()
+            with observe_inputs(again, stats.add), torch.inference_mode():
+                for x in block_inputs[bpath]:
+                    blocks[bpath].experts[e](x)
+            stats.release()
+            for n in again:
+                redone.add(n)
+                self.result.fallback.append(f"{n} ({hessians[n][1]} tokens routed)")
+                hessians[n] = (stats.hessian[n], stats.tokens[n])
 
 
 def _in_expert(name: str, blocks: dict) -> tuple[str, int] | None:
