@@ -2,8 +2,8 @@
 tokens its router actually sends it.
 
 `gptq(w, hessian, args)`: the GPTQ column sweep (Frantar et al.) on the upper Cholesky factor of
-the dampened inverse Hessian that SparseGPT already computes (`passes.sparsify_methods.
-_upper_inverse_cholesky`): each column is rounded onto the grid of its group's scale (computed
+the dampened inverse Hessian that SparseGPT already computes (`moeconv.hessian.
+upper_inverse_cholesky`): each column is rounded onto the grid of its group's scale (computed
 from the already-updated weights when the sweep enters the group, with compressed-tensors'
 `calculate_qparams`), and its rounding error is spread over the columns not yet quantized. The
 result lies exactly on the returned scales' grid, so compressing it loses nothing more.
@@ -39,10 +39,10 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, args, *, dampening: float = DAM
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    from passes.sparsify_methods import _upper_inverse_cholesky
+    from moeconv.hessian import upper_inverse_cholesky
     rows, cols = w.shape
     group = args.group_size if args.strategy == "group" else cols
-    upper, _ = _upper_inverse_cholesky(hessian[None].double(), dampening)
+    upper, _ = upper_inverse_cholesky(hessian[None].double(), dampening)
     hinv = upper[0].float()
     col_args = _column_args(args)
     W = w.float().clone()
@@ -108,7 +108,7 @@ class _Layerwise:
     def on_layer(self, index: int, path: str, layer: nn.Module, forward) -> None:
         from moeconv.calibrate import expert_coverage, observe_inputs
         from moeconv.nn.moe import MoEBlock
-        from passes.sparsify_methods import InputStats
+        from moeconv.hessian import InputStats
         mine = {n: m for n, m in self.wanted.items() if n.startswith(path + ".")}
         blocks = {p: b for p, b in self.model.named_modules() if isinstance(b, MoEBlock) and p.startswith(path + ".")}
         stats = InputStats()
@@ -130,7 +130,7 @@ class _Layerwise:
         """Experts routed fewer than `MIN_TOKENS` tokens: their matrices' Hessians from running the
         expert on every token entering its block (as if routed all of them)."""
         from moeconv.calibrate import observe_inputs
-        from passes.sparsify_methods import InputStats
+        from moeconv.hessian import InputStats
         redone: set[str] = set()
         for name, (_, tokens) in list(hessians.items()):
             where = _in_expert(name, blocks)

@@ -45,7 +45,8 @@ from moeconv.selectors import Selection, Selectors, absent_note
 from moeconv.sparse_cuda import speed_note
 from moeconv.sparsity import SparsityPattern, check_pattern
 from moeconv.state import ModelState
-from passes.sparsify_methods import InputStats, magnitude, reconstruction_error, sparsegpt, wanda
+from moeconv.hessian import InputStats
+from passes.sparsify_methods import magnitude, reconstruction_error, sparsegpt, wanda
 
 MAX_BATCH_BYTES = 256 * 2**20  # one batched SparseGPT solve holds at most this much weight
 

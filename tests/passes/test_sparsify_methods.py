@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from moeconv.sparsity import SparsityPattern, check_pattern, keep_top, nm_violations
-from passes.sparsify_methods import InputStats, magnitude, output_energy, reconstruction_error, sparsegpt, wanda
+from moeconv.hessian import InputStats
+from passes.sparsify_methods import magnitude, output_energy, reconstruction_error, sparsegpt, wanda
 
 P24 = SparsityPattern.parse("2:4")
 
