@@ -5,8 +5,10 @@ tokens its router actually sends it.
 the dampened inverse Hessian that SparseGPT already computes (`moeconv.hessian.
 upper_inverse_cholesky`): each column is rounded onto the grid of its group's scale (computed
 from the already-updated weights when the sweep enters the group, with compressed-tensors'
-`calculate_qparams`), and its rounding error is spread over the columns not yet quantized. The
-result lies exactly on the returned scales' grid, so compressing it loses nothing more.
+`calculate_qparams`), and its rounding error is spread over the columns not yet quantized,
+except into weights that were exactly zero: those stay zero (symmetric schemes map 0 to 0), so a
+2:4 pattern survives, as SparseGPT keeps its pruned weights. The result lies exactly on the
+returned scales' grid, so compressing it loses nothing more.
 
 `quantize_gptq(model, method, args, calibration)`: layer by layer (`moeconv.calibrate.
 run_layerwise`: each layer sees the outputs of the already-quantized layers before it), every
@@ -46,6 +48,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, args, *, dampening: float = DAM
     hinv = upper[0].float()
     col_args = _column_args(args)
     W = w.float().clone()
+    zero = W == 0  # kept exactly zero (a 2:4 pattern survives): no error is spread into them
+    keep = bool(zero.any())
     scales, zps = [], []
     scale = zp = None
     for i1 in range(0, cols, BLOCK):
@@ -64,9 +68,13 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, args, *, dampening: float = DAM
             W[:, j:j + 1] = q
             if j + 1 < i2:
                 W[:, j + 1:i2] -= e * hinv[j, j + 1:i2]
+                if keep:
+                    W[:, j + 1:i2].masked_fill_(zero[:, j + 1:i2], 0.0)
             err[:, j - i1] = e[:, 0]
         if i2 < cols:
             W[:, i2:] -= err @ hinv[i1:i2, i2:]
+            if keep:
+                W[:, i2:].masked_fill_(zero[:, i2:], 0.0)
     scale = torch.cat(scales, 1)
     zp = torch.cat(zps, 1) if zps and zps[0] is not None else None
     return W, scale, zp

@@ -129,6 +129,11 @@ def test_gptq_halves_the_output_error_of_rounding_and_stays_on_its_grid():
     assert err(q) < 0.6 * err(rtn)  # measured 0.48
     assert torch.equal(fake_quantize(q, scale, zp, args), q)  # compressing it loses nothing more
     assert scale.shape == (64, 256 // 32)
+    # a 2:4 pattern survives the error spreading
+    mask = torch.zeros(64, 256, dtype=torch.bool)
+    mask[:, 0::4] = mask[:, 1::4] = True
+    q24, _, _ = gptq(w.masked_fill(mask, 0), x.t() @ x, args)
+    assert torch.equal(q24 == 0, mask | (q24 == 0)) and not q24[mask].any()
 
 
 @pytest.fixture(scope="module")
