@@ -59,7 +59,11 @@ def quantize(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
 ):
-    """Quantize a model with bitsandbytes and write a checkpoint its users can load.
+    """Quantize a model and write a checkpoint its users can load: compressed-tensors (w4a16, w8a16,
+    fp8; what vLLM serves, transformers loads it; --algorithm gptq with --calib) or bitsandbytes.
+
+    compressed-tensors: every expert the same scheme, routers and lm_head in float, reloaded by
+    stock transformers before OUT appears. bitsandbytes:
 
     Dense Hugging Face models load with transformers (`quantization_config`); MoE models are
     written in moeconv's format and load with `moeconv.load` (transformers 5.x would leave their
