@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 MIN_TOKENS = 16  # an expert routed fewer calibration tokens is calibrated on its block's inputs
-BLOCK = 128       # columns per lazy-update block of the sweep
+BLOCK = 32        # columns per block of the sweep: within it each column updates the next; past it, one product
 DAMPENING = 0.01
 
 
@@ -36,47 +36,57 @@ def _column_args(args):
 
 def gptq(w: torch.Tensor, hessian: torch.Tensor, args, *, dampening: float = DAMPENING
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(quantized weight (out, in), scale (out, groups), zero point or None) for `w` and its
-    inputs' Σxxᵀ `hessian` (in, in)."""
+    """(quantized weight, scale (…, out, groups), zero point or None) for `w` (out, in) or a batch
+    (B, out, in) of same-shaped matrices and their inputs' Σxxᵀ `hessian` ((B,) in, in): one
+    sweep quantizes the whole batch (the Python loop over columns runs once per shape, not once
+    per matrix: every expert of a layer at once)."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import calculate_qparams
 
     from moeconv.hessian import upper_inverse_cholesky
-    rows, cols = w.shape
+    single = w.dim() == 2
+    if single:
+        w, hessian = w[None], hessian[None]
+    batch, rows, cols = w.shape
     group = args.group_size if args.strategy == "group" else cols
-    upper, _ = upper_inverse_cholesky(hessian[None].double(), dampening)
-    hinv = upper[0].float()
+    hinv, _ = upper_inverse_cholesky(hessian.float(), dampening)
     col_args = _column_args(args)
-    W = w.float().clone()
-    zero = W == 0  # kept exactly zero (a 2:4 pattern survives): no error is spread into them
+    # Column-major working copy: a column of every row is one contiguous run, which is what the
+    # per-column steps touch (as in SparseGPT's sweep)
+    Wt = w.float().transpose(1, 2).contiguous()  # (B, cols, rows)
+    zero = Wt == 0  # kept exactly zero (a 2:4 pattern survives): no error is spread into them
     keep = bool(zero.any())
     scales, zps = [], []
     scale = zp = None
     for i1 in range(0, cols, BLOCK):
         i2 = min(i1 + BLOCK, cols)
-        err = torch.zeros(rows, i2 - i1)
+        err = torch.zeros(batch, i2 - i1, rows)
         for j in range(i1, i2):
             if j % group == 0:
-                g = W[:, j:j + group]
-                scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), args)
-                scale, zp = scale.reshape(rows, 1), (zp.reshape(rows, 1) if zp is not None else None)
-                scales.append(scale)
-                zps.append(zp)
-            col = W[:, j:j + 1]
-            q = fake_quantize(col, scale, zp, col_args)
-            e = (col - q) / hinv[j, j]
-            W[:, j:j + 1] = q
+                g = Wt[:, j:j + group]  # (B, group, rows)
+                scale, zp = calculate_qparams(g.amin(1), g.amax(1), args)
+                scale = scale.reshape(batch * rows, 1)
+                zp = zp.reshape(batch * rows, 1) if zp is not None else None
+                scales.append(scale.reshape(batch, rows, 1))
+                zps.append(zp.reshape(batch, rows, 1) if zp is not None else None)
+            col = Wt[:, j]  # (B, rows)
+            q = fake_quantize(col.reshape(batch * rows, 1), scale, zp, col_args).reshape(batch, rows)
+            e = (col - q) / hinv[:, j, j].unsqueeze(1)
+            Wt[:, j] = q
             if j + 1 < i2:
-                W[:, j + 1:i2] -= e * hinv[j, j + 1:i2]
+                Wt[:, j + 1:i2] -= hinv[:, j, j + 1:i2].unsqueeze(2) * e.unsqueeze(1)
                 if keep:
-                    W[:, j + 1:i2].masked_fill_(zero[:, j + 1:i2], 0.0)
-            err[:, j - i1] = e[:, 0]
-        if i2 < cols:
-            W[:, i2:] -= err @ hinv[i1:i2, i2:]
+                    Wt[:, j + 1:i2].masked_fill_(zero[:, j + 1:i2], 0.0)
+            err[:, j - i1] = e
+        if i2 < cols:  # the rest of the matrix, lazily: one product per block of columns
+            Wt[:, i2:] -= torch.bmm(hinv[:, i1:i2, i2:].transpose(1, 2), err)
             if keep:
-                W[:, i2:].masked_fill_(zero[:, i2:], 0.0)
-    scale = torch.cat(scales, 1)
-    zp = torch.cat(zps, 1) if zps and zps[0] is not None else None
+                Wt[:, i2:].masked_fill_(zero[:, i2:], 0.0)
+    W = Wt.transpose(1, 2).contiguous()
+    scale = torch.cat(scales, -1)
+    zp = torch.cat(zps, -1) if zps and zps[0] is not None else None
+    if single:
+        return W[0], scale[0], (zp[0] if zp is not None else None)
     return W, scale, zp
 
 
@@ -130,9 +140,8 @@ class _Layerwise:
         stats.release()
         hessians = {n: (stats.hessian.get(n), stats.tokens.get(n, 0)) for n in mine}
         self._fall_back(mine, blocks, block_inputs, hessians)
-        for name, m in mine.items():
-            h = hessians[name][0]
-            _apply(self.result, name, m, h if h is not None else torch.eye(m.in_features), self.args)
+        _apply_batched(self.result, mine, {n: (h if h is not None else torch.eye(mine[n].in_features))
+                                           for n, (h, _) in hessians.items()}, self.args)
 
     def _fall_back(self, mine, blocks, block_inputs, hessians) -> None:
         """Experts routed fewer than `MIN_TOKENS` tokens: their matrices' Hessians from running the
@@ -172,12 +181,34 @@ def _layer_prefixes(model) -> list[str]:
     return [f"{prefix}.{i}." for i in range(len(layers))]
 
 
-def _apply(result, name: str, m: nn.Linear, h: torch.Tensor, args) -> None:
-    w = m.weight.detach().float()
-    new, scale, zp = gptq(w, h.float(), args)
-    zero = w == 0
+BATCH_BYTES = 512 * 2**20  # working set of one batched sweep (weights, Hessians and their factor)
+
+
+def _apply_batched(result, mine: dict[str, nn.Linear], hessians: dict[str, torch.Tensor], args) -> None:
+    """`_apply` for every matrix of a layer, same-shaped ones in one batched sweep."""
+    by_shape: dict[tuple, list[str]] = {}
+    for name, m in mine.items():
+        by_shape.setdefault(tuple(m.weight.shape), []).append(name)
+    for (rows, cols), names in by_shape.items():
+        per = max(1, BATCH_BYTES // (8 * (rows * cols + 2 * cols * cols)))
+        for start in range(0, len(names), per):
+            chunk = names[start:start + per]
+            w = torch.stack([mine[n].weight.detach().float() for n in chunk])
+            new, scale, zp = gptq(w, torch.stack([hessians[n].float() for n in chunk]), args)
+            for k, n in enumerate(chunk):
+                _store(result, n, mine[n], w[k], new[k], scale[k], zp[k] if zp is not None else None)
+
+
+def _store(result, name: str, m: nn.Linear, old: torch.Tensor, new: torch.Tensor, scale, zp) -> None:
+    zero = old == 0
     result.zeros_before += int(zero.sum())
     result.zeros_after_of_those += int((new[zero] == 0).sum())
     with torch.no_grad():
         m.weight.copy_(new.to(m.weight.dtype))
     result.qparams[name] = (scale, zp)
+
+
+def _apply(result, name: str, m: nn.Linear, h: torch.Tensor, args) -> None:
+    w = m.weight.detach().float()
+    new, scale, zp = gptq(w, h.float(), args)
+    _store(result, name, m, w, new, scale, zp)

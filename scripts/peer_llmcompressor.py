@@ -60,12 +60,59 @@ def check_24(weight) -> tuple[int, int]:
     return bad, int((w == 0).sum())
 
 
+def gptq_w4a16(args) -> dict:
+    """llm-compressor GPTQ W4A16 (its preset: int4, symmetric, groups of 128) on every Linear but
+    lm_head and the routers, on the same model and calibration tokens; output error measured as
+    moeconv measures its own (`moeconv.evaluate.output_error` on `calib[:4, :128]`)."""
+    import tempfile
+
+    import compressed_tensors
+    import datasets
+    import llmcompressor
+    import torch
+    import transformers
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+
+    from moeconv.evaluate import output_error
+    model, calib = build()
+    ref = copy.deepcopy(model)
+    cfg_dir = tempfile.mkdtemp(prefix="peer_mixtral_cfg_")
+    model.config.save_pretrained(cfg_dir)
+    model.config._name_or_path = cfg_dir
+    ds = datasets.Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    processor = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel({"[UNK]": 0}, unk_token="[UNK]")), unk_token="[UNK]")
+    modifier = GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head", "re:.*mlp\\.gate$"],
+                            block_size=128, dampening_frac=0.01)
+    t0 = time.perf_counter()
+    done = oneshot(model=model, processor=processor, dataset=ds, recipe=modifier, num_calibration_samples=calib.shape[0],
+                   max_seq_length=calib.shape[1], shuffle_calibration_samples=False, batch_size=1,
+                   moe_calibrate_all_experts=not args.routed_only)
+    seconds = time.perf_counter() - t0
+    done = done if done is not None else model
+    return {"tool": "llm-compressor", "llmcompressor": llmcompressor.__version__,
+            "compressed_tensors": compressed_tensors.__version__, "threads": torch.get_num_threads(),
+            "target": "GPTQModifier scheme=W4A16 (int4 symmetric, group 128) on Linear, ignore lm_head and mlp.gate",
+            "moe_calibrate_all_experts": not args.routed_only, "seconds": seconds,
+            "output_error": output_error(ref, done, calib[:4, :128])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--routed-only", action="store_true",
                     help="moe_calibrate_all_experts=False (experts calibrate on their routed tokens only)")
+    ap.add_argument("--gptq-w4a16", action="store_true", help="GPTQ W4A16 instead of SparseGPT 2:4")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    if args.gptq_w4a16:
+        line = json.dumps(gptq_w4a16(args))
+        print(line)
+        if args.out:
+            args.out.write_text(line + "\n")
+        return
 
     import tempfile
 
