@@ -29,7 +29,8 @@ def ok(src, out, *args) -> dict:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("ct")
-    return {"mixtral": upcycled_llama(root), "qwen2moe": native("qwen2moe", root / "qwen2moe", seed=2),
+    return {"mixtral": upcycled_llama(root), "native-mixtral": native("mixtral", root / "native-mixtral", seed=3),
+            "qwen2moe": native("qwen2moe", root / "qwen2moe", seed=2),
             "qwen3moe": native("qwen3moe", root / "qwen3moe", seed=1), "llama": native("llama", root / "llama")}
 
 
@@ -39,7 +40,7 @@ def reload(out):
 
 
 @pytest.mark.parametrize("method", ["w4a16", "w8a16", "fp8"])
-@pytest.mark.parametrize("kind", ["mixtral", "qwen2moe", "qwen3moe", "llama"])
+@pytest.mark.parametrize("kind", ["mixtral", "native-mixtral", "qwen2moe", "qwen3moe", "llama"])
 def test_transformers_loads_what_moeconv_computes(models, tmp_path, kind, method):
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig
@@ -67,7 +68,7 @@ def test_transformers_loads_what_moeconv_computes(models, tmp_path, kind, method
     for k in routers:
         assert torch.equal(out[k], src[k]), k
     assert any(k.endswith("weight_packed" if method != "fp8" else "weight_scale") for k in out)
-    if kind == "mixtral":  # per-expert names as save_pretrained writes them
+    if kind.endswith("mixtral"):  # per-expert names as save_pretrained writes them
         assert "model.layers.0.block_sparse_moe.experts.3.w2.weight_" + ("packed" if method != "fp8" else "scale") in out
 
 
@@ -155,6 +156,21 @@ def mixtral_tok(models, tmp_path_factory):
     shutil.copytree(models["mixtral"], path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.mark.parametrize("kind", ["native-mixtral", "qwen2moe", "qwen3moe", "llama"])
+def test_gptq_outputs_of_every_family_load_in_transformers(models, calib, tmp_path, kind):
+    import shutil
+
+    from upcycle_helpers import tiny_tokenizer
+    src = tmp_path / "src"
+    shutil.copytree(models[kind], src)
+    tiny_tokenizer().save_pretrained(src)
+    report = ok(src, tmp_path / "out", "--method", "w4a16", "--group-size", 16, "--algorithm", "gptq",
+                "--calib", calib, "--calib-seq-len", 32)
+    _, info = reload(tmp_path / "out")
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert report["verification"]["rel_max_diff"] <= 1e-5 and report["error_vs_float"]["rel_max_diff"] > 0
 
 
 def test_gptq_output_reloads_exactly_and_names_experts_it_calibrated_on_their_block(mixtral_tok, calib, tmp_path,
