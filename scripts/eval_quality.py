@@ -4,7 +4,8 @@
         [--batches 16] [--out eval_quality.json]
 
 Each PATH is anything `moeconv.load` reads (HF dir, GGUF, moeconv format, quantized moeconv
-format). The tokenizer comes from the first PATH that has one unless --tokenizer is given. The
+format, a compressed-tensors W4A16 / W8A16 / FP8 directory from `moeconv quantize --method
+w4a16 [--algorithm gptq]`, which transformers decompresses on load). The tokenizer comes from the first PATH that has one unless --tokenizer is given. The
 evaluation half of the text is disjoint from the calibration half (`moeconv.evaluate`).
 """
 from __future__ import annotations
