@@ -199,3 +199,10 @@ def test_gptq_requests_refused(models, calib, tmp_path, args, needle):
     r = quantize(models["mixtral"], tmp_path / "out", "--method", "w4a16", "--group-size", 16, *args)
     assert r.exit_code == 2, r.output
     assert needle in " ".join(r.stderr.split()) and not (tmp_path / "out").exists()
+
+
+def test_fp8_without_a_float8_dtype_is_refused(models, tmp_path, monkeypatch):
+    monkeypatch.delattr(torch, "float8_e4m3fn")  # a torch build without float8
+    r = quantize(models["mixtral"], tmp_path / "out", "--method", "fp8")
+    assert r.exit_code == 2 and "no float8_e4m3fn dtype" in " ".join(r.stderr.split())
+    assert not (tmp_path / "out").exists()
