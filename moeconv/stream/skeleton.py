@@ -157,20 +157,25 @@ class Skeleton:
 
     @torch.no_grad()
     def materialize(self, names: list[str]) -> None:
-        """Read the parameters `names` from the checkpoint into the module (cast to its dtypes)."""
+        """Read the parameters `names` from the checkpoint into the module (cast to its dtypes);
+        a parameter tied to one of them (lm_head to the embeddings) gets the same tensor."""
         params = dict(self.module.named_parameters(remove_duplicate=False))
+        aliases = _aliases(self.module)
         for name in names:
             p = params[name]
-            t = self.read(self.tensor_of[name]).to(p.dtype)
-            _set_parameter(self.module, name, nn.Parameter(t, requires_grad=False))
+            t = nn.Parameter(self.read(self.tensor_of[name]).to(p.dtype), requires_grad=False)
+            for n in [name, *aliases.get(name, [])]:
+                _set_parameter(self.module, n, t)
 
     def release(self, names: list[str]) -> None:
-        """Give the parameters `names` back to `meta` (their memory is freed)."""
+        """Give the parameters `names` (and what is tied to them) back to `meta` (their memory is freed)."""
         params = dict(self.module.named_parameters(remove_duplicate=False))
+        aliases = _aliases(self.module)
         for name in names:
             p = params[name]
-            _set_parameter(self.module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"),
-                                                           requires_grad=False))
+            t = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+            for n in [name, *aliases.get(name, [])]:
+                _set_parameter(self.module, n, t)
 
     def names_under(self, path: str) -> list[str]:
         return [n for n, _ in self.module.named_parameters() if n.startswith(path + ".")]
@@ -223,6 +228,20 @@ class Skeleton:
 def _set_parameter(module: nn.Module, name: str, param: nn.Parameter) -> None:
     owner, _, leaf = name.rpartition(".")
     module.get_submodule(owner)._parameters[leaf] = param
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """{first name of a shared parameter: the other names of it} (tied embeddings). Replacing a
+    parameter under one name would otherwise leave the others on the old (meta) tensor, and a tied
+    head would compute with uninitialised memory."""
+    first: dict[int, str] = {}
+    out: dict[str, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out.setdefault(first[id(p)], []).append(name)
+        else:
+            first[id(p)] = name
+    return out
 
 
 def tied_parameter_names(model: nn.Module) -> set[str]:

@@ -32,8 +32,8 @@ def native(kind: str, path: Path, *, vocab: int = VOCAB, seed: int = 0, std: flo
     cls, extra = MOE[kind]
     cfg = getattr(transformers, cls)(hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                                     max_position_embeddings=64, tie_word_embeddings=False,
-                                     **{**extra, **overrides})
+                                     max_position_embeddings=64,
+                                     **{"tie_word_embeddings": False, **extra, **overrides})
     torch.manual_seed(seed)
     model = randomise_(transformers.AutoModelForCausalLM.from_config(cfg), seed=seed, std=std)
     model.save_pretrained(path)
