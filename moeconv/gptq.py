@@ -49,7 +49,8 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, args, *, dampening: float = DAM
         w, hessian = w[None], hessian[None]
     batch, rows, cols = w.shape
     group = args.group_size if args.strategy == "group" else cols
-    hinv, _ = upper_inverse_cholesky(hessian.float(), dampening)
+    # the factor in float64: in float32 SmolLM2-MoE's W4A16 perplexity was 26.16, in float64 25.58
+    hinv = upper_inverse_cholesky(hessian.double(), dampening)[0].float()
     col_args = _column_args(args)
     # Column-major working copy: a column of every row is one contiguous run, which is what the
     # per-column steps touch (as in SparseGPT's sweep)
