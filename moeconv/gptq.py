@@ -96,14 +96,9 @@ def quantize_gptq(model: nn.Module, method: str, args, calibration: torch.Tensor
     """GPTQ every target of `model` in place (module docstring); returns a `QuantizedModel` with
     `fallback` (experts calibrated on all their block's tokens) and `seconds`."""
     from moeconv.calibrate import run_layerwise
-    from moeconv.errors import UnsupportedError
-    from moeconv.formats.compressed_tensors_io import QuantizedModel, targets
+    from moeconv.formats.compressed_tensors_io import QuantizedModel, check_group_widths, targets
     chosen, ignored = targets(model)
-    if args.strategy == "group":
-        for name, m in chosen:
-            if m.in_features % args.group_size:
-                raise UnsupportedError(f"quantize {method}: {name} has {m.in_features} inputs, not a multiple of "
-                                       f"--group-size {args.group_size}; choose a group size that divides it")
+    check_group_widths(chosen, method, args)
     result = QuantizedModel(method, args, ignored=ignored)
     sweep = _Layerwise(model, dict(chosen), args, result)
     t0 = time.perf_counter()

@@ -98,6 +98,15 @@ def targets(model: nn.Module) -> tuple[list[tuple[str, nn.Linear]], list[str]]:
     return chosen, sorted(ignored)
 
 
+def check_group_widths(chosen: list[tuple[str, nn.Linear]], method: str, args) -> None:
+    """Refuse (naming it) a matrix whose input width the group does not divide: never skipped."""
+    if getattr(args, "strategy", None) == "group":
+        for name, m in chosen:
+            if m.in_features % args.group_size:
+                raise UnsupportedError(f"quantize {method}: {name} has {m.in_features} inputs, not a multiple of "
+                                       f"--group-size {args.group_size}; choose a group size that divides it")
+
+
 def _qparams(w: torch.Tensor, args) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of `w` (out, in) for `args`: per group of inputs or per output channel."""
     from compressed_tensors.quantization.utils import calculate_qparams
@@ -111,11 +120,7 @@ def quantize_rtn(model: nn.Module, method: str, args) -> QuantizedModel:
     """Quantize every target of `model` in place (see module docstring)."""
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     chosen, ignored = targets(model)
-    if getattr(args, "strategy", None) == "group":
-        for name, m in chosen:
-            if m.in_features % args.group_size:
-                raise UnsupportedError(f"quantize {method}: {name} has {m.in_features} inputs, not a multiple of "
-                                       f"--group-size {args.group_size}; choose a group size that divides it")
+    check_group_widths(chosen, method, args)
     result = QuantizedModel(method, args, ignored=ignored)
     with torch.no_grad():
         for name, m in chosen:

@@ -18,6 +18,7 @@ import torch
 
 from moeconv.errors import InputError, UnsupportedError, VerificationError
 from moeconv.jobs.driver import JobResult, check_output, run_job
+from moeconv.state import model_outputs
 
 EXACT = 1e-5
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -82,14 +83,14 @@ def _work(src, tmp: Path, method: str, args, seed: int, shard_bytes: int, algori
     inputs = check_inputs(int(state.config.vocab_size), seed + 1)
     routers = _routers(module, rename)
     with torch.no_grad():
-        float_logits = _logits(module, inputs)
+        float_logits = model_outputs(module, inputs).float()
     if algorithm == "gptq":
         from moeconv.gptq import quantize_gptq
         q = quantize_gptq(module, method, args, calibration, progress=progress)
     else:
         q = quantize_rtn(module, method, args)
     with torch.no_grad():
-        quant_logits = _logits(module, inputs)
+        quant_logits = model_outputs(module, inputs).float()
     error = {**compare_logits([float_logits], [quant_logits], tolerance=None, what="float model"),
              "mode": "in memory, before writing"}
     tensors, qconfig = compressed_state_dict(module, q)
@@ -149,15 +150,6 @@ def _routers(module, rename) -> dict[str, torch.Tensor]:
             for p, m in module.named_modules() if isinstance(m, MoEBlock)}
 
 
-def _logits(module, ids):
-    out = module(input_ids=ids, use_cache=False) if _takes_kwargs(module) else module(ids)
-    return (out.logits if hasattr(out, "logits") else out).float()
-
-
-def _takes_kwargs(module) -> bool:
-    return hasattr(module, "config")
-
-
 def _reload(out: Path, inputs, quant_logits, routers: dict[str, torch.Tensor]) -> dict:
     from moeconv.io.transformers_io import load_causal_lm_with_info
     from moeconv.stream.compare import compare_logits
@@ -171,7 +163,7 @@ def _reload(out: Path, inputs, quant_logits, routers: dict[str, torch.Tensor]) -
         raise VerificationError(f"transformers reloaded {out.name} with missing weights {missing[:3]} and unexpected "
                                 f"{unexpected[:3]}")
     with torch.no_grad():
-        got = _logits(model.eval(), inputs)
+        got = model_outputs(model.eval(), inputs).float()
     result = {**compare_logits([quant_logits], [got], tolerance=EXACT, what="in-memory quantized model"),
               "mode": "the written directory loaded by stock transformers"}
     from safetensors import safe_open
