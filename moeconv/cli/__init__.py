@@ -228,7 +228,8 @@ def _upcycle(src, out_dir: Path, options: dict, *, fmt, dtype, shard_size, verif
     from moeconv.errors import ConfigError, InputError
     from moeconv.jobs.upcycle import upcycle_checkpoint
     from moeconv.pass_base import _first_error
-    from moeconv.render import Progress, render_upcycle
+    from moeconv.progress import Progress
+    from moeconv.render import render_upcycle
     from passes.upcycle import UpcycleConfig
     from pydantic import ValidationError
     import torch

@@ -1,10 +1,10 @@
-"""Progress in a log file (moeconv.render.LogProgress): quick tasks print nothing, long ones a line
+"""Progress in a log file (moeconv.progress.LogProgress): quick tasks print nothing, long ones a line
 every so often with the time left, and a last line when they finish."""
 import io
 
 from rich.console import Console
 
-from moeconv.render import LogProgress, Progress, progress_line
+from moeconv.progress import LogProgress, Progress, progress_line
 
 
 class _Clock:

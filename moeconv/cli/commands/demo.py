@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         measured effect in report.html, and the ONNX model's own text from the same prompt."""
         def go():
             from moeconv.demo import run_demo
-            from moeconv.render import Progress
+            from moeconv.progress import Progress
             from moeconv.demo_render import render_demo
             from passes.upcycle import UpcycleConfig
             from moeconv.jobs.upcycle import upcycle_checkpoint

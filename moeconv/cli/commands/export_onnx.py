@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
         def go():
             from moeconv.errors import ConfigError
             from moeconv.pass_base import _first_error
-            from moeconv.render import Progress
+            from moeconv.progress import Progress
             from moeconv.jobs.export_onnx import export_onnx_to_dir
             from passes.export_onnx import ExportOnnxConfig
             from pydantic import ValidationError

@@ -85,7 +85,7 @@ def _prune(src: str, out_dir: Path, p, calib: Path, samples: int, seq_len: int, 
     from moeconv import Context, cli
     from moeconv.data import calibration_tokens
     from moeconv.jobs.routes import choose_route
-    from moeconv.render import Progress
+    from moeconv.progress import Progress
     route, why = choose_route(src, "prune-experts", passes=[p], calibrated=True)
     plan, state = _planned_load(src, p, calib, samples, seq_len, max_memory, route)
     calibration = calibration_tokens(calib, src, num_samples=samples, seq_len=seq_len,

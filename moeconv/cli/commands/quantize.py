@@ -177,7 +177,7 @@ def _run_compressed_tensors(a: QuantizeArgs) -> None:
         from moeconv.data import calibration_tokens
         calibration = calibration_tokens(a.calib, a.src, num_samples=a.calib_samples, seq_len=a.calib_seq_len,
                                          seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
-    from moeconv.render import Progress
+    from moeconv.progress import Progress
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
         report = quantize_ct_to_dir(a.src, a.out_dir, method=a.method, group_size=a.group_size,
                                     symmetric=a.symmetric, algorithm=a.algorithm, calibration=calibration,
@@ -225,7 +225,7 @@ def _quantize_streamed(a: QuantizeArgs, cfg, shard_bytes: int, extra: dict) -> d
     """A safetensors checkpoint, one layer at a time (`moeconv.jobs.stream_quantize`)."""
     from moeconv import Context, cli
     from moeconv.jobs.stream_quantize import quantize_streamed
-    from moeconv.render import Progress
+    from moeconv.progress import Progress
     from moeconv.stream.skeleton import Skeleton
     skel = Skeleton.open(Path(a.src))  # the checkpoint is refused as such before its tokenizer is used
     evaluation = _evaluation(a)
@@ -239,7 +239,7 @@ def _quantize_in_memory(a: QuantizeArgs, cfg, shard_bytes: int, extra: dict) -> 
     from moeconv import Context, cli, load
     from moeconv.errors import UnsupportedError
     from moeconv.jobs.pipeline_job import run_to_dir
-    from moeconv.render import Progress
+    from moeconv.progress import Progress
     from passes.quantize import Quantize
     state = load(a.src)
     if "quantized" in state.facts():

@@ -134,7 +134,8 @@ def render_training_memory(console, training: dict) -> None:
 def _run_recipe(recipe: Path, model: str, out_dir: Path, calib: Path | None, overrides: list[str], fmt: str, seed: int,
                 dry_run: bool, force: bool, max_memory: str | None = None) -> None:
     from moeconv import Context, cli, load
-    from moeconv.render import Progress, render_run
+    from moeconv.progress import Progress
+    from moeconv.render import render_run
     _check_seed(seed)
     passes = _passes(recipe, overrides)
     route, why = _route(model, passes, calib, fmt)

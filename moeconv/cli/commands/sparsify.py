@@ -97,7 +97,7 @@ def _run_streamed(a: SparsifyArgs, p, shard_bytes: int, extra: dict) -> dict:
     """Magnitude pruning of a safetensors checkpoint, one tensor at a time (`moeconv.jobs.stream_sparsify`)."""
     from moeconv import Context, cli
     from moeconv.jobs.stream_sparsify import sparsify_streamed
-    from moeconv.render import Progress
+    from moeconv.progress import Progress
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
         return sparsify_streamed(a.src, a.out_dir, p.config, force=a.force, shard_bytes=shard_bytes,
                                  ctx=Context(seed=a.seed, progress=progress), compressed=a.compressed,
@@ -109,7 +109,7 @@ def _run_streamed_layers(a: SparsifyArgs, p, shard_bytes: int, extra: dict) -> d
     (`moeconv.jobs.stream_layerwise`)."""
     from moeconv import Context, cli
     from moeconv.jobs.stream_layerwise import run_streamed
-    from moeconv.render import Progress
+    from moeconv.progress import Progress
     from moeconv.stream.skeleton import Skeleton
     skeleton = Skeleton.open(Path(a.src))  # a broken model is named as such, before the calibration text
     calibration = _calibration(a)
@@ -172,7 +172,7 @@ def _run_sparsify(a: SparsifyArgs) -> None:
     from moeconv.errors import InputError
     from moeconv.io.atomic import check_new_output
     from moeconv.jobs.pipeline_job import run_to_dir
-    from moeconv.render import Progress
+    from moeconv.progress import Progress
     p, shard_bytes = _sparsify_pass(a)
     check_seed(a.seed)  # before any loading: it reaches every generator of the run
     check_new_output(a.out_dir, force=a.force)
