@@ -166,8 +166,9 @@ def bnb_hf_config(state: ModelState, records: dict[str, dict]) -> dict:
 
 
 def moeconv_quantized_config(state: ModelState, records: dict[str, dict]) -> dict:
+    from moeconv.nn.quantized import _bnb
     from moeconv.version import __version__
-    import bitsandbytes
+    bitsandbytes = _bnb()
     sites = []
     native_counts = set()
     for path, m in state.module.named_modules():

@@ -18,8 +18,12 @@ import torch
 
 from moeconv.errors import InputError
 from moeconv.io.json_files import json_object_or_none
+from moeconv.nn.quantized import refuse_hub_kernels
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a converter never downloads behind a user's back
+# transformers imports bitsandbytes itself when it loads a bitsandbytes checkpoint; that import
+# must not fetch a Hub kernel either (see moeconv.nn.quantized.refuse_hub_kernels)
+refuse_hub_kernels()
 
 # Config keys through which transformers finds code (a model's, a pipeline's, generate's).
 CODE_KEYS = ("auto_map", "custom_pipelines", "custom_generate")

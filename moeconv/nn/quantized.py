@@ -66,8 +66,27 @@ def _bnb():
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # LLM.int8 casts activations to fp16 by design; bitsandbytes logs that on every call.
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    if "bitsandbytes" not in sys.modules:
+        refuse_hub_kernels()
     import bitsandbytes
     return bitsandbytes
+
+
+def refuse_hub_kernels() -> None:
+    """On a CPU with AVX512-BF16, importing bitsandbytes calls `kernels.get_kernel(
+    "kernels-community/quantization-bitsandbytes")`: code fetched from the Hugging Face Hub and
+    run in this process (offline mode only stops the download, not a cached copy). moeconv never
+    runs code it did not ship, so the lookup fails here and bitsandbytes falls back to its own
+    kernel (it catches the error). `kernels` is a transformers dependency; without it there is
+    nothing to refuse."""
+    try:
+        import kernels
+    except ImportError:
+        return
+
+    def refuse(repo_id, *args, **kwargs):
+        raise RuntimeError(f"moeconv does not run code from the Hugging Face Hub ({repo_id})")
+    kernels.get_kernel = refuse
 
 
 def is_quantized_layer(m: nn.Module) -> bool:
