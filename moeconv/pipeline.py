@@ -80,6 +80,7 @@ class Pipeline:
         report = RunReport()
         for i, p in enumerate(self.passes):
             ctx.report_progress("pipeline", i, len(self.passes))
+            ctx.report_progress(f"step {i + 1}/{len(self.passes)}: {p.name}", 0, None)
             result = p(state, ctx, instruments=self.instruments)  # the pass enforces its own contract
             report.passes.append(result.report)
             state = result.state

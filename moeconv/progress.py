@@ -20,6 +20,7 @@ class Progress:
                                MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("left"),
                                TimeRemainingColumn(), console=console, transient=True)
         self._tasks: dict[str, int] = {}
+        self._markers: list[str] = []
 
     def __enter__(self):
         if self.enabled:
@@ -35,35 +36,61 @@ class Progress:
             self._log(task, done, total)
         if not self.enabled:
             return
+        if total is None:  # a new step marker replaces the last one (a spinner that never ends)
+            for marker in self._markers:
+                self._p.update(self._tasks[marker], visible=False)
+            self._markers = [task]
         if task not in self._tasks:
             self._tasks[task] = self._p.add_task(task, total=total)
         self._p.update(self._tasks[task], completed=done, total=total)
 
 
 class LogProgress:
-    """Progress for a log file: one line per task every `every` seconds once it has run `after`
-    seconds (a quick task prints nothing), and a last line when a task that printed finishes.
-    Each line: done/total, elapsed, and the time left extrapolated from the rate so far."""
+    """Progress for a log file, where bars cannot be drawn: plain lines, each stamped with the time
+    since the run started.
 
-    def __init__(self, console: Console, *, after: float = 10.0, every: float = 30.0, clock=time.monotonic):
-        self.console, self.after, self.every, self.clock = console, after, every, clock
+    - A step (`total is None`, e.g. "generate (dense)", or a one-item task) prints one line when it
+      starts; a one-item step that took `after` seconds prints another when it ends.
+    - A counted task with at most `per_item` items (layers, passes, training steps) prints one
+      line per item once it has run `after` seconds, so a quick task prints nothing.
+    - A task with more items (tensors) prints a line at most every `every` seconds.
+    - A task that printed anything, or ran `after` seconds, prints a last line when it finishes.
+    Counted lines carry done/total, the task's elapsed time and the time left at the rate so far."""
+
+    def __init__(self, console: Console, *, after: float = 2.0, every: float = 10.0, per_item: int = 200,
+                 clock=time.monotonic):
+        self.console, self.after, self.every, self.per_item, self.clock = console, after, every, per_item, clock
+        self._t0 = clock()
         self._start: dict[str, float] = {}
-        self._last: dict[str, float] = {}
+        self._last: dict[str, tuple[float, int]] = {}
 
     def __call__(self, task: str, done: int, total: int | None) -> None:
         now = self.clock()
+        if total is None or (total == 1 and done == 0):  # a step: said once, when it starts
+            if task not in self._start:
+                self._start[task] = now
+                self._print(now, f"{task} …")
+                if total == 1:
+                    self._last[task] = (now, 0)
+            return
         start = self._start.setdefault(task, now)
-        finished = total is not None and done >= total
-        if task in self._last:
-            due = finished or now - self._last[task] >= self.every
-        else:
-            due = not finished and now - start >= self.after
+        finished = done >= total
+        printed = self._last.get(task)
+        if total == 1:
+            due = finished and now - start >= self.after
+        elif printed is not None:
+            due = finished or (done > printed[1] and (total <= self.per_item or now - printed[0] >= self.every))
+        else:  # a task that took `after` seconds says so when it ends, even if it never got to a line
+            due = now - start >= self.after
         if due:
-            self._last[task] = now
-            self.console.print(progress_line(task, done, total, now - start), markup=False, highlight=False)
+            self._last[task] = (now, done)
+            self._print(now, progress_line(task, done, total, now - start))
         if finished:
             self._start.pop(task, None)
             self._last.pop(task, None)
+
+    def _print(self, now: float, line: str) -> None:
+        self.console.print(f"[{_duration(now - self._t0)}] {line}", markup=False, highlight=False)
 
 
 def progress_line(task: str, done: int, total: int | None, elapsed: float) -> str:
