@@ -1,21 +1,83 @@
-"""What `moeconv demo` shows a person (rich)."""
+"""What `moeconv demo` shows a person: a table in the terminal, and OUT/report.html."""
 from __future__ import annotations
 
-from rich.console import Console
+import html
 
-from moeconv.render import render_run, render_upcycle
+from rich.console import Console
+from rich.table import Table
+
+from moeconv.render import _bytes, render_run, render_upcycle
+
+_LABEL = {"dense": "dense SmolLM2", "moe": "MoE (upcycled)", "compressed": "compressed (int8, ONNX)"}
+
+
+def _rows(summary: dict) -> list[dict]:
+    """One row per model with the figures formatted for people, relative to the dense model."""
+    models = summary["models"]
+    dense = models[0]
+    rows = []
+    for m in models:
+        ratio = m["perplexity"] / dense["perplexity"]
+        size = m["bytes"] / dense["bytes"]
+        rows.append({"model": _LABEL.get(m["name"], m["name"]), "runs in": m["where"],
+                     "perplexity": f"{m['perplexity']:.2f}" + ("" if m is dense else f" ({ratio:.2f}×)"),
+                     "size": _bytes(m["bytes"]) + ("" if m is dense else f" ({size:.2f}×)"),
+                     "size_note": m.get("bytes_note", ""),
+                     "tokens/s": f"{m['tokens_per_second']:.1f}", "text": m["text"]})
+    return rows
 
 
 def render_demo(console: Console, result: dict) -> None:
     render_upcycle(console, result["report"])
-    console.print(f"\nprompt: {result['prompt']!r}")
-    console.print(f"dense SmolLM2 : {result['texts']['dense']!r}")
-    console.print(f"MoE ({result['moe_class']}): {result['texts']['moe']!r}")
-    console.print(f"[green]identical greedy text[/green]; MoE checkpoint and report.json in {result['out']}")
     if "chain" in result:
         console.print()
-        render_run(console, result["chain"]["report"])
-        console.print(f"compressed (onnxruntime, int8, 2:4): {result['texts']['compressed']!r}")
-        console.print("[yellow]2:4 sparsity without healing costs a 135M model much of its quality[/yellow] "
-                      "(measured per step above and in report.html); `moeconv distill --mode heal` trains it back.")
-        console.print(f"the chain's recipe, ONNX graph and report.html (open it in a browser) are in {result['chain_out']}")
+        render_run(console, result["chain"])
+    rows = _rows(result)
+    held = result["held_out"]
+    t = Table(title=f"the three models (perplexity on {held['sequences']}×{held['tokens_per_sequence']} held-out "
+                    "tokens of Python's docs; lower is better)")
+    for col in ("model", "runs in", "perplexity", "size", "tokens/s"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["model"], r["runs in"], r["perplexity"], r["size"], r["tokens/s"])
+    console.print()
+    console.print(t)
+    console.print(f"prompt: {result['prompt']!r}")
+    for r in rows:
+        console.print(f"  {r['model']}: {r['text']!r}", markup=False, highlight=False)
+    console.print("[green]the MoE generates exactly the dense model's text[/green] (copy-initialised experts "
+                  "compute the dense function; checked)")
+    console.print(f"outputs: {result['out']} (Mixtral, loads in stock transformers)"
+                  + (f", {result['chain_out']} (ONNX for onnxruntime, with its recipe and report.html)"
+                     if "chain_out" in result else ""))
+    console.print(f"side by side in report.html: {result['out'].rsplit('/', 1)[0]}/report.html "
+                  f"({result['seconds']:.0f} s in all)")
+
+
+def write_demo_html(summary: dict) -> str:
+    """A self-contained page: the models side by side, the prompt, each model's text, and links to
+    the per-output reports (relative links: they work wherever OUT is moved)."""
+    e = html.escape
+    rows = _rows(summary)
+    held = summary["held_out"]
+    table = "".join(
+        f"<tr><td>{e(r['model'])}</td><td>{e(r['runs in'])}</td><td>{e(r['perplexity'])}</td>"
+        f"<td>{e(r['size'])}<br><small>{e(r['size_note'])}</small></td><td>{e(r['tokens/s'])}</td></tr>"
+        for r in rows)
+    texts = "".join(f"<tr><td>{e(r['model'])}</td><td class='text'>{e(r['text'])}</td></tr>" for r in rows)
+    links = " · ".join(f"<a href='{e(href)}'>{e(name)}: what each step did and measured</a>"
+                       for name, href in summary.get("outputs", {}).items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>moeconv demo</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left;vertical-align:top}}td.text{{white-space:pre-wrap;font-family:monospace}}</style>
+</head><body><h1>moeconv demo: SmolLM2-135M-Instruct → Mixture-of-Experts → int8 ONNX</h1>
+<p>Perplexity on {held['sequences']}×{held['tokens_per_sequence']} held-out tokens ({e(held['text'])}); lower is better.
+Sizes and perplexities in brackets are relative to the dense model. Speed: greedy generation of
+{summary['new_tokens']} tokens, {e(summary.get('threads_note', 'on this machine'))}.</p>
+<table><tr><th>model</th><th>runs in</th><th>perplexity</th><th>size</th><th>tokens/s</th></tr>{table}</table>
+<h2>Generated text</h2><p>prompt: <code>{e(summary['prompt'])}</code></p>
+<table><tr><th>model</th><th>greedy continuation</th></tr>{texts}</table>
+<p>{links}</p>
+<p>Total time {summary['seconds']:.0f} s.</p>
+</body></html>
+"""

@@ -1,14 +1,15 @@
-"""The README's main job, as a newcomer runs it: `moeconv demo OUT` on SmolLM2-135M-Instruct.
+"""The README's main job, as a newcomer runs it: `moeconv demo OUT` on SmolLM2-135M-Instruct,
+with its output going to a log file (no terminal).
 
 OUT/moe is a Mixtral that stock transformers loads and that generates the dense model's text;
-OUT/compressed holds the five-step chain (upcycle → prune-experts → sparsify 2:4 → quantize int8 →
-export ONNX) with a report that gives every step's measured effect, an ONNX graph onnxruntime
-generates from, and OUT/recipe.yaml, which `moeconv plan` accepts as written.
+OUT/compressed is that MoE with int8 weights exported to ONNX; OUT/report.json|html put the three
+models side by side (held-out perplexity, size, speed, text). The demo promises the compressed
+model's perplexity within 1.3× of the dense model's; this test checks the report says so, that
+its text is not degenerate, and that progress reached the log while the demo ran.
 """
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -25,34 +26,60 @@ def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "nested" / "demo"  # parents are created, as `out/demo` in the README
     proc = subprocess.run([sys.executable, "-m", "moeconv.cli", "demo", str(out)], capture_output=True, text=True,
                           timeout=1800)
-    print(proc.stdout[-6000:], proc.stderr[-2000:])
+    print(proc.stdout[-6000:], proc.stderr[-4000:])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+    return out, proc.stdout, proc.stderr
 
 
 def test_upcycled_mixtral_is_exact_and_generates_the_dense_text(demo):
-    out, stdout = demo
+    out, stdout, _ = demo
     from transformers import AutoConfig
     assert AutoConfig.from_pretrained(out / "moe").model_type == "mixtral"
     report = json.loads((out / "moe" / "report.json").read_text())
     assert report["verification"]["rel_max_diff"] < 1e-5
-    assert "identical greedy text" in stdout
+    models = {m["name"]: m for m in json.loads((out / "report.json").read_text())["models"]}
+    assert models["dense"]["text"] == models["moe"]["text"]
+    assert abs(models["moe"]["perplexity"] / models["dense"]["perplexity"] - 1) < 1e-3
+    assert "exactly the dense model's text" in stdout
 
 
-def test_chain_report_measures_every_step(demo):
-    out, stdout = demo
+def test_compressed_model_keeps_its_quality_and_says_something_coherent(demo):
+    out, stdout, _ = demo
+    summary = json.loads((out / "report.json").read_text())
+    models = {m["name"]: m for m in summary["models"]}
+    assert models["compressed"]["perplexity"] <= 1.3 * models["dense"]["perplexity"]
+    assert models["compressed"]["bytes"] < 0.5 * models["moe"]["bytes"]
+    text = models["compressed"]["text"]
+    words = text.split()
+    assert len(words) >= 8 and len(set(words)) >= 0.5 * len(words), text  # not a loop of one token
+    assert sum(c.isalpha() for c in text) >= 0.5 * len(text), text
+
+
+def test_chain_report_measures_every_step_and_the_page_shows_every_text(demo):
+    out, stdout, _ = demo
     report = json.loads((out / "compressed" / "report.json").read_text())
-    names = [p["pass_name"] for p in report["passes"]]
-    assert names == ["upcycle", "prune-experts", "sparsify", "quantize", "export-onnx"]
+    assert [p["pass_name"] for p in report["passes"]] == ["quantize", "export-onnx"]
     for p in report["passes"]:
         assert p["metrics"], p["pass_name"]  # each step reports what it measured
-    assert (out / "compressed" / "report.html").stat().st_size > 20_000  # plots embedded
     assert (out / "compressed" / "model.onnx").is_file()
-    assert "compressed (onnxruntime" in stdout
+    page = (out / "report.html").read_text()
+    summary = json.loads((out / "report.json").read_text())
+    import html
+    for m in summary["models"]:
+        assert html.escape(m["text"]) in page
+    for sub in ("moe", "compressed"):
+        assert (out / sub / "report.html").is_file()
 
 
-def test_recipe_is_plannable(demo):
-    out, _ = demo
-    proc = subprocess.run([sys.executable, "-m", "moeconv.cli", "plan", str(out / "recipe.yaml"), "--calib"],
-                          capture_output=True, text=True)
+def test_progress_reaches_a_log_file(demo):
+    _, _, stderr = demo
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("[")]
+    assert any("step 2/2: export-onnx" in ln for ln in lines), stderr[-2000:]
+    assert any("measure compressed" in ln for ln in lines)
+
+
+def test_recipe_runs_as_written(demo, tmp_path):
+    out, _, _ = demo
+    proc = subprocess.run([sys.executable, "-m", "moeconv.cli", "plan", str(out / "recipe.yaml"),
+                           "--model", str(out / "moe")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
