@@ -21,16 +21,28 @@ def _bytes(x) -> str:
     return f"{x} B"
 
 
-def render_reloaded(console: Console, report: dict, versus: str, layout: str = "") -> None:
-    """The line every writing command ends with: what was written, and its reload against `versus`."""
+def summary_table(title: str) -> Table:
+    """The one summary style of every command: a titled two-column table, names in bold."""
+    t = Table(title=title, show_header=False)
+    t.add_column("", style="bold", no_wrap=True)
+    t.add_column("", overflow="fold")  # a long path wraps, never ends in "…"
+    return t
+
+
+def reloaded_text(report: dict, versus: str, layout: str = "") -> str:
+    """What was written, and its reload against `versus` (a summary table's `check` row)."""
     w, v = report["written"], report["verification"]
     if w.get("route") == "streaming":
-        console.print(f"written {w.get('tensors', '?')} tensors ({w['format']}{layout}) one layer at a time, re-read and "
-                      f"checksummed; run beside the {v['against']} one layer of each at a time on {v['inputs']}: "
-                      f"max |Δlogits| {v['max_abs_diff']:.3g}, top-1 agreement {v['top1_agreement']:.1%}")
-        return
-    console.print(f"written {w.get('tensors', '?')} tensors ({w['format']}{layout}), reloaded as "
-                  f"{v['consumer_class']}: max |Δ| {v['max_abs_diff']:.3g} vs {versus}")
+        return (f"written {w.get('tensors', '?')} tensors ({w['format']}{layout}) one layer at a time, re-read and "
+                f"checksummed; run beside the {v['against']} one layer of each at a time on {v['inputs']}: "
+                f"max |Δlogits| {v['max_abs_diff']:.3g}, top-1 agreement {v['top1_agreement']:.1%}")
+    return (f"written {w.get('tensors', '?')} tensors ({w['format']}{layout}), reloaded as "
+            f"{v['consumer_class']}: max |Δ| {v['max_abs_diff']:.3g} vs {versus}")
+
+
+def render_reloaded(console: Console, report: dict, versus: str, layout: str = "") -> None:
+    """The reload line, for renderers that are not a summary table."""
+    console.print(reloaded_text(report, versus, layout), markup=False)
 
 
 def render_warnings(console: Console, warnings) -> None:
@@ -93,15 +105,24 @@ def pass_contracts(registry) -> list[dict]:
 
 
 def render_passes(console: Console, registry) -> None:
-    t = Table(title="passes (facts of a default-configured instance; options change some)")
-    for col in ("name", "requires", "provides", "invalidates", "promise"):
+    """Two tables that fit 80 columns without cutting a word: each pass's facts (one per line) and
+    promise, then what each pass does. The facts are `pass_contracts`', which `plan` checks too."""
+    rows = pass_contracts(registry)
+    t = Table(title="passes: facts of a default-configured instance (options change some; `moeconv plan` "
+                    "shows a recipe's own)")
+    for col in ("pass", "requires", "provides", "invalidates", "promise"):
         t.add_column(col, no_wrap=True)  # one fact per line: facts are never cut at narrow widths
-    t.add_column("what it does")
-    for row in pass_contracts(registry):
+    for row in rows:
         needs = row["requires"] + [" or\n".join(g) for g in row["requires_any"]]
         t.add_row(row["name"], "\n".join(needs) or "-", "\n".join(row["provides"]) or "-",
-                  "\n".join(row["invalidates"]) or "-", row["promise"], row["summary"])
+                  "\n".join(row["invalidates"]) or "-", row["promise"])
     console.print(t)
+    d = Table(title="what each pass does")
+    d.add_column("pass", no_wrap=True)
+    d.add_column("what it does")
+    for row in rows:
+        d.add_row(row["name"], row["summary"])
+    console.print(d)
 
 
 def render_upcycle(console: Console, report: dict) -> None:
@@ -113,6 +134,8 @@ def render_upcycle(console: Console, report: dict) -> None:
     t.add_row("output", f"{report['output']}  ({report['format']}, loads with {report['consumer']})")
     t.add_row("route", report["route"])
     t.add_row("layers converted", f"{metrics.get('sites_converted')} of {metrics.get('sites_found')}")
+    if report.get("shared_expert"):
+        t.add_row("shared expert", report["shared_expert"])
     params = report.get("params", {})
     t.add_row("parameters", f"{_n(params.get('before'))} → {_n(params.get('after'))}"
               + (f" ({_n(params['active_after'])} active per token)" if params.get("active_after") else ""))
@@ -136,17 +159,22 @@ def render_upcycle(console: Console, report: dict) -> None:
         console.print(f"[yellow]warning:[/yellow] {wmsg}")
 
 
+def _alternatives(fact: str) -> str:
+    return fact.replace(" | ", " or ")
+
+
 def render_plan(console: Console, plan) -> None:
+    """The step × facts table (missing facts in red) and, when nothing is missing, "plan ok"."""
     t = Table(title="plan")
     for col in ("step", "pass", "needs (missing in red)", "facts after"):
         t.add_column(col)
     for i, step in enumerate(plan.steps, 1):
-        needs = ", ".join(f"[red]{f}[/red]" if f in step.missing else f for f in sorted(step.requires)) or "-"
+        # a group of alternatives ("a | b" in the pipeline) reads as `moeconv passes` writes it
+        needs = ", ".join(f"[red]{_alternatives(f)}[/red]" if f in step.missing else _alternatives(f)
+                          for f in sorted(step.requires)) or "-"
         t.add_row(str(i), step.name, needs, ", ".join(sorted(step.facts_after)))
     console.print(t)
-    for p in plan.problems:
-        console.print(f"[red]problem:[/red] {p}")
-    if plan.ok:
+    if plan.ok:  # problems are the caller's error line (`PlanError`): each printed once
         console.print("[green]plan ok[/green]")
 
 

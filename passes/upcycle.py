@@ -38,7 +38,8 @@ class UpcycleConfig(PassConfig):
     noise_scale: float = Field(0.01, gt=0)
     drop_ratio: float = Field(0.5, gt=0, lt=1)
     split_mode: Literal["random", "clustered"] = "random"
-    shared_experts: bool = False
+    shared_experts: bool = Field(False, description="an always-on, sigmoid-gated shared expert; left unset, "
+                                                   "the job sets it as the output family needs (`for_family`)")
     renormalize: bool = True
     seed: int = 0
 
@@ -47,6 +48,15 @@ class UpcycleConfig(PassConfig):
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
         return self
+
+    def for_family(self, needs_shared_expert: bool) -> "UpcycleConfig":
+        """This config for an output family. `shared_experts` left unset follows the family: Qwen2-MoE
+        always has a shared expert, so adding one (a copy of the FFN behind a closed gate, the routed
+        experts scaled by 0.5) is the only exact way to write it. Set explicitly, it stays, and the
+        writer refuses what the family cannot hold."""
+        if "shared_experts" in self.model_fields_set or self.shared_experts == needs_shared_expert:
+            return self
+        return self.model_copy(update={"shared_experts": needs_shared_expert})
 
     def init_spec(self) -> InitSpec:
         return InitSpec(self.expert_init, self.noise_scale, self.drop_ratio, self.split_mode, self.seed,

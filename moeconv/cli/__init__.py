@@ -20,7 +20,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from moeconv.cli.common import SELECTOR_HELP  # noqa: E402
+from moeconv.cli.common import (calib_option, calib_samples_option, calib_seq_len_option,  # noqa: E402
+                                force_option, ignore_option, seed_option, shard_size_option, targets_option)
+from moeconv.cli.help_style import restyle  # noqa: E402
 from moeconv.errors import MoeconvError  # noqa: E402
 
 try:  # typer ≥ 0.22 vendors click
@@ -31,7 +33,12 @@ except ImportError:  # pragma: no cover
 
 class _OneLineUsageErrors(typer.core.TyperGroup):
     """A bad option value or an unknown option is bad input too: one line and exit code 2, not
-    click's usage block (a help request and `moeconv` alone still print the help)."""
+    click's usage block (a help request and `moeconv` alone still print the help). Every command
+    under it shows its help in one style (`moeconv.cli.help_style`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        restyle(self)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
@@ -198,30 +205,38 @@ def upcycle(
     noise_scale: float = typer.Option(0.01, help="Relative noise for --expert-init noise."),
     drop_ratio: float = typer.Option(0.5, help="Fraction of neurons re-initialised for --expert-init drop."),
     split_mode: str = typer.Option("random", help="random | clustered neuron partition for --expert-init split."),
-    shared_experts: bool = typer.Option(False, "--shared-experts", help="Keep an always-on shared expert (Qwen2-MoE)."),
+    shared_experts: Optional[bool] = typer.Option(None, "--shared-experts/--no-shared-experts",
+                                                  help="Add an always-on, sigmoid-gated shared expert.",
+                                                  show_default="as the output family needs: on for Qwen2-MoE, "
+                                                               "which always has one"),
     renormalize: bool = typer.Option(True, "--renormalize/--no-renormalize", help="Renormalise top-k weights."),
-    layers: Optional[list[str]] = typer.Option(None, "--layers", help=f"Which FFNs (default: all): {SELECTOR_HELP}. Repeatable."),
-    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="FFNs to leave dense (same syntax as --layers)."),
+    targets: Optional[list[str]] = targets_option("Which FFNs become MoE layers", "every FFN", "--layers"),
+    ignore: Optional[list[str]] = ignore_option("FFNs to leave dense"),
     fmt: str = typer.Option("auto", "--format", help="auto (HF MoE family when there is one) | hf | moeconv."),
-    dtype: Optional[str] = typer.Option(None, help="Output dtype: float32 | bfloat16 | float16 (default: source's)."),
-    shard_size: str = typer.Option("5GB", help="Maximum shard size, e.g. 5GB, 500MB."),
+    dtype: Optional[str] = typer.Option(None, help="Output dtype: float32 | bfloat16 | float16.",
+                                        show_default="the source's"),
+    shard_size: str = shard_size_option(),
     verify: str = typer.Option("auto", help="auto | full (reload and compare logits) | weights (checksums only)."),
-    calib: Optional[Path] = typer.Option(None, help="Calibration text (.txt / .jsonl) for --router-init hidden."),
-    seed: int = typer.Option(0, help="Seed for every random choice (same seed → byte-identical output)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    calib: Optional[Path] = calib_option("Calibration text (.txt / .jsonl) or token ids, for --router-init hidden."),
+    calib_samples: int = calib_samples_option(),
+    calib_seq_len: Optional[int] = calib_seq_len_option(),
+    seed: int = seed_option("Seed for every random choice (same seed → byte-identical output)."),
+    force: bool = force_option(),
 ):
     """Turn a dense model into a Mixture-of-Experts checkpoint, verified on reload.
 
-    Llama/Mistral become Mixtral, Qwen2 becomes Qwen2-MoE, Qwen3 becomes Qwen3-MoE (stock
-    transformers loads them); everything else is written in moeconv's format (`moeconv.load`).
+    Llama/Mistral become Mixtral, Qwen2 becomes Qwen2-MoE (with the shared expert that family
+    always has, added by itself), Qwen3 becomes Qwen3-MoE (stock transformers loads them); everything else is written in moeconv's format (`moeconv.load`).
     With --expert-init copy the MoE computes exactly the dense function; that is checked.
     """
     options = dict(num_experts=num_experts, top_k=top_k, router_init=router_init, router_std=router_std,
                    expert_init=expert_init, noise_scale=noise_scale, drop_ratio=drop_ratio, split_mode=split_mode,
-                   shared_experts=shared_experts, renormalize=renormalize, targets=layers or None,
-                   ignore=ignore or [], seed=seed)
+                   renormalize=renormalize, targets=targets or None, ignore=ignore or [], seed=seed)
+    if shared_experts is not None:  # unset, the output family decides (`UpcycleConfig.for_family`)
+        options["shared_experts"] = shared_experts
+    calibration = (calib, calib_samples, calib_seq_len)
     _run(lambda: _upcycle(src, out_dir, options, fmt=fmt, dtype=dtype, shard_size=shard_size, verify=verify,
-                          calib=calib, force=force))
+                          calib=calibration, force=force))
 
 
 def _upcycle(src, out_dir: Path, options: dict, *, fmt, dtype, shard_size, verify, calib, force) -> None:
@@ -235,8 +250,8 @@ def _upcycle(src, out_dir: Path, options: dict, *, fmt, dtype, shard_size, verif
     import torch
     try:
         cfg = UpcycleConfig(**options)
-    except ValidationError as exc:  # the config's `targets` is this command's --layers
-        raise ConfigError(f"upcycle: {_first_error(exc)}".replace("upcycle: targets: ", "upcycle: --layers: ")) from None
+    except ValidationError as exc:  # the config's `targets` is this command's --targets
+        raise ConfigError(f"upcycle: {_first_error(exc)}".replace("upcycle: targets: ", "upcycle: --targets: ")) from None
     if fmt not in ("auto", "hf", "moeconv"):
         raise ConfigError(f"--format must be auto, hf or moeconv, not {fmt!r}")
     if verify not in ("auto", "full", "weights"):
@@ -244,9 +259,11 @@ def _upcycle(src, out_dir: Path, options: dict, *, fmt, dtype, shard_size, verif
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
     calibration = None
+    calib, calib_samples, calib_seq_len = calib
     if calib is not None:
         from moeconv.data import calibration_tokens
-        calibration = calibration_tokens(calib, src)
+        calibration = calibration_tokens(calib, src, num_samples=calib_samples, seq_len=calib_seq_len,
+                                         seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
     elif cfg.router_init == "hidden":
         raise InputError("--router-init hidden needs --calib FILE")
     with Progress(err, enabled=not _state["verbose"]) as progress:

@@ -32,11 +32,13 @@ from moeconv.io.load import load
 from moeconv.io.safetensors_io import SourceCheckpoint
 from moeconv.io.transformers_io import load_causal_lm, model_class
 from moeconv.jobs.driver import JobResult, check_output, run_job
+from moeconv.jobs.stream_report import upcycle_streamed_fields
 from moeconv.jobs.upcycle_stream import streaming_source
 from moeconv.patterns import find_ffn_sites
 from moeconv.pipeline import Pipeline
 from moeconv.sites import expert_rel_names, role_paths, select_sites
 from moeconv.state import SourceInfo, vocab_size
+from moeconv.summary import model_summary, summary_inputs
 from moeconv.units import parse_size
 from moeconv.verify import EXACT, check_inputs, compare_outputs, load_consumer
 from passes.upcycle import Upcycle, UpcycleConfig
@@ -61,6 +63,9 @@ def upcycle_checkpoint(src, out, cfg: UpcycleConfig, *, fmt: FormatChoice = "aut
         raise UnsupportedError(f"--format hf: no Hugging Face MoE family for {what!r} (llama/mistral → Mixtral, "
                                "qwen2 → Qwen2-MoE, qwen3 → Qwen3-MoE); use --format moeconv")
     check_output(src, out, force=force)
+    if family is not None and fmt != "moeconv":
+        cfg = for_family(cfg, family)
+    recipe = [{"pass": "upcycle", **cfg.model_dump()}]
     streaming = (family is not None and fmt != "moeconv" and cfg.router_init != "hidden"
                  and ((src_path / "model.safetensors").is_file() or (src_path / "model.safetensors.index.json").is_file()))
 
@@ -68,23 +73,47 @@ def upcycle_checkpoint(src, out, cfg: UpcycleConfig, *, fmt: FormatChoice = "aut
         if streaming:
             return _stream_hf(src_path, raw, tmp, cfg, family, dtype, shard_bytes, verify, progress)
         return _in_memory(src, tmp, cfg, family if fmt != "moeconv" else None, dtype, shard_bytes,
-                          calibration, progress)
-    return run_job(src, out, force=force, recipe=[{"pass": "upcycle", **cfg.model_dump()}], work=work)
+                          calibration, progress, recipe)
+    return run_job(src, out, force=force, recipe=recipe, work=work)
+
+
+def for_family(cfg: UpcycleConfig, family: MoeFormat) -> UpcycleConfig:
+    """`cfg` for writing `family`: an unset `shared_experts` follows it (`UpcycleConfig.for_family`);
+    `--no-shared-experts` for a family that always has one is refused, with the way out."""
+    if family.shared_expert and "shared_experts" in cfg.model_fields_set and not cfg.shared_experts:
+        raise UnsupportedError(f"{family.architecture} always has a shared expert, so an MoE without one cannot be "
+                               "written as it exactly: leave out --no-shared-experts (the shared expert is then added "
+                               "by itself) or use --format moeconv")
+    return cfg.for_family(family.shared_expert)
+
+
+def shared_expert_note(cfg: UpcycleConfig, family: MoeFormat | None) -> str | None:
+    """The summary's word on a shared expert the job chose (None when there is none)."""
+    if not cfg.shared_experts:
+        return None
+    if family is not None and family.shared_expert:
+        return (f"added by itself: {family.architecture} always has one; it copies the FFN behind a closed gate "
+                "(sigmoid 0.5) and the routed experts are scaled by 0.5, so the sum is the dense FFN")
+    return "as asked: a copy of the FFN behind a closed gate, the routed experts scaled by 0.5"
 
 
 # ----------------------------------------------------------------------------- in memory
 
 
 def _in_memory(src, tmp: Path, cfg: UpcycleConfig, family: MoeFormat | None, dtype, shard_bytes,
-               calibration, progress) -> JobResult:
+               calibration, progress, recipe: list[dict]) -> JobResult:
     state = load(src, dtype=dtype)
     if family is None and state.config is not None:
         family = format_for(getattr(state.config, "model_type", None)) if state.source.kind == "gguf" else None
+        if family is not None:  # a GGUF's family is known once it is read: the recorded recipe follows
+            cfg = for_family(cfg, family)
+            recipe[0] = {"pass": "upcycle", **cfg.model_dump()}
     sites = find_ffn_sites(state.module)
     chosen = select_sites(sites, cfg.targets, cfg.ignore)
     if family is not None:
         _check_family(family, state.config.to_dict(), cfg, sites, chosen)
     source_info = state.source
+    input_summary = model_summary(state, None)  # the dense model, before the pass changes it in place
     result = Pipeline([Upcycle(cfg)]).run(state, Context(calibration=calibration, seed=cfg.seed, progress=progress))
     state = result.state
     pass_report = result.report.passes[0]
@@ -96,7 +125,7 @@ def _in_memory(src, tmp: Path, cfg: UpcycleConfig, family: MoeFormat | None, dty
         stats = save_moeconv(state, tmp, shard_bytes=shard_bytes, on_tensor=on_tensor)
         consumer = "moeconv.load"
     report = {"route": "in-memory", "format": family.name if family else "moeconv", "consumer": consumer,
-              "upcycle": pass_report.to_dict(), "written": stats}
+              "upcycle": pass_report.to_dict(), "written": stats, "shared_expert": shared_expert_note(cfg, family)}
     # Reload with the consumer and compare against the in-memory MoE model (itself checked
     # against the dense model by the pass's numeric check).
     report["verification"] = _verify_reload(tmp, state.module, family, cfg, vocab=vocab_size(state.module, state.config),
@@ -104,6 +133,8 @@ def _in_memory(src, tmp: Path, cfg: UpcycleConfig, family: MoeFormat | None, dty
     report["verification"]["dense_vs_moe_rel_max_diff"] = pass_report.metrics.get("rel_max_diff")
     report["params"] = {"before": pass_report.metrics["params_before"], "after": pass_report.metrics["params_after"],
                         "active_after": pass_report.metrics["active_params_after"]}
+    report.update(passes=[pass_report.to_dict()], input_model=input_summary,  # report.html's table and plots
+                  model=model_summary(state, summary_inputs(state, cfg.seed, calibration)))
     return JobResult(report, source_info)
 
 
@@ -183,7 +214,7 @@ def _stream_hf(src: Path, raw: dict, tmp: Path, cfg: UpcycleConfig, family: MoeF
               "consumer": f"transformers.AutoModelForCausalLM ({family.architecture})",
               "upcycle": {"sites_found": len(sites), "sites_converted": len(chosen),
                           "sites": [s.path for _, s in chosen]},
-              "written": stats, "source_tensors": accounting}
+              "written": stats, "source_tensors": accounting, "shared_expert": shared_expert_note(cfg, family)}
     src_bytes = sum(s.nbytes for s in ckpt.specs.values())
     mode = verify if verify != "auto" else ("full" if stats["bytes"] + src_bytes <= FULL_VERIFY_MAX_BYTES else "weights")
     n_dense = None
@@ -199,6 +230,7 @@ def _stream_hf(src: Path, raw: dict, tmp: Path, cfg: UpcycleConfig, family: MoeF
         report["verification"] = {"mode": "weights", "detail": "every tensor re-read and checksummed; functional "
                                   "check skipped above {:.1f} GiB (use --verify full)".format(FULL_VERIFY_MAX_BYTES / 2**30)}
     report["params"] = {"before": n_dense, "after": sum(int(torch.Size(s.shape).numel()) for s in source.specs)}
+    report.update(upcycle_streamed_fields(report, tmp, cfg.seed))  # report.html's table and plots
     return JobResult(report, SourceInfo("hf", src, tokenizer_dir=src))
 
 

@@ -196,10 +196,10 @@ def test_prune_experts_prunes_only_the_selected_moe_layers():
 # ----------------------------------------------------------------------------- the CLI
 
 COMMANDS = {  # command → its arguments before the selector option
-    "upcycle": ["--num-experts", "4", "--top-k", "2", "--layers"],
+    "upcycle": ["--num-experts", "4", "--top-k", "2", "--targets"],
     "quantize": ["--targets"],
     "sparsify": ["--method", "magnitude", "--targets"],
-    "prune-experts": ["--keep", "2", "--targets"],
+    "prune-experts": ["--keep", "2", "--calib", "calib.txt", "--targets"],  # --calib is required
 }
 
 
@@ -215,5 +215,5 @@ def test_every_command_refuses_a_bad_selector_with_the_same_line(tmp_path, bad):
         assert "Traceback" not in r.stderr and r.stdout == "" and not out.exists(), cmd
         assert r.stderr.count("\n") == 1 and r.stderr.count("error:") == 1, (cmd, r.stderr)
         lines[cmd] = re.sub(rf"^error: {re.escape(cmd)}: ", "error: ", r.stderr.strip())
-    flags = {cmd: "--layers" if cmd == "upcycle" else "targets" for cmd in COMMANDS}  # each names its option
+    flags = {cmd: "--targets" if cmd == "upcycle" else "targets" for cmd in COMMANDS}  # each names its option
     assert lines == {cmd: f"error: {flags[cmd]}: {exc.value}" for cmd in COMMANDS}, lines

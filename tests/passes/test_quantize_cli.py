@@ -44,7 +44,7 @@ def test_quantize_moe_checkpoint(dense_ckpt, tmp_path):
 def test_unsupported_requests_exit_2_and_write_nothing(dense_ckpt, tmp_path):
     src = dense_ckpt("llama")
     for args, msg in ((["--method", "int4"], "method"), (["--method", "int8", "--blocksize", "64"], "nf4/fp4 only"),
-                      (["--method", "nf4", "--blocksize", "48"], "blocksize"),
+                      (["--method", "nf4", "--blocksize", "48"], "--block-size"),
                       (["--method", "nf4", "--compute-dtype", "float8"], "compute_dtype"),
                       (["--targets", "re:nothing"], "no layer to quantize")):
         r = _cli("quantize", src, tmp_path / "out", *args)

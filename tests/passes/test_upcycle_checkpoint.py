@@ -44,8 +44,7 @@ def hf_outputs(dense_ckpt, tmp_path_factory):
     def get(kind):
         if kind not in cache:
             out = root / kind
-            extra = ["--shared-experts"] if kind == "qwen2" else []
-            cli_ok(dense_ckpt(kind), out, *BASE, "--router-init", "normal", *extra)
+            cli_ok(dense_ckpt(kind), out, *BASE, "--router-init", "normal")  # qwen2: the shared expert by itself
             cache[kind] = out
         return cache[kind]
     return get
@@ -64,8 +63,12 @@ def test_hf_family_loads_in_stock_transformers_and_matches_dense(kind, dense_ckp
     assert type(moe).__name__ == arch
     assert getattr(moe.config, experts_key) == EXPERTS
     assert moe.config.num_experts_per_tok == 2
-    if kind == "qwen2":
+    if kind == "qwen2":  # added without --shared-experts (the only exact Qwen2-MoE), and said so
         assert moe.config.shared_expert_intermediate_size == INTER
+        report = _report(out)
+        assert "always has one" in report["shared_expert"] and report["recipe"][0]["shared_experts"] is True
+    else:
+        assert _report(out)["shared_expert"] is None
     if kind.startswith("qwen"):
         assert moe.config.norm_topk_prob is True and list(moe.config.mlp_only_layers) == []
     # No parameter of the MoE model was left to random init: every one is in the files.

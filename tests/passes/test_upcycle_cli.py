@@ -44,7 +44,7 @@ CASES = {
     "bad-layers-regex": (lambda tmp, ck: ck("llama"), [*BASE, "--layers", "re:("], "regex"),
     "layers-select-nothing": (lambda tmp, ck: ck("llama"), [*BASE, "--layers", "layers:9"], "no FFN site"),
     "layers-subset-mixtral": (lambda tmp, ck: ck("llama"), [*BASE, "--layers", "every:2"], "dense layers"),
-    "qwen2-without-shared": (lambda tmp, ck: ck("qwen2"), BASE, "shared expert"),
+    "qwen2-no-shared-experts": (lambda tmp, ck: ck("qwen2"), [*BASE, "--no-shared-experts"], "--format moeconv"),
     "qwen3-with-shared": (lambda tmp, ck: ck("qwen3"), [*BASE, "--shared-experts"], "shared expert"),
     "mixtral-no-renormalize": (lambda tmp, ck: ck("llama"), [*BASE, "--no-renormalize"], "renormalis"),
     "split-indivisible": (lambda tmp, ck: ck("llama"), ["--num-experts", "3", "--top-k", "3", "--expert-init",

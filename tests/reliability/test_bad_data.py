@@ -216,8 +216,8 @@ def test_rows_longer_than_the_position_table(fx, tmp_path):
 
 # ---- sequence lengths (separate processes: memory and time are what is at stake) ----------------
 SEQ_CASES = {
-    "sparsify": ("--seq-len", lambda fx, out: ["sparsify", fx["moe"], out, "--method", "wanda", "--calib", fx["data"],
-                                               "--num-samples", "2", "--seq-len", "100000"]),
+    "sparsify": ("--calib-seq-len", lambda fx, out: ["sparsify", fx["moe"], out, "--method", "wanda", "--calib",
+                                                     fx["data"], "--calib-samples", "2", "--calib-seq-len", "100000"]),
     "prune-experts": ("--calib-seq-len", lambda fx, out: ["prune-experts", fx["moe"], out, "--keep", "2", "--calib",
                                                           fx["data"], "--calib-samples", "2",
                                                           "--calib-seq-len", "100000"]),
@@ -254,8 +254,8 @@ def test_activation_memory_is_bounded(command, long_context, fx, tmp_path):
     out = _work(tmp_path)
     if command == "sparsify":
         argv = ["sparsify", long_context, out, "--method", "wanda", "--targets", "dense-ffn", "--calib", fx["data"],
-                "--num-samples", "64", "--seq-len", "1000000"]
-        names = ("seq-len", "1000000", "activations", "GiB")
+                "--calib-samples", "64", "--calib-seq-len", "1000000"]
+        names = ("--calib-seq-len", "1000000", "activations", "GiB")
     else:
         argv = ["distill", out, "--teacher", long_context, "--student", long_context, "--data", fx["data"],
                 "--steps", "1", "--batch-size", "8", "--seq-len", "1000000"]

@@ -21,6 +21,8 @@ from typing import Optional
 
 import typer
 
+from moeconv.cli.common import eval_option, eval_samples_option, force_option, seed_option
+
 TERMS = ("kl", "ce", "hidden", "router", "balance", "z")
 # The reloaded student runs in the consumer's implementation (transformers' fused Mixtral experts)
 # while the trained one runs in moeconv's per-expert MoEBlock: same tensors (the writer re-reads
@@ -150,15 +152,15 @@ def distill(
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory for the trained student."),
     teacher: str = typer.Option(..., "--teacher", help="Teacher model (checkpoint dir, .gguf, moeconv dir)."),
     student: str = typer.Option(..., "--student", help="Student model to train; OUT is written in its format."),
-    data: Path = typer.Option(..., "--data", help="Training text (.txt: blank-line separated documents; .jsonl: "
+    data: Path = typer.Option(..., "--data", metavar="FILE", help="Training text (.txt: blank-line separated documents; .jsonl: "
                               "a 'text' field per line) or token ids (.safetensors / .pt)."),
     mode: str = typer.Option("heal", "--mode", help="heal | moe-to-dense | moe-to-moe | router-only."),
     steps: int = typer.Option(100, "--steps", help="Optimizer steps."),
     lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per optimizer step, over all processes."),
-    micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Rows per forward "
-                                                   "(default: batch / processes). Fix it to compare runs "
-                                                   "with different process counts."),
+    micro_batch_size: Optional[int] = typer.Option(None, "--micro-batch-size", help="Rows per forward. Fix it to "
+                                                   "compare runs with different process counts.",
+                                                   show_default="--batch-size / processes"),
     seq_len: int = typer.Option(256, "--seq-len", help="Tokens per packed row."),
     temperature: float = typer.Option(1.0, "--temperature", help="KL temperature T (loss scaled by T²)."),
     loss_weights: Optional[str] = typer.Option(None, "--loss-weights", help="Override the mode's weights: "
@@ -169,29 +171,31 @@ def distill(
     expert_map: Optional[str] = typer.Option(None, "--expert-map", help="Student expert for each teacher "
                                              "expert (fewer experts), e.g. 0,0,1,1."),
     keep_zeros: Optional[bool] = typer.Option(None, "--keep-zeros/--no-keep-zeros", help="Keep every exact zero "
-                                              "of trained matrices (2:4 masks); default on for heal."),
+                                              "of trained matrices (2:4 masks).", show_default="on for --mode heal"),
     freeze: Optional[list[str]] = typer.Option(None, "--freeze", help="Regex of parameter names not to train. Repeatable."),
-    warmup_steps: int = typer.Option(0, "--warmup-steps"),
+    warmup_steps: int = typer.Option(0, "--warmup-steps", help="Linear learning-rate warm-up steps."),
     schedule: str = typer.Option("cosine", "--schedule", help="cosine | constant (after warm-up)."),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Max gradient norm (0: off)."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Held-out data file (default: the "
-                                             "last --eval-fraction of --data)."),
+    eval_data: Optional[Path] = eval_option("Held-out data file.", "--eval-data",
+                                              show_default="the last --eval-fraction of --data"),
     eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Share of --data rows held out."),
-    eval_rows: int = typer.Option(32, "--eval-rows", help="At most this many held-out rows are evaluated "
-                                  "(before, after, every --eval-every steps); 0: no evaluation."),
+    eval_rows: int = eval_samples_option(32, "--eval-rows", minimum=0, help="At most this many held-out rows are "
+                                         "evaluated (before, after, every --eval-every steps); 0: no evaluation."),
     eval_every: int = typer.Option(0, "--eval-every", help="Evaluate every N steps (always before and after)."),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (and at the end)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="metrics.jsonl and checkpoints/ (default: OUT.run)."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="metrics.jsonl and checkpoints/.",
+                                           show_default="OUT.run"),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint or run directory."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda (one GPU per process under torchrun)."),
     strategy: str = typer.Option("auto", "--strategy", help="Under torchrun: ddp (the whole model, gradients "
                                  "and optimizer state in every process), fsdp (each process holds 1/N of them), "
                                  "auto (fsdp when DDP's estimate per process exceeds the device's memory)."),
     mixed_precision: Optional[str] = typer.Option(None, "--mixed-precision", help="With fsdp: bf16 (bf16 "
-                                                  "forward/backward, fp32 gradient reduction and weights)."),
-    seed: int = typer.Option(0, "--seed"),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+                                                  "forward/backward, fp32 gradient reduction and weights).",
+                                                  show_default="off: fp32"),
+    seed: int = seed_option("Seed for the data order, the held-out split and every random choice of training."),
+    force: bool = force_option(),
 ):
     """Distil a teacher into a student: heal a pruned/compressed model, MoE → dense, MoE → fewer
     experts, or routers only. Writes the student in its own format, reloads and compares it;
@@ -270,7 +274,7 @@ def _check_request(a: DistillArgs) -> None:
     from moeconv.errors import ConfigError, InputError
     from moeconv.io.atomic import check_new_output
     if a.eval_rows < 0:
-        raise ConfigError("--eval-rows must be >= 0")
+        raise ConfigError("--eval-samples must be >= 0")
     if a.device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, not {a.device!r}")
     check_new_output(a.out_dir, force=a.force)
@@ -373,26 +377,32 @@ def _leave_group(dist) -> None:
 
 
 def render_distill(console, report: dict, run_dir: Path) -> None:
-    from moeconv.render import render_reloaded, render_warnings
+    """The summary table (training, strategy, losses, the reload check), then warnings."""
+    from moeconv.render import reloaded_text, render_warnings, summary_table
     rep = report["passes"][0]
     m = rep["metrics"]
-    console.print(f"[bold]distill[/bold]: {rep['summary']}")
-    w = ", ".join(f"{k}={v:g}" for k, v in m["loss_weights"].items())
-    console.print(f"trained {m['trainable_params']:,} parameters ({m['frozen_params']:,} frozen, unchanged), "
-                  f"loss weights {w}, {m['world_size']} process(es), {m['tokens']:,} tokens in {m['seconds']} s "
-                  f"({m['tokens_per_s'] or 0:,.0f} tok/s)" + (f", resumed at step {m['resumed_from']}"
-                                                              if m.get("resumed_from") else ""))
+    s = summary_table("distill")
+    s.add_row("output", str(report["output"]))
+    s.add_row("trained", rep["summary"])
+    s.add_row("parameters", f"{m['trainable_params']:,} trained ({m['frozen_params']:,} frozen, unchanged)")
+    s.add_row("loss weights", ", ".join(f"{k}={v:g}" for k, v in m["loss_weights"].items()))
+    s.add_row("throughput", f"{m['world_size']} process(es), {m['tokens']:,} tokens in {m['seconds']} s "
+              f"({m['tokens_per_s'] or 0:,.0f} tok/s)" + (f", resumed at step {m['resumed_from']}"
+                                                          if m.get("resumed_from") else ""))
     if m.get("strategy"):
-        console.print(f"strategy {m['strategy']} ({m['strategy_why']}); " + _memory_line(m.get("memory_per_rank", {}),
-                                                                                    m["strategy"]))
+        s.add_row("strategy", f"{m['strategy']} ({m['strategy_why']}); "
+                  + _memory_line(m.get("memory_per_rank", {}), m["strategy"]))
     if m.get("masked_matrices"):
-        console.print(f"kept {m['kept_zeros']:,} zeros fixed in {m['masked_matrices']} matrices (checked after training)")
+        s.add_row("zeros", f"kept {m['kept_zeros']:,} zeros fixed in {m['masked_matrices']} matrices (checked after "
+                  "training)")
     if "loss_first" in m:
-        console.print(f"training loss {m['loss_first']:.4g} → {m['loss_last']:.4g}")
-    render_reloaded(console, report, "the trained model")
+        s.add_row("training loss", f"{m['loss_first']:.4g} → {m['loss_last']:.4g}")
+    s.add_row("check", reloaded_text(report, "the trained model"))
+    s.add_row("metrics", f"{run_dir}/metrics.jsonl")
+    s.add_row("report", f"{report['output']}/report.json")
+    s.add_row("time", f"{report['seconds']} s")
+    console.print(s)
     render_warnings(console, rep.get("warnings", []))
-    console.print(f"metrics: {run_dir}/metrics.jsonl; report: {report['output']}/report.json  ({report['seconds']} s)")
-
 
 
 def _memory_line(memory: dict, strategy: str) -> str:

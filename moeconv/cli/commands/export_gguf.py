@@ -9,6 +9,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     from moeconv.cli.commands.export_onnx import _export_group
+    from moeconv.cli.common import force_option, seed_option
     export = _export_group(app)
 
     @export.command("gguf")
@@ -20,13 +21,13 @@ def register(app: typer.Typer) -> None:
         gguf_type: str = typer.Option("f16", "--type", help="f16 | bf16 | f32 | q8_0 | q4_0 | q4_1 | q5_0 | q5_1. "
                                                             "Norms, biases and routers stay F32 whatever the type."),
         atol: Optional[float] = typer.Option(None, "--atol", help="Bound on relative max |Δlogits| (max |Δ| / max "
-                                             "|logit|) between llama.cpp and PyTorch (default by type: f32 1e-4, "
-                                             "f16 1e-2; the lossy types are gated on top-1 only)."),
+                                             "|logit|) between llama.cpp and PyTorch; the lossy types are gated on "
+                                             "top-1 only.", show_default="by --type: f32 1e-4, f16 1e-2"),
         min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Least share of positions where llama.cpp "
-                                                 "and PyTorch pick the same next token (default by type: f16 0.95, "
-                                                 "q8_0 0.9, q4_0 0.3)."),
-        seed: int = typer.Option(0, help="Seed for the check's token ids."),
-        force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+                                                 "and PyTorch pick the same next token.",
+                                                 show_default="by --type: f16 0.95, q8_0 0.9, q4_0 0.3"),
+        seed: int = seed_option("Seed for the check's token ids."),
+        force: bool = force_option(),
     ):
         """Write OUT/model.gguf with the tensor names, stacked experts and metadata llama.cpp's own
         converter writes, and the tokenizer embedded. The file is read back, then evaluated in

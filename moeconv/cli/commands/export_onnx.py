@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from moeconv.memory_plan import MAX_MEMORY_HELP
+from moeconv.cli.common import force_option, max_memory_option, seed_option
 
 
 def _export_group(app: typer.Typer) -> typer.Typer:
@@ -14,7 +14,7 @@ def _export_group(app: typer.Typer) -> typer.Typer:
     for group in getattr(app, "registered_groups", []):
         if group.name == "export" and group.typer_instance is not None:
             return group.typer_instance
-    group = typer.Typer(no_args_is_help=True, help="Export a model for deployment (onnx, …).")
+    group = typer.Typer(no_args_is_help=True, help="Export a model for deployment (onnx, gguf).")
     app.add_typer(group, name="export")
     return group
 
@@ -27,10 +27,12 @@ def register(app: typer.Typer) -> None:
         src: str = typer.Argument(..., help="Model: HF checkpoint dir, moeconv dir, .gguf, builtin:NAME, FILE.py."),
         out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory (must not exist unless --force)."),
         strategy: str = typer.Option("auto", help="auto | portable (standard ONNX ops) | fused (onnxruntime's com.microsoft.MoE)."),
-        quantize: Optional[str] = typer.Option(None, help="int8 (dynamic) | int4 (MatMulNBits / QMoE); routers stay float."),
-        quant_scheme: Optional[str] = typer.Option(None, help="int8: block (default) | tensor (quantize_dynamic); int4: hqq (default, most accurate; "
+        quantize: Optional[str] = typer.Option(None, help="int8 (dynamic) | int4 (MatMulNBits / QMoE); routers stay float.",
+                                               show_default="none: float weights"),
+        quant_scheme: Optional[str] = typer.Option(None, help="int8: block | tensor (quantize_dynamic); int4: hqq (most accurate; "
                                                               "float zero points run through onnxruntime's slower CPU path) | rtn | "
-                                                              "rtn-asym (fast CPU kernels)."),
+                                                              "rtn-asym (fast CPU kernels).",
+                                                   show_default="block for int8, hqq for int4"),
         with_past: bool = typer.Option(False, "--with-past", help="KV-cache decode graph (causal LMs) for generation."),
         opset: int = typer.Option(18, help="ONNX opset (17-23)."),
         atol: float = typer.Option(1e-4, help="Parity bound on max |Δ| between onnxruntime and PyTorch (fp32)."),
@@ -38,9 +40,9 @@ def register(app: typer.Typer) -> None:
         accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 0 fp32 activations … 4 int8 activations."),
         quantize_lm_head: bool = typer.Option(True, "--quantize-lm-head/--float-lm-head", help="Quantize the output projection too."),
         head_bits: int = typer.Option(8, help="Bits of the quantized output projection (8 or 4; --quantize int4 keeps it at 8 unless told)."),
-        seed: int = typer.Option(0, help="Seed for the example and parity inputs."),
-        force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-        max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+        seed: int = seed_option("Seed for the example and parity inputs."),
+        force: bool = force_option(),
+        max_memory: Optional[str] = max_memory_option(),
     ):
         """Export to ONNX with routing computed at run time; check onnxruntime against PyTorch.
 

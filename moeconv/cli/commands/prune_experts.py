@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from moeconv.cli.common import SELECTOR_HELP, format_of
-from moeconv.memory_plan import MAX_MEMORY_HELP
+from moeconv.cli.common import (calib_option, calib_samples_option, calib_seq_len_option, force_option,
+                                format_of, ignore_option, max_memory_option, seed_option, targets_option)
 
 
 def parse_per_layer(text: str | None):
@@ -32,25 +32,26 @@ def register(app: typer.Typer) -> None:
     def prune_experts(
         src: str = typer.Argument(..., help="MoE model: Mixtral / Qwen2-MoE / Qwen3-MoE checkpoint dir or a moeconv-format dir."),
         out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory (must not exist unless --force)."),
-        keep: Optional[int] = typer.Option(None, "--keep", help="Experts kept in every MoE layer."),
-        ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of each layer's experts removed (0.25: 8 → 6)."),
+        keep: Optional[int] = typer.Option(None, "--keep", help="Experts kept in every MoE layer. One budget is "
+                                           "required: --keep, --ratio or a --per-layer list."),
+        ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of each layer's experts removed "
+                                              "(0.25: 8 → 6); instead of --keep."),
         per_layer: Optional[str] = typer.Option(None, "--per-layer", help="Counts per MoE layer ('6,6,5,…'), or 'global' "
                                                 "with --keep/--ratio: allocate that total across layers by importance. "
                                                 "Only for moeconv-format models (HF MoE families hold one count)."),
         criterion: str = typer.Option("reap", "--criterion", help="frequency | mass | reap | reconstruction."),
-        targets: Optional[list[str]] = typer.Option(None, "--targets", help="MoE layers to prune (default: all): "
-                                                    f"{SELECTOR_HELP}. Repeatable."),
-        ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="MoE layers left as they are (same syntax)."),
-        calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (.txt / .jsonl) or token ids (.safetensors / .pt)."),
+        targets: Optional[list[str]] = targets_option("MoE layers to prune", "every MoE layer"),
+        ignore: Optional[list[str]] = ignore_option("MoE layers left as they are"),
+        calib: Path = calib_option(required=True),
         merge: bool = typer.Option(False, "--merge", help="Fold removed experts into their most similar kept expert instead of dropping them."),
         recalibrate_router: bool = typer.Option(False, "--recalibrate-router", help="Router-only distillation against the unpruned layer outputs."),
-        calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration sequences taken from --calib."),
-        calib_seq_len: int = typer.Option(128, "--calib-seq-len", help="Tokens per calibration sequence."),
+        calib_samples: int = calib_samples_option(32),
+        calib_seq_len: int = calib_seq_len_option(128),
         max_tokens: int = typer.Option(8192, "--max-tokens", help="Calibration tokens per layer used for scoring."),
         recalib_steps: int = typer.Option(100, "--recalib-steps", help="Optimiser steps per layer for --recalibrate-router."),
-        seed: int = typer.Option(0, help="Seed for the held-out split and the check inputs."),
-        force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-        max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+        seed: int = seed_option("Seed for the held-out split and the check inputs."),
+        force: bool = force_option(),
+        max_memory: Optional[str] = max_memory_option(),
     ):
         """Drop (or merge) the least important experts of every MoE layer and repair the router.
 
@@ -66,8 +67,6 @@ def register(app: typer.Typer) -> None:
                              targets=targets or None, ignore=ignore or [], merge=merge,
                              recalibrate_router=recalibrate_router, max_tokens=max_tokens,
                              recalib_steps=recalib_steps, seed=seed)
-            if calib is None:
-                raise ConfigError("prune-experts needs calibration data: --calib FILE (text, .jsonl, or token ids)")
             if calib_samples < 1 or calib_seq_len < 2:
                 raise ConfigError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
             check_new_output(out_dir, force=force)
@@ -124,15 +123,33 @@ def _scores_cell(rows: list[dict], criterion: str) -> str:
 
 
 def render_prune(console, report: dict) -> None:
-    from moeconv.render import render_reloaded, render_warnings
+    """The summary table, then the per-layer table (scores and fates), then warnings."""
+    from moeconv.render import reloaded_text, render_warnings, summary_table
     from rich.table import Table
     rep = report["passes"][0]
     m = rep["metrics"]
-    console.print(f"[bold]prune-experts[/bold]: {rep['summary']}")
+    recal = "mean_recal_error_before" in m
+    s = summary_table("prune-experts")
+    s.add_row("output", str(report["output"]))
+    s.add_row("experts", rep["summary"])
+    s.add_row("parameters", f"{m['params_before']:,} → {m['params_after']:,} ({m['active_params_after']:,} active "
+              "per token)")
+    s.add_row("block error", f"mean {m['mean_error_pruned']:.4g} (relative, on calibration tokens)")
+    if recal:
+        s.add_row("router re-calibration", f"{m['mean_recal_error_before']:.4g} → {m['mean_recal_error_after']:.4g} "
+                  f"(improved {m['recal_layers_improved']} of {m['moe_layers']} layers)")
+    skipped = rep["tables"].get("skipped", [])
+    if skipped:
+        s.add_row("left as they are", ", ".join(r["layer"] for r in skipped) + " (not selected by --targets/--ignore)")
+    if "rel_max_diff" in m:
+        s.add_row("output change", f"relative max |Δ| {m['rel_max_diff']:.3g} vs the unpruned model (example inputs)")
+    s.add_row("check", reloaded_text(report, "the in-memory result"))
+    s.add_row("report", f"{report['output']}/report.json")
+    s.add_row("time", f"{report['seconds']} s")
+    console.print(s)
     t = Table(title=f"per layer ({m['criterion']} scores; ✗ dropped, →k merged into k)")
     for col in ("layer", "experts", "scores", "dropped", "merged", "block error"):
         t.add_column(col, overflow="fold")
-    recal = "mean_recal_error_before" in m
     if recal:
         t.add_column("router re-cal (held-out)")
     by_layer: dict[str, list] = {}
@@ -148,16 +165,4 @@ def render_prune(console, report: dict) -> None:
                          if "recal_error_before" in lr else "-")
         t.add_row(*cells)
     console.print(t)
-    skipped = rep["tables"].get("skipped", [])
-    if skipped:
-        console.print("left as they are (not selected by --targets/--ignore): "
-                      + ", ".join(r["layer"] for r in skipped))
-    console.print(f"parameters {m['params_before']:,} → {m['params_after']:,} "
-                  f"({m['active_params_after']:,} active per token); mean block error {m['mean_error_pruned']:.4g}"
-                  + (f"; router re-calibration {m['mean_recal_error_before']:.4g} → {m['mean_recal_error_after']:.4g} "
-                     f"(improved {m['recal_layers_improved']} of {m['moe_layers']} layers)" if recal else ""))
-    if "rel_max_diff" in m:
-        console.print(f"output change vs the unpruned model (example inputs): relative max |Δ| {m['rel_max_diff']:.3g}")
-    render_reloaded(console, report, "the in-memory result")
     render_warnings(console, rep.get("warnings", []))
-    console.print(f"report: {report['output']}/report.json  ({report['seconds']} s)")

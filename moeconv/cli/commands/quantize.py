@@ -12,8 +12,9 @@ from typing import Optional
 
 import typer
 
-from moeconv.cli.common import SELECTOR_HELP
-from moeconv.memory_plan import MAX_MEMORY_HELP
+from moeconv.cli.common import (calib_option, calib_samples_option, calib_seq_len_option, eval_option,
+                                eval_samples_option, force_option, ignore_option, max_memory_option, seed_option,
+                                shard_size_option, targets_option)
 
 RELOAD_RTOL_HALF = 1e-2  # transformers reloads float parts in fp32; a half-precision model then differs by rounding
 
@@ -33,31 +34,33 @@ def quantize(
     method: str = typer.Option("nf4", "--method", "-m", help="bitsandbytes: int8 (LLM.int8) | nf4 | fp4; "
                                "compressed-tensors (vLLM, transformers): w4a16 | w8a16 | fp8."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="w4a16 / w8a16: inputs per scale "
-                                             "(default 128; must divide every quantized matrix's width)."),
+                                             "(must divide every quantized matrix's width).", show_default="128"),
     algorithm: str = typer.Option("rtn", "--algorithm", help="w4a16 / w8a16 / fp8: rtn (round to nearest, no "
                                   "data) | gptq (needs --calib; each expert's Hessian from the tokens routed to it)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="gptq: calibration text (.txt/.jsonl) or token ids."),
-    calib_samples: int = typer.Option(32, "--calib-samples", min=1, help="gptq: calibration sequences taken from --calib."),
-    calib_seq_len: Optional[int] = typer.Option(None, "--calib-seq-len", min=2, help="gptq: tokens per calibration "
-                                                "sequence (default 512, or the model's context if shorter)."),
+    calib: Optional[Path] = calib_option("gptq: calibration text (.txt/.jsonl) or token ids."),
+    calib_samples: int = calib_samples_option(32, help="gptq: calibration sequences taken from --calib."),
+    calib_seq_len: Optional[int] = calib_seq_len_option(None, help="gptq: tokens per calibration sequence."),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="w4a16 / w8a16: zero point "
-                                             "fixed at 0 (the default; keeps 2:4 zeros exactly). --asymmetric is "
-                                             "refused: transformers 5.25 cannot load its packed zero points."),
+                                             "fixed at 0 (keeps 2:4 zeros exactly). --asymmetric is "
+                                             "refused: transformers 5.25 cannot load its packed zero points.",
+                                             show_default="symmetric"),
     double_quant: bool = typer.Option(False, "--double-quant", help="4-bit: quantize the block scales too."),
-    blocksize: Optional[int] = typer.Option(None, "--blocksize", help="4-bit: weights per scale, 32…4096 (default 64)."),
-    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", help="4-bit: float32 | bfloat16 | float16 (default: the model's)."),
+    block_size: Optional[int] = typer.Option(None, "--block-size", "--blocksize", help="4-bit: weights per scale, "
+                                             "32…4096.", show_default="64"),
+    compute_dtype: Optional[str] = typer.Option(None, "--compute-dtype", help="4-bit: float32 | bfloat16 | float16.",
+                                                show_default="the model's"),
     int8_threshold: float = typer.Option(6.0, "--int8-threshold", help="int8: LLM.int8 outlier threshold; activation columns above it run in fp16 (lower: more accurate, slower; 0 = none)."),
-    targets: Optional[list[str]] = typer.Option(None, "--targets", help=f"Only these modules (default: every linear layer): {SELECTOR_HELP}. Repeatable."),
-    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Leave these modules in float (same syntax). Repeatable."),
+    targets: Optional[list[str]] = targets_option("Only these modules", "every linear layer"),
+    ignore: Optional[list[str]] = ignore_option("Leave these modules in float"),
     quantize_routers: bool = typer.Option(False, "--quantize-routers", help="Also quantize MoE routers (not advised)."),
     quantize_lm_head: bool = typer.Option(False, "--quantize-lm-head", help="Also quantize lm_head (unless tied to the embeddings)."),
-    eval_file: Optional[Path] = typer.Option(None, "--eval", help="Held-out text (.txt/.jsonl) or token ids: perplexity before and after."),
-    eval_batches: int = typer.Option(16, "--eval-batches", min=1, help="Sequences of --eval-seq-len tokens to evaluate."),
-    eval_seq_len: int = typer.Option(256, "--eval-seq-len", min=8),
-    shard_size: str = typer.Option("5GB", help="Maximum shard size, e.g. 5GB, 500MB."),
-    seed: int = typer.Option(0, help="Seed of the example inputs the output error is measured on."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    eval_file: Optional[Path] = eval_option("Held-out text (.txt/.jsonl) or token ids: perplexity before and after."),
+    eval_samples: int = eval_samples_option(16, "--eval-batches", help="Sequences of --eval-seq-len tokens to evaluate."),
+    eval_seq_len: int = typer.Option(256, "--eval-seq-len", min=8, help="Tokens per evaluated sequence."),
+    shard_size: str = shard_size_option(),
+    seed: int = seed_option("Seed of the example inputs the output error is measured on."),
+    force: bool = force_option(),
+    max_memory: Optional[str] = max_memory_option(),
 ):
     """Quantize a model and write a checkpoint its users can load: compressed-tensors (w4a16, w8a16,
     fp8; what vLLM serves, transformers loads it; --algorithm gptq with --calib) or bitsandbytes.
@@ -88,7 +91,7 @@ class QuantizeArgs:
     calib_seq_len: Optional[int]
     symmetric: Optional[bool]
     double_quant: bool
-    blocksize: Optional[int]
+    block_size: Optional[int]
     compute_dtype: Optional[str]
     int8_threshold: float
     targets: Optional[list[str]]
@@ -96,7 +99,7 @@ class QuantizeArgs:
     quantize_routers: bool
     quantize_lm_head: bool
     eval_file: Optional[Path]
-    eval_batches: int
+    eval_samples: int
     eval_seq_len: int
     shard_size: str
     seed: int
@@ -112,12 +115,12 @@ def _quantize_config(a: QuantizeArgs):
     from moeconv.pass_base import _first_error
     from passes.quantize import QuantizeConfig
     try:
-        return QuantizeConfig(method=a.method, double_quant=a.double_quant, blocksize=a.blocksize,
+        return QuantizeConfig(method=a.method, double_quant=a.double_quant, blocksize=a.block_size,
                               compute_dtype=a.compute_dtype, int8_threshold=a.int8_threshold,
                               targets=a.targets or None, ignore=a.ignore or [], quantize_routers=a.quantize_routers,
                               quantize_lm_head=a.quantize_lm_head)
-    except ValidationError as exc:
-        raise ConfigError(f"quantize: {_first_error(exc)}") from None
+    except ValidationError as exc:  # the config's `blocksize` is this command's --block-size
+        raise ConfigError(f"quantize: {_first_error(exc)}".replace("blocksize", "--block-size")) from None
 
 
 def _reload_tolerance(state) -> float:
@@ -159,7 +162,7 @@ def _run_compressed_tensors(a: QuantizeArgs) -> None:
     from moeconv.errors import ConfigError
     from moeconv.jobs.quantize_ct import quantize_ct_to_dir
     from moeconv.units import parse_size
-    bnb_only = {"--double-quant": a.double_quant, "--blocksize": a.blocksize, "--compute-dtype": a.compute_dtype,
+    bnb_only = {"--double-quant": a.double_quant, "--block-size": a.block_size, "--compute-dtype": a.compute_dtype,
                 "--targets": a.targets, "--ignore": a.ignore, "--quantize-routers": a.quantize_routers,
                 "--quantize-lm-head": a.quantize_lm_head, "--eval": a.eval_file}
     given = [flag for flag, v in bnb_only.items() if v]
@@ -217,8 +220,8 @@ def _evaluation(a: QuantizeArgs):
     if a.eval_file is None:
         return None
     from moeconv.data import calibration_tokens
-    return calibration_tokens(a.eval_file, a.src, num_samples=a.eval_batches, seq_len=a.eval_seq_len,
-                              what="evaluation", seq_len_flag="--eval-seq-len", samples_flag="--eval-batches")
+    return calibration_tokens(a.eval_file, a.src, num_samples=a.eval_samples, seq_len=a.eval_seq_len,
+                              what="evaluation", seq_len_flag="--eval-seq-len", samples_flag="--eval-samples")
 
 
 def _quantize_streamed(a: QuantizeArgs, cfg, shard_bytes: int, extra: dict) -> dict:

@@ -1,12 +1,16 @@
 """`moeconv run RECIPE` and `moeconv plan RECIPE`: recipes from the command line."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from moeconv.memory_plan import MAX_MEMORY_HELP
+from typer.core import TyperCommand
+
+from moeconv.cli.common import (calib_option, calib_samples_option, calib_seq_len_option, force_option,
+                                max_memory_option, seed_option)
 
 # What a dense Hugging Face checkpoint offers before any pass: the default for `plan` without --model.
 DENSE_FACTS = {"dense-ffn", "float-weights", "hf-config"}
@@ -15,42 +19,89 @@ RECIPE_FLAGS = {"method": "--set sparsify.method=magnitude"}
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(plan)
+    app.command(cls=PlanCommand)(plan)
     app.command()(run)
+
+
+class PlanCommand(TyperCommand):
+    """`plan --calib` used to be a switch ("plan as if calibration data will be given"); it now
+    takes the file, as `run --calib` does. A bare `--calib` (the last word, or followed by another
+    option) keeps the old meaning, through the hidden `--assume-calib`."""
+
+    def parse_args(self, ctx, args):
+        args = ["--assume-calib" if a == "--calib" and (i + 1 == len(args) or args[i + 1].startswith("-")) else a
+                for i, a in enumerate(args)]
+        return super().parse_args(ctx, args)
 
 
 def plan(
     recipe: Path = typer.Argument(..., help="Recipe YAML (steps: - pass: NAME + its fields)."),
     model: Optional[str] = typer.Option(None, "--model", help="Plan against this model's facts "
                                         "(default: a dense float checkpoint)."),
-    calib: bool = typer.Option(False, "--calib", help="Plan as if calibration data will be given."),
+    calib: Optional[Path] = calib_option("The calibration data the run will be given (its size, not its text, is "
+                                         "planned)."),
+    calib_samples: int = calib_samples_option(),
+    calib_seq_len: Optional[int] = calib_seq_len_option(),
+    assume_calib: bool = typer.Option(False, "--assume-calib", hidden=True,
+                                      help="Plan as if calibration data will be given (the old `plan --calib`)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override STEP.FIELD=VALUE (repeatable)."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="With --model: the memory the run may use "
-                                             "(default or 0: the memory available here)."),
+    max_memory: Optional[str] = max_memory_option("With --model: the memory the run may use (0: the memory "
+                                                  "available here)."),
     processes: int = typer.Option(2, "--processes", min=1, help="With --model and a distill step: the torchrun "
                                   "processes it would run on (each one's memory under ddp and fsdp)."),
 ):
     """Print the step × facts table, every problem with its fix and, with --model, the run's
     estimated peak memory with its breakdown (read from the checkpoint's headers)."""
     from moeconv import cli
-    cli._run(lambda: _plan_recipe(recipe, model, calib, set_ or [], max_memory, processes))
+    calibration = _Calibration(calib, calib_samples, calib_seq_len, given=assume_calib or calib is not None)
+    cli._run(lambda: _plan_recipe(recipe, model, calibration, set_ or [], max_memory, processes))
 
 
 def run(
     recipe: Path = typer.Argument(..., help="Recipe YAML."),
     model: str = typer.Option(..., "--model", help="Source model (checkpoint dir, .gguf, builtin:NAME, FILE.py)."),
     out_dir: Path = typer.Option(..., "--out", help="Output directory (must not exist unless --force)."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text / JSONL / token ids."),
+    calib: Optional[Path] = calib_option(),
+    calib_samples: int = calib_samples_option(),
+    calib_seq_len: Optional[int] = calib_seq_len_option(),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Override STEP.FIELD=VALUE (repeatable)."),
-    fmt: str = typer.Option("auto", "--format", help="auto | hf | moeconv"),
-    seed: int = typer.Option(0, help="Seed for example inputs and every random choice not set in the recipe."),
+    fmt: str = typer.Option("auto", "--format", help="auto (HF MoE family when there is one) | hf | moeconv."),
+    seed: int = seed_option("Seed for example inputs and every random choice not set in the recipe."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: check the recipe against the model."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    force: bool = force_option(),
+    max_memory: Optional[str] = max_memory_option(),
 ):
     """Run a recipe's passes on a model and write the verified result with report.json."""
     from moeconv import cli
-    cli._run(lambda: _run_recipe(recipe, model, out_dir, calib, set_ or [], fmt, seed, dry_run, force, max_memory))
+    calibration = _Calibration(calib, calib_samples, calib_seq_len, given=calib is not None)
+    cli._run(lambda: _run_recipe(recipe, model, out_dir, calibration, set_ or [], fmt, seed, dry_run, force,
+                                 max_memory))
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """--calib FILE with --calib-samples / --calib-seq-len; `given`: the plan has the `calibration`
+    fact (a file, or `plan`'s old bare --calib)."""
+    file: Optional[Path]
+    samples: int
+    seq_len: Optional[int]
+    given: bool
+
+    def size(self) -> tuple[int | None, int | None]:
+        """(tokens, sequence length) the run will calibrate on, from the file's header at most."""
+        from moeconv.memory_plan import calibration_size
+        if self.file is not None:
+            return calibration_size(self.file, self.samples, self.seq_len)
+        if self.given:
+            from moeconv.data import DEFAULT_SEQ_LEN
+            seq = self.seq_len or DEFAULT_SEQ_LEN
+            return self.samples * seq, seq
+        return None, None
+
+    def tokens(self, model: str):
+        from moeconv.data import calibration_tokens
+        return calibration_tokens(self.file, model, num_samples=self.samples, seq_len=self.seq_len,
+                                  seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
 
 
 def _passes(recipe: Path, overrides: list[str]) -> list:
@@ -62,7 +113,8 @@ def _passes(recipe: Path, overrides: list[str]) -> list:
 
 
 def _render_plan(passes: list, facts: set[str]) -> None:
-    """Plan `passes` against `facts`, print the table; a plan with problems is a `PlanError`."""
+    """Plan `passes` against `facts`, print the table; a plan with problems is a `PlanError`: its
+    one `error:` line is where each problem and its fix are printed, once."""
     from moeconv import cli
     from moeconv.errors import PlanError
     from moeconv.pipeline import Pipeline
@@ -73,22 +125,25 @@ def _render_plan(passes: list, facts: set[str]) -> None:
         raise PlanError(result.problems)
 
 
-def _plan_recipe(recipe: Path, model: str | None, calib: bool, overrides: list[str], max_memory: str | None,
-                 processes: int = 2) -> None:
+def _plan_recipe(recipe: Path, model: str | None, calib: _Calibration, overrides: list[str],
+                 max_memory: str | None, processes: int = 2) -> None:
     passes = _passes(recipe, overrides)
+    if calib.file is not None and not calib.file.is_file():
+        from moeconv.errors import InputError
+        raise InputError(f"--calib {calib.file}: no such file")
     if model:
         from moeconv import cli, load
-        from moeconv.data import DEFAULT_SEQ_LEN
         from moeconv.memory_plan import check_plan, parse_max_memory, plan_memory
         limit = parse_max_memory(max_memory)
-        memory = plan_memory(model, passes, calib_tokens=32 * DEFAULT_SEQ_LEN if calib else None,  # headers only
-                             flags=RECIPE_FLAGS, processes=processes)
+        tokens, seq = calib.size()  # headers only
+        memory = plan_memory(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS,
+                             processes=processes)
         render_memory(cli.out, memory)
         check_plan(memory, limit, given=max_memory)  # before the model is loaded for its facts
         facts = load(model).facts()
     else:
         facts = set(DENSE_FACTS)
-    if calib:
+    if calib.given:
         facts.add("calibration")
     _render_plan(passes, facts)
 
@@ -131,7 +186,7 @@ def render_training_memory(console, training: dict) -> None:
     console.print(t)
 
 
-def _run_recipe(recipe: Path, model: str, out_dir: Path, calib: Path | None, overrides: list[str], fmt: str, seed: int,
+def _run_recipe(recipe: Path, model: str, out_dir: Path, calib: _Calibration, overrides: list[str], fmt: str, seed: int,
                 dry_run: bool, force: bool, max_memory: str | None = None) -> None:
     from moeconv import Context, cli, load
     from moeconv.progress import Progress
@@ -141,10 +196,7 @@ def _run_recipe(recipe: Path, model: str, out_dir: Path, calib: Path | None, ove
     route, why = _route(model, passes, calib, fmt)
     memory = _memory_plan(model, passes, calib, max_memory, show=dry_run, route=route)  # before any tensor is read
     skeleton = _skeleton(model) if route == "streaming" else None  # a broken model named before its text is read
-    calibration = None
-    if calib is not None:
-        from moeconv.data import calibration_tokens
-        calibration = calibration_tokens(calib, model)
+    calibration = calib.tokens(model) if calib.file is not None else None
     if dry_run:
         _render_plan(passes, load(model).facts() | ({"calibration"} if calibration is not None else set()))
         return
@@ -169,13 +221,13 @@ def _check_seed(seed: int) -> None:
         raise ConfigError(f"--seed: {exc}") from None
 
 
-def _route(model: str, passes: list, calib: Path | None, fmt: str) -> tuple[str, str]:
+def _route(model: str, passes: list, calib: _Calibration, fmt: str) -> tuple[str, str]:
     """("streaming" | "in-memory", why): a recipe of calibrated layer-by-layer passes (and a final
     quantize) on a safetensors checkpoint runs as one streamed sweep (`moeconv.jobs.routes`)."""
     from moeconv.jobs.routes import choose_route
     if fmt != "auto":
         return "in-memory", f"--format {fmt} is written from a model in memory"
-    return choose_route(model, "run", passes=passes, calibrated=calib is not None)
+    return choose_route(model, "run", passes=passes, calibrated=calib.given)
 
 
 def _skeleton(model: str):
@@ -183,13 +235,13 @@ def _skeleton(model: str):
     return Skeleton.open(Path(model))
 
 
-def _memory_plan(model: str, passes: list, calib: Path | None, max_memory: str | None, *, show: bool,
+def _memory_plan(model: str, passes: list, calib: _Calibration, max_memory: str | None, *, show: bool,
                  route: str = "in-memory"):
     """The run's memory plan (printed with `show`), refused (exit 2, one line) over --max-memory."""
     from moeconv import cli
-    from moeconv.memory_plan import calibration_size, check_plan, parse_max_memory, plan_memory, plan_streaming
+    from moeconv.memory_plan import check_plan, parse_max_memory, plan_memory, plan_streaming
     limit = parse_max_memory(max_memory)
-    tokens, seq = calibration_size(calib, 32, None) if calib is not None else (None, None)
+    tokens, seq = calib.size()
     if route == "streaming":
         plan = plan_streaming(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS)
     else:

@@ -10,8 +10,8 @@ from typing import Optional
 
 import typer
 
-from moeconv.cli.common import SELECTOR_HELP
-from moeconv.memory_plan import MAX_MEMORY_HELP
+from moeconv.cli.common import (calib_option, calib_samples_option, calib_seq_len_option, force_option,
+                                ignore_option, max_memory_option, seed_option, shard_size_option, targets_option)
 
 
 def register(app: typer.Typer) -> None:
@@ -22,23 +22,25 @@ def sparsify(
     src: str = typer.Argument(..., help="Model: MoE checkpoint dir (Mixtral / Qwen-MoE / moeconv format), or any model with --targets."),
     out_dir: Path = typer.Argument(..., metavar="OUT", help="Output directory (must not exist unless --force)."),
     pattern: str = typer.Option("2:4", "--pattern", help="N:M (keep N of every M inputs, 2:4 for sparse tensor cores) or 'unstructured'."),
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction pruned per row with --pattern unstructured (default 0.5)."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction pruned per row with --pattern unstructured.",
+                                          show_default="0.5"),
     method: str = typer.Option("sparsegpt", "--method", help="magnitude (no data) | wanda | sparsegpt."),
-    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text (.txt / .jsonl 'text') or token ids (.safetensors / .pt)."),
-    num_samples: int = typer.Option(64, "--num-samples", help="Calibration sequences."),
-    seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration sequence."),
+    calib: Optional[Path] = calib_option("Calibration text (.txt / .jsonl 'text') or token ids (.safetensors / .pt). "
+                                         "Required by --method wanda and sparsegpt (the default)."),
+    calib_samples: int = calib_samples_option(64, "--num-samples"),
+    calib_seq_len: int = calib_seq_len_option(256, "--seq-len"),
     dampening: float = typer.Option(0.01, "--dampening", help="SparseGPT Hessian dampening, relative to mean(diag H)."),
     block_size: int = typer.Option(128, "--block-size", help="SparseGPT lazy-update block (a multiple of M)."),
     min_coverage: float = typer.Option(0.01, "--min-coverage", help="Experts receiving fewer than this fraction of a "
                                        "layer's calibration tokens use the fallback statistics."),
     fallback: str = typer.Option("all-tokens", "--fallback", help="all-tokens (statistics from every token of the layer) | magnitude."),
-    targets: Optional[list[str]] = typer.Option(None, "--targets", help=f"Matrices to prune (default: experts): {SELECTOR_HELP}. Repeatable."),
-    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Matrices to leave dense (same syntax). Repeatable."),
+    targets: Optional[list[str]] = targets_option("Matrices to prune", "experts"),
+    ignore: Optional[list[str]] = ignore_option("Matrices to leave dense"),
     compressed: bool = typer.Option(False, "--compressed", help="Also write OUT/compressed: kept values + bitmask, restored exactly by moeconv.load."),
-    shard_size: str = typer.Option("5GB", "--shard-size", help="Maximum shard size, e.g. 5GB, 500MB."),
-    seed: int = typer.Option(0, help="Seed for the check inputs."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help=MAX_MEMORY_HELP),
+    shard_size: str = shard_size_option(),
+    seed: int = seed_option("Seed for the check inputs."),
+    force: bool = force_option(),
+    max_memory: Optional[str] = max_memory_option(),
 ):
     """Prune expert weights to 2:4 (N:M / unstructured) with the least damage, verified on reload.
 
@@ -61,8 +63,8 @@ class SparsifyArgs:
     ratio: Optional[float]
     method: str
     calib: Optional[Path]
-    num_samples: int
-    seq_len: int
+    calib_samples: int
+    calib_seq_len: int
     dampening: float
     block_size: int
     min_coverage: float
@@ -88,8 +90,8 @@ def _sparsify_pass(a: SparsifyArgs):
     if a.method != "magnitude" and a.calib is None:
         raise ConfigError(f"sparsify --method {a.method} needs calibration data: --calib FILE "
                           "(text, .jsonl, or token ids), or use --method magnitude")
-    if a.num_samples < 1 or a.seq_len < 2:
-        raise ConfigError("--num-samples must be >= 1 and --seq-len >= 2")
+    if a.calib_samples < 1 or a.calib_seq_len < 2:
+        raise ConfigError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     return p, parse_size(a.shard_size)
 
 
@@ -123,8 +125,8 @@ def _calibration(a: SparsifyArgs):
     from moeconv.data import calibration_tokens
     if a.calib is None:
         return None
-    return calibration_tokens(a.calib, a.src, num_samples=a.num_samples, seq_len=a.seq_len,
-                              seq_len_flag="--seq-len", samples_flag="--num-samples")
+    return calibration_tokens(a.calib, a.src, num_samples=a.calib_samples, seq_len=a.calib_seq_len,
+                              seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
 
 
 def _refuse_over(a: SparsifyArgs, plan) -> None:
@@ -143,16 +145,16 @@ def _memory_plan(a: SparsifyArgs, p, route: str):
     """The run's memory plan; the streamed route's is refused here (exit 2, one line) when it
     exceeds --max-memory, the in-memory route's once its calibration data is read (`refuse_over`)."""
     from moeconv.memory_plan import calibration_size, plan_memory, plan_streaming, refuse_over
-    tokens, seq = calibration_size(a.calib, a.num_samples, a.seq_len) if a.calib is not None else (None, None)
+    tokens, seq = calibration_size(a.calib, a.calib_samples, a.calib_seq_len) if a.calib is not None else (None, None)
     if route == "streaming" and a.method == "magnitude":
         return refuse_over(plan_streaming(a.src), a.max_memory)
     if route == "streaming":
         plan = plan_streaming(a.src, [p], calib_tokens=tokens, calib_seq_len=seq,
-                              flags={"calib": "--num-samples / --seq-len", "method": "--method magnitude"})
+                              flags={"calib": "--calib-samples / --calib-seq-len", "method": "--method magnitude"})
         _refuse_over(a, plan)
         return plan
     return plan_memory(a.src, [p], calib_tokens=tokens, calib_seq_len=seq,
-                       flags={"calib": "--num-samples / --seq-len", "method": "--method magnitude"})
+                       flags={"calib": "--calib-samples / --calib-seq-len", "method": "--method magnitude"})
 
 
 def _compressed_output(p, shard_bytes: int):
@@ -201,11 +203,30 @@ def _f(v, spec=".3g") -> str:
 
 
 def render_sparsify(console, report: dict) -> None:
-    from moeconv.render import render_reloaded, render_warnings
+    """The summary table, then per layer / per expert and any other pruned matrices, then warnings."""
+    from moeconv.render import reloaded_text, render_warnings, summary_table
     from rich.table import Table
     rep = report["passes"][0]
     m, tables = rep["metrics"], rep["tables"]
-    console.print(f"[bold]sparsify[/bold]: {rep['summary']}")
+    s = summary_table("sparsify")
+    s.add_row("output", str(report["output"]))
+    s.add_row("pruned", rep["summary"])
+    s.add_row("weights", f"{m['matrices_pruned']} matrices, {m['target_params']:,} weights, {m['target_sparsity']:.1%} "
+              f"zero ({m['model_sparsity']:.1%} of the model)")
+    s.add_row("reconstruction error", f"mean {_f(m['rel_error_mean'])}, max {_f(m['rel_error_max'])}")
+    if "rel_max_diff" in m:
+        s.add_row("output change", f"relative max |Δlogits| {m['rel_max_diff']:.3g} vs the unpruned model "
+                  "(example inputs)")
+    s.add_row("check", reloaded_text(report, "the in-memory result", layout=", dense with zeros"))
+    comp = (report.get("extra_outputs") or {}).get("compressed")
+    if comp:
+        s.add_row("compressed form", f"{report['output']}/{comp['path']}: {comp['bytes'] / 2**20:.1f} MiB vs "
+                  f"{comp['dense_bytes'] / 2**20:.1f} MiB dense ({comp['ratio']:.1%}), {comp['compressed_tensors']} "
+                  "tensors as values + bitmask, each restored and compared byte for byte")
+    s.add_row("speed", m["speed"])
+    s.add_row("report", f"{report['output']}/report.json")
+    s.add_row("time", f"{report['seconds']} s")
+    console.print(s)
     layer_err = {r["layer"]: r for r in tables.get("layers", [])}
     t = Table(title="per layer / per expert (tokens routed during calibration; error = ‖ΔW·X‖²/‖W·X‖² on those tokens)")
     for col in ("layer", "Δ layer", "expert", "tokens", "share", "statistics", "sparsity", "error (max)"):
@@ -219,7 +240,8 @@ def render_sparsify(console, report: dict) -> None:
                   str(r["expert"]), _f(r["tokens"], "d"), _f(r["share"], ".1%"),
                   r["stats"], f"{r['sparsity']:.1%}", _f(r["rel_error_max"]),
                   style="yellow" if r["fallback"] else None)
-    console.print(t)
+    if tables.get("experts"):
+        console.print(t)
     others = [r for r in tables.get("matrices", []) if ".experts." not in r["matrix"]]
     if others:
         t2 = Table(title="other pruned matrices")
@@ -228,17 +250,4 @@ def render_sparsify(console, report: dict) -> None:
         for r in others:
             t2.add_row(r["matrix"], "×".join(map(str, r["shape"])), r["stats"], f"{r['sparsity']:.1%}", _f(r["rel_error"]))
         console.print(t2)
-    console.print(f"{m['matrices_pruned']} matrices, {m['target_params']:,} weights, {m['target_sparsity']:.1%} zero "
-                  f"({m['model_sparsity']:.1%} of the model); reconstruction error mean {_f(m['rel_error_mean'])}, "
-                  f"max {_f(m['rel_error_max'])}")
-    if "rel_max_diff" in m:
-        console.print(f"output change vs the unpruned model (example inputs): relative max |Δlogits| {m['rel_max_diff']:.3g}")
-    render_reloaded(console, report, "the in-memory result", layout=", dense with zeros")
-    comp = (report.get("extra_outputs") or {}).get("compressed")
-    if comp:
-        console.print(f"compressed form: {report['output']}/{comp['path']} — {comp['bytes'] / 2**20:.1f} MiB vs {comp['dense_bytes'] / 2**20:.1f} MiB "
-                      f"dense ({comp['ratio']:.1%}), {comp['compressed_tensors']} tensors as values + bitmask, "
-                      "each restored and compared byte for byte")
-    console.print(f"speed: {m['speed']}")
     render_warnings(console, [w for w in rep.get("warnings", []) if not w.startswith("2:4 on CPU")])
-    console.print(f"report: {report['output']}/report.json  ({report['seconds']} s)")
