@@ -49,6 +49,8 @@ class LogProgress:
     """Progress for a log file, where bars cannot be drawn: plain lines, each stamped with the time
     since the run started.
 
+    - Nothing in the run's first `after` seconds (a refused run prints its error line alone); the
+      step running then is said at the first call after.
     - A step (`total is None`, e.g. "generate (dense)", or a one-item task) prints one line when it
       starts; a one-item step that took `after` seconds prints another when it ends.
     - A counted task with at most `per_item` items (layers, passes, training steps) prints one
@@ -63,13 +65,21 @@ class LogProgress:
         self._t0 = clock()
         self._start: dict[str, float] = {}
         self._last: dict[str, tuple[float, int]] = {}
+        self._pending: tuple[float, str] | None = None
 
     def __call__(self, task: str, done: int, total: int | None) -> None:
         now = self.clock()
+        if self._pending is not None and now - self._t0 >= self.after:
+            self._print(*self._pending)  # the step that was running when the quiet start ended
+            self._pending = None
         if total is None or (total == 1 and done == 0):  # a step: said once, when it starts
             if task not in self._start:
                 self._start[task] = now
-                self._print(now, f"{task} …")
+                if now - self._t0 < self.after:
+                    # a quiet start: a run refused within `after` seconds prints its one error line only
+                    self._pending = (now, f"{task} …")
+                else:
+                    self._print(now, f"{task} …")
                 if total == 1:
                     self._last[task] = (now, 0)
             return

@@ -74,10 +74,22 @@ def test_bars_in_a_terminal_keep_only_the_current_step_marker():
 
 def test_a_one_item_step_is_said_when_it_starts_and_when_a_long_one_ends():
     log, out, clock = _log(after=2, every=10, per_item=200)
+    clock.t = 3.0
     log("parity", 0, 1)
-    clock.t = 1.0
+    clock.t = 4.0
     log("parity", 1, 1)  # quick: only its start was said
     log("export", 0, 1)
-    clock.t = 46.0
+    clock.t = 49.0
     log("export", 1, 1)
-    assert out.getvalue().splitlines() == ["[0s] parity …", "[1s] export …", "[46s] export: 1/1 (100.0%), 45s elapsed"]
+    assert out.getvalue().splitlines() == ["[3s] parity …", "[4s] export …", "[49s] export: 1/1 (100.0%), 45s elapsed"]
+
+
+def test_nothing_in_a_quiet_start_and_the_step_running_then_is_said_after():
+    log, out, clock = _log(after=2, every=10, per_item=200)
+    log("loading", 0, None)
+    clock.t = 1.0
+    log("checking", 0, None)  # a run refused here has printed nothing
+    assert out.getvalue() == ""
+    clock.t = 30.0
+    log("writing", 0, None)
+    assert out.getvalue().splitlines() == ["[1s] checking …", "[30s] writing …"]

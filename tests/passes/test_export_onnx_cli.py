@@ -63,7 +63,8 @@ def test_cli_parity_failure_marks_output(model_file, tmp_path):
     r = run(f"{model_file}:build_mismatch", out)
     assert r.exit_code == 2
     assert "differs from PyTorch" in r.stderr and "out.failed" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    lines = r.stderr.strip().splitlines()  # progress lines (a log, not a terminal), then one error line
+    assert [ln for ln in lines if not ln.startswith("[")] == [lines[-1]] and lines[-1].startswith("error:")
     assert not out.exists() and leftovers(tmp_path) == []
     failed = tmp_path / "out.failed"
     assert (failed / "FAILED").is_file() and (failed / "model.onnx").is_file()
