@@ -195,8 +195,11 @@ def calibration_tokens(path: Path, model_source, *, num_samples: int = 32, seq_l
                        what: str = "calibration", seq_len_flag: str | None = None,
                        samples_flag: str | None = None) -> torch.Tensor:
     """(n ≤ num_samples, seq_len) int64 token ids: the rows of a token-id file, or packed from the
-    file's text. `seq_len=None`: DEFAULT_SEQ_LEN, or the model's position count if smaller. The
-    flags name the command-line options behind `seq_len` / `num_samples` in error messages."""
+    file's text (`.txt`, or `.jsonl` with a `text` field) tokenized by the model's tokenizer — what
+    `Context(calibration=…)` takes. `model_source` is the checkpoint path or the `ModelState`
+    `moeconv.load` returned for it. `seq_len=None`: DEFAULT_SEQ_LEN, or the model's position count
+    if smaller. The flags name the command-line options behind `seq_len` / `num_samples` in error
+    messages."""
     path = Path(path)
     num_samples = _positive_int(num_samples, samples_flag or f"the number of {what} samples", 1)
     limits = model_limits(model_source)
@@ -241,6 +244,10 @@ def _check_token_rows(path: Path, limits: ModelLimits, ids: torch.Tensor) -> Non
 
 def _tokenizer(model_source):
     from moeconv.io.transformers_io import read_tokenizer
+    info = getattr(model_source, "source", None)  # a ModelState: the tokenizer it was loaded with
+    if info is not None:
+        # a GGUF source's path is the .gguf file, which holds its tokenizer
+        model_source = info.tokenizer_dir or info.path or info.spec or "the model"
     try:
         return read_tokenizer(model_source)
     except InputError:

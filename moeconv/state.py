@@ -29,10 +29,22 @@ class SourceInfo:
 
 @dataclass
 class ModelState:
+    """What `moeconv.load` returns and every pass takes and returns.
+
+    `module` is the model itself, unwrapped: a transformers model keeps `generate`,
+    `save_pretrained`, … (`state.module.generate(ids)`), and calling the state calls it
+    (`state(input_ids=ids).logits`). `config` is its transformers config (None for plain modules),
+    `source` where it was loaded from (its tokenizer directory included), `artifacts` what earlier
+    passes left (e.g. an ONNX export's files)."""
+
     module: nn.Module
     config: Any = None  # transformers.PretrainedConfig, or None for plain modules
     source: SourceInfo = field(default_factory=lambda: SourceInfo("module"))
     artifacts: dict[str, Any] = field(default_factory=dict)  # teacher snapshot, routing stats, …
+
+    def __call__(self, *args, **kwargs):
+        """The module's forward: a state is used like the model it holds."""
+        return self.module(*args, **kwargs)
 
     # ---- derived facts -------------------------------------------------------------------
     def ffn_sites(self):

@@ -2,12 +2,13 @@
 check is the promise) → the driver's reports, tokenizer and rename.
 
 On success OUT holds `model.onnx` (+ `model.onnx.data` for big models), `report.json`,
-`report.html`, `recipe.json` and the source's tokenizer files; with `--with-past` also
-`genai_config.json`, `config.json` and `generation_config.json`, so onnxruntime-genai generates
-from OUT directly (`moeconv.onnx.genai_config`). On a parity failure OUT is *not*
-created (an existing OUT is left as it was); the failed export goes to `OUT.failed/` with a
-`FAILED` marker (the reason) and `report.json` (`"status": "failed"`, every case measured), and a
-`ParityError` (exit code 2 in the CLI) is raised. Any other error leaves nothing behind.
+`report.html`, `recipe.json`, the source's tokenizer files and, for a transformers model,
+`config.json` and `generation_config.json` describing the graph; with `--with-past` also
+`genai_config.json`, so onnxruntime-genai generates from OUT directly (`moeconv.onnx.genai_config`).
+On a parity failure OUT is *not* created (an existing OUT is left as it was); the failed export
+goes to `OUT.failed/` with a `FAILED` marker (the reason) and `report.json` (`"status": "failed"`,
+every case measured), and a `ParityError` (exit code 2 in the CLI) is raised. Any other error
+leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -35,9 +36,10 @@ def export_onnx_to_dir(src, out, cfg: ExportOnnxConfig, *, force: bool = False, 
         result = Pipeline([ExportOnnx(cfg, workdir=tmp)]).run(loaded, ctx)
         pass_report = result.report.passes[0].to_dict()
         files = list(pass_report["metrics"]["files"])
-        if cfg.with_past and getattr(loaded.module, "config", None) is not None:
-            from moeconv.onnx.genai_config import write_decoder_files
-            files += write_decoder_files(tmp, loaded.module)  # what onnxruntime-genai reads beside the graph
+        if hasattr(getattr(loaded.module, "config", None), "save_pretrained"):  # a transformers model
+            from moeconv.onnx.genai_config import write_model_files
+            # what loaders (onnxruntime-genai, optimum, a hand-written loop) read beside the graph
+            files += write_model_files(tmp, loaded.module, with_past=cfg.with_past)
         return JobResult({"status": "ok", "passes": [pass_report], "files": files}, loaded.source)
     try:
         return run_job(src, out, force=force, recipe=[{"pass": ExportOnnx.name, **cfg.model_dump()}], work=work)

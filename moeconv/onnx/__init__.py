@@ -8,4 +8,6 @@
 - `runtime`: onnxruntime sessions, feeds, greedy generation and latency.
 - `parity`: PyTorch vs onnxruntime on inputs that differ in shape *and routing* from the example.
 - `quantize`: onnxruntime's own quantizers (dynamic int8, `MatMulNBits` int4, `QMoE`), routers float.
+- `genai_config`: config.json / generation_config.json (and genai_config.json with past) beside the
+  graph, checked against it.
 """

@@ -1,17 +1,31 @@
-"""The files onnxruntime-genai (and optimum-style loaders) read beside a KV-cache decoder graph:
-`genai_config.json`, `config.json` and `generation_config.json` (the tokenizer files are carried by
-the job driver).
+"""The files a consumer reads beside an exported graph: `config.json` and
+`generation_config.json` for every transformers model (with or without past), and for the
+KV-cache decoder graph also `genai_config.json` (onnxruntime-genai). The tokenizer files are
+carried by the job driver.
 
-`genai_config.json` is built from the graph itself where the two could disagree: the layer count
-and the KV heads and head size come from the graph's `present.*` outputs, not from the model's
-config (a config whose KV-head count differs from the graph's makes a consumer allocate the cache
-wrongly, the mismatch #21 met with optimum), and `model.decoder.inputs` lists only the inputs the
-graph has (this graph computes position ids from the attention mask, as `generate` does, so it has
-no `position_ids` input and onnxruntime-genai feeds none). `past_present_share_buffer` is off: the
-graph grows the cache by concatenation.
+Each file describes the graph, not the PyTorch model it came from, and is checked against the
+graph before it is written: the vocabulary against the logits' last axis, and with past the layer
+count, KV heads and head size against the graph's `present.*` outputs (a config whose KV-head count
+differs from the graph's makes a consumer allocate the cache wrongly). `config.json` is the model's
+own config with what the graph changed: `dtype` float32 (the graph computes in float32 whatever the
+model's dtype; int8/int4 weights are dequantized inside it), `use_cache` true only for the past
+graph, no `quantization_config` (a bitsandbytes source's int8 weights are ONNX tensors now), and
+`head_dim` stated where the config left it to be derived.
+
+Issue #21's "4 KV heads in the config vs 2 in the graph" was neither file's fault: optimum-onnx's
+`ORTModelForCausalLM` reads `num_key_value_heads` from config.json only for the model types it
+lists (llama, mistral, qwen2, qwen3, qwen3_moe, …; not mixtral or qwen2_moe) and otherwise
+allocates its first, empty cache with `num_attention_heads`; the README gives the one-line fix.
+
+`genai_config.json` takes the layer count, KV heads and head size from the graph's `present.*`
+outputs, and `model.decoder.inputs` lists only the inputs the graph has (this graph computes
+position ids from the attention mask, as `generate` does, so it has no `position_ids` input and
+onnxruntime-genai feeds none). `past_present_share_buffer` is off: the graph grows the cache by
+concatenation.
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -28,19 +42,48 @@ def graph_io(model_path: Path) -> tuple[list[str], dict[str, list]]:
     return [i.name for i in model.graph.input], {o.name: dims(o) for o in model.graph.output}
 
 
-def genai_config(model_path: Path, config, generation_config=None) -> dict:
-    """onnxruntime-genai's config for the decoder graph `model_path` of a transformers model."""
-    inputs, outputs = graph_io(model_path)
+def cache_shape(model_path: Path, outputs: dict[str, list]) -> tuple[int, int, int]:
+    """(layers, KV heads, head size) of a KV-cache decoder graph, from its `present.*` outputs."""
     layers = sum(1 for name in outputs if name.startswith("present.") and name.endswith(".key"))
     if not layers or "logits" not in outputs:
         raise VerificationError(f"{model_path.name}: not a KV-cache decoder graph (no logits / present.*.key)")
     kv_heads, head_size = outputs["present.0.key"][1], outputs["present.0.key"][3]
     if not isinstance(kv_heads, int) or not isinstance(head_size, int):
         raise VerificationError(f"{model_path.name}: present.0.key has no fixed KV-head count and head size")
-    configured = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    if configured != kv_heads:
-        raise VerificationError(f"{model_path.name}: the graph's cache has {kv_heads} KV heads, the model's config "
-                                f"{configured}")
+    return layers, kv_heads, head_size
+
+
+def configured_cache(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head size) as a config states them (GQA models: `num_key_value_heads`;
+    `head_dim` where set, else hidden / heads), which is what loaders allocate from."""
+    heads = int(config.num_attention_heads)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or int(config.hidden_size) // heads
+    return int(config.num_hidden_layers), int(kv_heads), int(head_dim)
+
+
+def check_config(model_path: Path, config, *, with_past: bool, causal_lm: bool = True) -> None:
+    """Refuse a config that disagrees with the graph `model_path`: a causal LM's vocabulary, and
+    with past its cache. (An encoder's `logits` may be class scores, so its vocabulary is not checked.)"""
+    _, outputs = graph_io(model_path)
+    vocab = outputs.get("logits", [None])[-1]
+    if causal_lm and isinstance(vocab, int) and getattr(config, "vocab_size", vocab) != vocab:
+        raise VerificationError(f"{model_path.name}: the graph's logits have {vocab} entries, the model's config "
+                                f"says vocab_size {config.vocab_size}")
+    if not with_past:
+        return
+    graph = cache_shape(model_path, outputs)
+    stated = configured_cache(config)
+    for what, g, c in zip(("layers", "KV heads", "head size"), graph, stated):
+        if g != c:
+            raise VerificationError(f"{model_path.name}: the graph's cache has {g} {what}, the model's config {c}")
+
+
+def genai_config(model_path: Path, config, generation_config=None) -> dict:
+    """onnxruntime-genai's config for the decoder graph `model_path` of a transformers model."""
+    inputs, outputs = graph_io(model_path)
+    check_config(model_path, config, with_past=True)
+    layers, kv_heads, head_size = cache_shape(model_path, outputs)
     gen = generation_config or config
 
     def token(name):
@@ -81,16 +124,42 @@ def genai_config(model_path: Path, config, generation_config=None) -> dict:
     }
 
 
-def write_decoder_files(out_dir: Path, model, model_file: str = "model.onnx") -> list[str]:
-    """genai_config.json, config.json and generation_config.json beside `out_dir/model_file`;
-    returns the names written."""
-    config = model.config
+def graph_config(config, *, with_past: bool):
+    """A copy of the model's config saying what the graph is (see the module docstring)."""
+    config = copy.deepcopy(config)
+    config.use_cache = with_past
+    config.dtype = "float32"
+    if hasattr(config, "head_dim") and config.head_dim is None and hasattr(config, "num_attention_heads"):
+        # stated, not left for each reader to derive (what the cache check compares with the graph)
+        config.head_dim = configured_cache(config)[2]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def write_model_files(out_dir: Path, model, *, with_past: bool, model_file: str = "model.onnx") -> list[str]:
+    """config.json and generation_config.json (+ genai_config.json with past) beside
+    `out_dir/model_file`, each checked against the graph; returns the names written."""
+    config = graph_config(model.config, with_past=with_past)
     gen = getattr(model, "generation_config", None)
-    cfg = genai_config(out_dir / model_file, config, gen)
-    (out_dir / "genai_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if gen is not None:
+        gen = copy.deepcopy(gen)
+        gen.use_cache = with_past
+    from moeconv.onnx.signature import model_kind
+    check_config(out_dir / model_file, config, with_past=with_past, causal_lm=model_kind(model) == "causal-lm")
+    written = []
+    if with_past:
+        cfg = genai_config(out_dir / model_file, config, gen)
+        (out_dir / "genai_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        written.append("genai_config.json")
     config.save_pretrained(out_dir)
-    written = ["genai_config.json", "config.json"]
+    written.append("config.json")
     if gen is not None:
         gen.save_pretrained(out_dir)
         written.append("generation_config.json")
     return written
+
+
+def write_decoder_files(out_dir: Path, model, model_file: str = "model.onnx") -> list[str]:
+    """`write_model_files` for the KV-cache decoder graph."""
+    return write_model_files(out_dir, model, with_past=True, model_file=model_file)

@@ -59,11 +59,17 @@ def finish_exported(program, sig, props: dict[str, str]) -> None:
         # exports of the same model in two processes would differ. Debug text only; dropped so
         # the same recipe and seed give a byte-identical file.
         node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
+    # The exporter names a present.* length by its sum (`s15 + s70`), a different sum per output;
+    # it is the mask's length (past + new tokens), so it gets that axis's name.
+    total = sig.dynamic_axes.get("attention_mask", {}).get(1) if sig.with_past else None
+    present = {v.name for v in model.graph.outputs if v.name.startswith("present.")}
     for v in values:
         shape = v.shape
         if shape is None:
             continue
         dims = [ir.SymbolicDim(rename[d.value]) if not isinstance(d, int) and d.value in rename else d for d in shape]
+        if total and v.name in present and len(dims) == 4 and not isinstance(dims[2], int):
+            dims[2] = ir.SymbolicDim(total)
         if dims != list(shape):
             v.shape = ir.Shape(dims)
     if model.ir_version > MAX_IR_VERSION:

@@ -1,6 +1,7 @@
 """`moeconv export onnx --with-past` writes what onnxruntime-genai reads beside the graph
 (genai_config.json from the graph's own cache shapes, config.json, generation_config.json, the
-tokenizer), and onnxruntime-genai generates PyTorch's greedy tokens from OUT directly."""
+tokenizer), and onnxruntime-genai generates PyTorch's greedy tokens from OUT directly; config.json
+states the graph's cache (#21's KV-head report), and a plain export carries its files too."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "formats"))
-from gguf_models import upcycled_llama  # noqa: E402
+from gguf_models import native, upcycled_llama  # noqa: E402
 from upcycle_helpers import tiny_tokenizer  # noqa: E402
 
 from moeconv.cli import app  # noqa: E402
@@ -99,3 +100,69 @@ def test_onnxruntime_genai_generates_pytorchs_greedy_tokens(exported):
                 want.append(int(torch_model(input_ids=seq).logits[0, -1].argmax()))
                 seq = torch.cat([seq, torch.tensor([[want[-1]]])], dim=1)
         assert got == want
+
+
+def test_config_json_states_the_graphs_cache(exported):
+    """#21: optimum (transformers 4.57) met "4 KV heads vs the graph's 2". The graph and config.json
+    agree (2 = num_key_value_heads); a loader that sizes the first, empty cache from config.json
+    runs, and one that uses num_attention_heads — optimum-onnx's fallback for model types it does
+    not list as grouped-query, mixtral among them — is refused exactly as the user saw."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from moeconv.onnx.genai_config import cache_shape, graph_io
+    _, out = exported
+    cfg = json.loads((out / "config.json").read_text())
+    _, outputs = graph_io(out / "model.onnx")
+    layers, kv_heads, head_size = cache_shape(out / "model.onnx", outputs)
+    assert (cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_dim"]) == (layers, kv_heads, head_size)
+    assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (4, 2)
+    assert (cfg["dtype"], cfg["use_cache"]) == ("float32", True)
+    assert all(outputs[f"present.{i}.{kv}"][2] == "total_sequence" for i in range(layers) for kv in ("key", "value"))
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids = np.array([[5, 6, 7]], dtype=np.int64)
+
+    def feed(heads):
+        past = {f"past_key_values.{i}.{kv}": np.zeros((1, heads, 0, head_size), np.float32)
+                for i in range(layers) for kv in ("key", "value")}
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), **past}
+    logits, *present = sess.run(None, feed(cfg["num_key_value_heads"]))
+    assert logits.shape == (1, 3, 128) and present[0].shape == (1, 2, 3, head_size)
+    with pytest.raises(Exception, match="index: 1 Got: 4 Expected: 2"):
+        sess.run(None, feed(cfg["num_attention_heads"]))
+
+
+def test_a_config_whose_head_size_or_depth_differs_from_the_graph_is_refused(exported):
+    import transformers
+
+    from moeconv.errors import VerificationError
+    from moeconv.onnx.genai_config import check_config
+    src, out = exported
+    for field, value, what in (("head_dim", 16, "8 head size, the model's config 16"),
+                               ("num_hidden_layers", 3, "2 layers, the model's config 3"),
+                               ("vocab_size", 129, "logits have 128 entries")):
+        config = transformers.AutoConfig.from_pretrained(src)
+        setattr(config, field, value)
+        with pytest.raises(VerificationError, match=what):
+            check_config(out / "model.onnx", config, with_past=True)
+
+
+def test_an_export_without_past_carries_config_generation_config_and_tokenizer(tmp_path):
+    """The plain graph's OUT is usable on its own too: config.json saying what the graph is
+    (float32 although the model is bf16, no cache), generation_config.json, the tokenizer."""
+    from moeconv.io.load import load
+    from moeconv.jobs.export_onnx import export_onnx_to_dir
+    from passes.export_onnx import ExportOnnxConfig
+    src = native("llama", tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(src)
+    state = load(src)
+    state.module.to(torch.bfloat16)
+    report = export_onnx_to_dir(src, tmp_path / "onnx", ExportOnnxConfig(latency_runs=0), state=state)
+    out = tmp_path / "onnx"
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "config.json", "generation_config.json", "tokenizer.json"} <= names
+    assert "genai_config.json" not in names
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["dtype"], cfg["use_cache"], cfg["head_dim"], cfg["model_type"]) == ("float32", False, 8, "llama")
+    assert json.loads((out / "generation_config.json").read_text())["use_cache"] is False
+    assert {"config.json", "generation_config.json"} <= set(report["files"])
