@@ -43,6 +43,7 @@ class NumericCheck(Instrument):
             return
         self._inputs = ctx.examples_for(vocab)
         self._ref = model_outputs(state.module, self._inputs).float()
+        self._vocab = vocab
 
     def after(self, p, result, ctx):
         if self._ref is None or not result.modified:
@@ -53,6 +54,11 @@ class NumericCheck(Instrument):
         rel = diff / scale
         result.report.metrics["max_abs_diff"] = diff
         result.report.metrics["rel_max_diff"] = rel
+        if out.shape[-1] == self._vocab and math.isfinite(diff):
+            # next-token logits: what a user feels of the change (a pass that measured these on its
+            # own, better, inputs keeps its numbers)
+            for k, v in _distribution_change(self._ref, out).items():
+                result.report.metrics.setdefault(k, v)
         if not math.isfinite(diff) and math.isfinite(self._ref.abs().max().item()):
             # A measured error that is not a number is a failure whatever the promise: the pass
             # produced NaN/Inf from finite inputs (e.g. noise of absurd scale).
@@ -74,6 +80,13 @@ class ModelBytes(Instrument):
     def after(self, p, result, ctx):
         from moeconv.summary import bytes_per_group
         result.report.metrics.setdefault("model_bytes", sum(bytes_per_group(result.state.module).values()))
+
+
+def _distribution_change(ref: torch.Tensor, out: torch.Tensor) -> dict:
+    """Mean KL(ref ‖ out) of the next-token distributions and top-1 agreement."""
+    kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none")
+    return {"kl": max(kl.sum(-1).mean().item(), 0.0),
+            "top1_agreement": (out.argmax(-1) == ref.argmax(-1)).float().mean().item()}
 
 
 def _dtype_factor(state: ModelState) -> float:

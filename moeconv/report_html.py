@@ -1,115 +1,121 @@
-"""`report.html`: one self-contained page (plots embedded as PNG; nothing fetched at view time)."""
+"""`report.html`: one self-contained page (plots embedded as PNG; nothing fetched at view time).
+
+What a reader needs first: what went in and came out, the pass table (each pass's measured error
+— relative max |Δ|, KL, top-1 agreement, perplexity when text was given — time and size), the
+text each model generated when the run generated any, then the plots (`moeconv.report_plots`).
+Every number is formatted for people (`moeconv.report_format`); report.json keeps the raw ones."""
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 
+from moeconv.report_format import MISSING, fmt_bytes, fmt_change, fmt_count, fmt_float, fmt_pct, fmt_seconds
+from moeconv.report_plots import plots
 
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+PASS_COLUMNS = ("pass", "summary", "time", "rel. max |Δ|", "KL", "top-1", "perplexity", "bytes after", "warnings")
 
-
-def _plots(report: dict) -> list[tuple[str, str]]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    plots = []
-    model = report.get("model", {})
-    load = model.get("expert_load") or {}
-    if load:
-        layers = list(load)
-        n = max(len(v) for v in load.values())
-        fig, ax = plt.subplots(figsize=(8, 0.35 * len(layers) + 1.5))
-        im = ax.imshow([[c for c in load[k]] + [0] * (n - len(load[k])) for k in layers], aspect="auto", cmap="viridis")
-        ax.set_yticks(range(len(layers)), [k.split(".")[-2] if "." in k else k for k in layers])
-        ax.set_xticks(range(n))
-        ax.set_xlabel("expert")
-        ax.set_ylabel("layer")
-        fig.colorbar(im, ax=ax, label="tokens routed")
-        ax.set_title("expert load per layer (routing histogram)")
-        plots.append(("Expert load", _png(fig)))
-    sparsity = model.get("expert_sparsity") or {}
-    if sparsity:
-        fig, ax = plt.subplots(figsize=(8, 3))
-        for k, v in sparsity.items():
-            ax.plot(range(len(v)), v, marker="o", label=k)
-        ax.set_xticks(range(max(len(v) for v in sparsity.values())))
-        ax.set_xlabel("expert")
-        ax.set_ylabel("fraction of zero weights")
-        ax.set_ylim(0, 1)
-        ax.set_title("per-expert sparsity")
-        if len(sparsity) <= 8:
-            ax.legend(fontsize=6)
-        plots.append(("Expert sparsity", _png(fig)))
-    groups = model.get("bytes_per_group") or {}
-    if groups:
-        before = report.get("input_model", {}).get("bytes_per_group") or {}
-        names = sorted(set(groups) | set(before))
-        fig, ax = plt.subplots(figsize=(8, 3))
-        xs = range(len(names))
-        if before:
-            ax.bar([x - 0.2 for x in xs], [before.get(n, 0) / 2**20 for n in names], width=0.4, label="input")
-        ax.bar([x + (0.2 if before else 0) for x in xs], [groups.get(n, 0) / 2**20 for n in names],
-               width=0.4 if before else 0.6, label="output")
-        ax.set_xticks(list(xs), names, rotation=20)
-        ax.set_ylabel("MiB")
-        ax.set_title("bytes per module group")
-        ax.legend()
-        plots.append(("Bytes per module group", _png(fig)))
-    passes = report.get("passes") or []
-    if passes:
-        fig, ax = plt.subplots(figsize=(8, 3))
-        names = [p["pass_name"] for p in passes]
-        vals = [p["metrics"].get("rel_max_diff") or 0.0 for p in passes]
-        ax.bar(range(len(names)), [max(v, 1e-12) for v in vals])
-        ax.set_yscale("log")
-        ax.set_xticks(range(len(names)), names)
-        ax.set_ylabel("relative max |Δoutput|")
-        ax.set_title("measured error of each pass (vs the step before)")
-        plots.append(("Error per pass", _png(fig)))
-    return plots
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.3g} MiB" if n >= 2**20 else f"{n / 2**10:.3g} KiB"
-
-
-def _bytes_after(m: dict) -> str:
-    """The model's bytes after the pass; for an export, the file it wrote."""
-    if m.get("files") and m.get("bytes") is not None:
-        return f"{_mib(m['bytes'])} ({', '.join(m['files'])})"
-    return _mib(m["model_bytes"]) if m.get("model_bytes") is not None else "-"
+_STYLE = """body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #bbb;padding:4px 8px;text-align:left;vertical-align:top}th{background:#eee}
+td.num{text-align:right;white-space:nowrap}figure{margin:1.5em 0}img{max-width:100%}
+pre.text{white-space:pre-wrap;margin:0;font-size:90%}.note{color:#555;font-size:90%}"""
 
 
 def write_html(report: dict, path: Path) -> None:
-    rows = []
-    for p in report.get("passes", []):
-        m = p.get("metrics", {})
-        rows.append(f"<tr><td>{html.escape(p['pass_name'])}</td><td>{html.escape(p.get('summary', ''))}</td>"
-                    f"<td>{p.get('seconds') if p.get('seconds') is not None else '-'}</td>"
-                    f"<td>{m.get('rel_max_diff', '-') if m.get('rel_max_diff') is None else format(m['rel_max_diff'], '.3g')}</td>"
-                    f"<td>{html.escape(_bytes_after(m))}</td>"
-                    f"<td>{html.escape(', '.join(p.get('warnings', [])))}</td></tr>")
-    v = report.get("verification", {})
+    e = html.escape
     w = report.get("written", {})
-    figs = "".join(f"<figure><figcaption>{html.escape(t)}</figcaption><img alt='{html.escape(t)}' src='{src}'></figure>"
-                   for t, src in _plots(report))
+    figs = "".join(f"<figure><figcaption>{e(t)}</figcaption><img alt='{e(t)}' src='{src}'></figure>"
+                   for t, src in plots(report))
+    consumer = w.get("consumer") or report.get("consumer")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>moeconv report</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1000px}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #bbb;padding:4px 8px;text-align:left}}figure{{margin:1.5em 0}}img{{max-width:100%}}</style>
-</head><body><h1>moeconv report</h1>
-<p><b>source</b> {html.escape(str(report.get('source')))} → <b>output</b> {html.escape(str(report.get('output')))}
-({html.escape(str(w.get('format')))}, loads with {html.escape(str(w.get('consumer')))})</p>
-<p><b>reload check</b>: relative max |Δ| {v.get('rel_max_diff', float('nan')):.3g} against the {html.escape(str(v.get('against')))}</p>
-<table><tr><th>pass</th><th>summary</th><th>time (s)</th><th>rel. max |Δ|</th><th>bytes after</th><th>warnings</th></tr>{''.join(rows)}</table>
+<style>{_STYLE}</style></head><body><h1>moeconv report</h1>
+<p><b>source</b> {e(str(report.get('source')))} → <b>output</b> {e(str(report.get('output')))}
+({e(str(w.get('format') or report.get('format')))}{', loads with ' + e(str(consumer)) if consumer else ''};
+{e(fmt_seconds(report.get('seconds')))} in all)</p>
+{_models_line(report)}{_reload_line(report.get('verification') or {})}
+<h2>Passes</h2>
+{_pass_table(report.get('passes') or [])}
+<p class="note">Each pass's error is measured against the model before it: relative max |Δ| is max |Δlogits| over
+max(1, max |logit|); KL is the mean KL divergence of the next-token distributions (before ‖ after);
+top-1 is how often the most likely next token is unchanged; perplexity is on held-out text when text was given.</p>
+{_generations(report.get('generations'))}
 {figs}
-<details><summary>report.json</summary><pre>{html.escape(json.dumps(report, indent=2, default=str))}</pre></details>
+<details><summary>report.json</summary><pre>{e(json.dumps(report, indent=2, default=str))}</pre></details>
 </body></html>"""
     Path(path).write_text(page, encoding="utf-8")
+
+
+def pass_cells(p: dict) -> list[str]:
+    """One pass as the table's cells (text, already formatted), in `PASS_COLUMNS` order."""
+    m = p.get("metrics") or {}
+    return [str(p.get("pass_name") or p.get("name", "?")), p.get("summary", ""), fmt_seconds(p.get("seconds")),
+            fmt_float(m.get("rel_max_diff")), fmt_float(m.get("kl")), fmt_pct(m.get("top1_agreement")), _perplexity(m), _bytes_after(m),
+            "; ".join(p.get("warnings", []))]
+
+
+def _pass_table(passes: list[dict]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in PASS_COLUMNS)
+    return f'<table class="passes"><tr>{head}</tr>{"".join(_pass_row(p) for p in passes)}</table>'
+
+
+def _pass_row(p: dict) -> str:
+    cells = pass_cells(p)
+    numeric = {2, 3, 4, 5, 6, 7}
+    return "<tr>" + "".join(f"<td class='num'>{html.escape(c)}</td>" if i in numeric else f"<td>{html.escape(c)}</td>"
+                            for i, c in enumerate(cells)) + "</tr>"
+
+
+def _perplexity(m: dict) -> str:
+    """Held-out perplexity before → after: a pass's own (`ppl_*`), or distill's (`eval_ppl_*`)."""
+    for before, after in (("ppl_before", "ppl_after"), ("eval_ppl_before", "eval_ppl_after")):
+        if m.get(before) is not None and m.get(after) is not None:
+            return fmt_change(m[before], m[after])
+    return MISSING
+
+
+def _bytes_after(m: dict) -> str:
+    """The model's bytes after the pass; for an export, the file(s) it wrote."""
+    if m.get("files") and m.get("bytes") is not None:
+        return f"{fmt_bytes(m['bytes'])} ({', '.join(m['files'])})"
+    return fmt_bytes(m.get("model_bytes"))
+
+
+def _models_line(report: dict) -> str:
+    """Parameters (and active per token) in → out."""
+    before, after = report.get("input_model") or {}, report.get("model") or {}
+    if not after.get("parameters"):
+        return ""
+
+    def params(s: dict) -> str:
+        active = s.get("active_parameters")
+        extra = f" ({fmt_count(active)} active per token)" if active and active != s.get("parameters") else ""
+        return fmt_count(s.get("parameters")) + extra
+    into = f"{params(before)} → " if before.get("parameters") else ""
+    return f"<p><b>parameters</b> {html.escape(into + params(after))}</p>\n"
+
+
+def _reload_line(v: dict) -> str:
+    """The written output reloaded by its consumer and compared."""
+    if not v:
+        return ""
+    rel = v.get("rel_max_diff", v.get("relative_max_abs_diff"))
+    parts = [f"relative max |Δ| {fmt_float(rel)}" if rel is not None else v.get("detail", v.get("status", ""))]
+    if v.get("kl") is not None:
+        parts.append(f"KL {fmt_float(v['kl'])}")
+    if v.get("top1_agreement") is not None:
+        parts.append(f"top-1 {fmt_pct(v['top1_agreement'])}")
+    if v.get("ppl_before") is not None:
+        parts.append(f"perplexity {fmt_change(v['ppl_before'], v.get('ppl_after'))}")
+    against = f" against the {v['against']}" if v.get("against") else ""
+    return f"<p><b>reload check</b>: {html.escape(', '.join(p for p in parts if p) + against)}</p>\n"
+
+
+def _generations(gen: dict | None) -> str:
+    """`report["generations"] = {"prompt": str, "texts": {model name: text}}` as a table."""
+    if not gen or not gen.get("texts"):
+        return ""
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(str(name))}</td><td><pre class='text'>{e(str(text))}</pre></td></tr>"
+                   for name, text in gen["texts"].items())
+    return (f"<h2>Generated text</h2><p><b>prompt</b></p><pre class='text'>{e(str(gen.get('prompt', '')))}</pre>"
+            f"<table class='generations'><tr><th>model</th><th>generated text</th></tr>{rows}</table>")

@@ -1,6 +1,9 @@
-"""Measured facts about a model for reports: bytes per module group, expert load, expert sparsity."""
+"""Measured facts about a model for reports: bytes per module group, expert load, sparsity per
+expert and per layer. `model_summary` gathers them for an in-memory model; `LayerFacts` gathers the
+same facts from a streamed model (`moeconv.stream.compare`), one decoder layer at a time."""
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
 import torch
@@ -58,6 +61,98 @@ def expert_sparsity(model: nn.Module) -> dict[str, list[float]]:
                 fr.append(zeros / total if total else 0.0)
             out[path] = fr
     return out
+
+
+# Weights counted as "the layer's FFN" for per-layer sparsity: what sparsify prunes.
+FFN_GROUPS = ("experts", "shared expert", "dense ffn")
+_LAYER = re.compile(r"^(.*?\.\d+)\.")
+
+
+def layer_sparsity(model: nn.Module, prefix: str = "") -> dict[str, float]:
+    """Per decoder layer, the fraction of zero weights in its FFN matrices (all experts of an MoE
+    layer together; int8 weights counted, packed 4-bit ones not); `prefix`: the path `model` has in
+    the whole model (a streamed layer). A 2:4 model reads 0.5 in every pruned layer."""
+    module_of = {".".join(x for x in (prefix, n) if x): m for n, m in model.named_modules()}
+    zeros: dict[str, int] = defaultdict(int)
+    total: dict[str, int] = defaultdict(int)
+    for rel, w in model.named_parameters():
+        name = ".".join(x for x in (prefix, rel) if x)
+        if w.dim() != 2 or not (w.is_floating_point() or w.dtype == torch.int8) or w.is_meta:
+            continue
+        layer = _LAYER.match(name)
+        if layer is None or _group(name, module_of) not in FFN_GROUPS:
+            continue
+        zeros[layer.group(1)] += int((w == 0).sum())
+        total[layer.group(1)] += w.numel()
+    return {k: round(zeros[k] / total[k], 4) for k in total if total[k]}
+
+
+def model_summary(state, batches: torch.Tensor | None) -> dict:
+    """Everything the report shows about one model (`state`: a `ModelState`), expert load measured
+    on `batches` (token ids; None: not measured)."""
+    out = {"parameters": state.parameter_count(), "active_parameters": state.active_parameter_count(),
+           "bytes_per_group": bytes_per_group(state.module), "layer_sparsity": layer_sparsity(state.module)}
+    if any(isinstance(m, MoEBlock) for m in state.module.modules()):
+        out["expert_sparsity"] = expert_sparsity(state.module)
+        if batches is not None:
+            out["expert_load"] = expert_load(state.module, batches)
+    return out
+
+
+def summary_inputs(state, seed: int, calibration: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The tokens expert load is measured on, the same before and after a run: up to 16 rows of
+    the calibration data when given, else random ids from the run's seed (None: a model without
+    a vocabulary)."""
+    from moeconv.state import vocab_size
+    from moeconv.verify import check_inputs
+    if calibration is not None:
+        return calibration[:16]
+    vocab = vocab_size(state.module, state.config)
+    return None if vocab is None else check_inputs(vocab, seed + 2, batch=8, seq=32)
+
+
+class LayerFacts:
+    """The report's facts about a model that runs one decoder layer at a time: call it with each
+    layer once its weights are in memory (`moeconv.stream.compare.streamed_logits(observe=…)`); it
+    counts the tokens each expert is sent while the layer runs and the layer's zero weights."""
+
+    def __init__(self):
+        self.load: dict[str, list[int]] = {}
+        self.sparsity: dict[str, float] = {}
+        self.expert_sparsity: dict[str, list[float]] = {}
+        self._handles: list = []
+
+    def __call__(self, path: str, layer: nn.Module) -> None:
+        self._remove_hooks()  # the previous layer has run: its counters are complete
+        self.sparsity.update(layer_sparsity(layer, prefix=path))
+        for rel, m in layer.named_modules():
+            if isinstance(m, MoEBlock):
+                full = f"{path}.{rel}" if rel else path
+                self.expert_sparsity[full] = expert_sparsity(m)[""]
+                counts = self.load.setdefault(full, [0] * m.num_experts)
+                self._handles.append(m.register_forward_pre_hook(_counter(counts)))
+
+    def _remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def summary(self) -> dict:
+        self._remove_hooks()
+        out = {"layer_sparsity": dict(self.sparsity)}
+        if self.load:
+            out.update(expert_load=dict(self.load), expert_sparsity=dict(self.expert_sparsity))
+        return out
+
+
+def _counter(counts: list[int]):
+    """A forward pre-hook adding the tokens an MoE block routes to each expert to `counts`."""
+    def hook(mod, args):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        got = torch.bincount(mod.route(x).indices.reshape(-1), minlength=mod.num_experts)
+        for e, c in enumerate(got.tolist()):
+            counts[e] += c
+    return hook
 
 
 @torch.inference_mode()

@@ -4,7 +4,7 @@ The shape every job has: refuse a bad OUT before any work → do the work into a
 directory → carry the source's tokenizer → write report.json, report.html and recipe.json → rename
 into place. Nothing is left that looks complete unless all of it succeeded; a failure the job
 marks as *reportable* (an ONNX parity failure) is kept as `OUT.failed/` with a `FAILED` marker and
-its report, for the user to inspect, and OUT is not created.
+its report (report.json and report.html), for the user to inspect, and OUT is not created.
 """
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ def run_job(src, out, *, force: bool, recipe: list[dict], work: Callable[[Path],
 def _keep_failed(tmp: Path, failed_dir: Path, base: dict, exc: ReportedVerificationError) -> None:
     report = {**base, "status": "failed", "output": str(failed_dir), "error": str(exc), "passes": [exc.report]}
     (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_html(report, tmp / "report.html")  # what was measured, readable, for the user deciding what to change
     (tmp / "FAILED").write_text(f"{exc.what} failed: {exc}\nsee report.json; this output must not be used.\n")
     if failed_dir.exists():
         shutil.rmtree(failed_dir)

@@ -15,6 +15,7 @@ Checks, in order:
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ def _work(src, tmp: Path, gguf_type: str, tol: float, top1: float, seed: int) ->
     if state.config is None or not hasattr(state.config, "num_hidden_layers"):
         raise UnsupportedError(f"export gguf: {src} is not a Hugging Face causal LM (Llama, Mistral, Mixtral, "
                                "Qwen2/3, Qwen2/3-MoE)")
+    t0 = time.perf_counter()
     model = collect(state.module, state.config)
     vocab = _vocab(state, int(state.config.vocab_size))
     path = tmp / "model.gguf"
@@ -64,6 +66,7 @@ def _work(src, tmp: Path, gguf_type: str, tol: float, top1: float, seed: int) ->
     report = {"format": "gguf", "architecture": model.arch, "type": gguf_type, "written": written,
               "read_back": read_back, "tokenizer": {"kind": vocab.kind, "notes": vocab.notes},
               "verification": check}
+    report["passes"] = [_pass_report(model.arch, gguf_type, written, check, time.perf_counter() - t0).to_dict()]
     warnings = list(written["notes"]) + list(vocab.notes)
     if check.get("status") == "skipped":
         warnings.append(check["detail"])
@@ -72,6 +75,18 @@ def _work(src, tmp: Path, gguf_type: str, tol: float, top1: float, seed: int) ->
         exc.what = "llama.cpp check"
         raise exc
     return JobResult(report, state.source, warnings=warnings)
+
+
+def _pass_report(arch: str, gguf_type: str, written: dict, check: dict, seconds: float):
+    """The export as one row of the report's pass table: llama.cpp's measured difference from
+    PyTorch (none when the check was skipped) and the file written."""
+    from moeconv.report import PassReport
+    metrics = {"type": gguf_type, "bytes": written["bytes"], "files": ["model.gguf"]}
+    if check.get("status") != "skipped":
+        metrics.update(rel_max_diff=check["relative_max_abs_diff"], max_abs_diff=check["max_abs_diff"],
+                       kl=check["kl"], top1_agreement=check["top1_agreement"])
+    return PassReport("export-gguf", summary=f"{arch} → model.gguf ({gguf_type}); {check['detail']}",
+                      metrics=metrics, seconds=round(seconds, 2))
 
 
 def _vocab(state, n_vocab: int):
@@ -120,7 +135,7 @@ def _llama_cpp_check(path: Path, module: torch.nn.Module, vocab: int, tol: float
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=CHECK_LEN + 8, logits_all=True, verbose=False,
                           n_threads=max(1, torch.get_num_threads()), seed=seed,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    worst, agree, total, biggest = 0.0, 0, 0, 0.0
+    worst, agree, total, biggest, kl = 0.0, 0, 0, 0.0, 0.0
     module = module.float().eval()
     try:
         for ids in inputs:
@@ -133,6 +148,8 @@ def _llama_cpp_check(path: Path, module: torch.nn.Module, vocab: int, tol: float
             worst = max(worst, float((got - ref).abs().max()))
             biggest = max(biggest, float(ref.abs().max()))
             agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+            kl += float(torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                                   reduction="sum"))
             total += CHECK_LEN
     finally:
         llm.close() if hasattr(llm, "close") else None
@@ -141,7 +158,7 @@ def _llama_cpp_check(path: Path, module: torch.nn.Module, vocab: int, tol: float
     ok = rel <= tol and top1 >= min_top1 and math.isfinite(rel)
     result = {"status": "passed" if ok else "failed", "engine": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
               "inputs": CHECK_INPUTS, "tokens": total, "relative_max_abs_diff": rel, "max_abs_diff": worst,
-              "top1_agreement": top1, "tolerance": tol, "min_top1": min_top1}
+              "top1_agreement": top1, "kl": max(kl / total, 0.0), "tolerance": tol, "min_top1": min_top1}
     result["detail"] = (f"llama.cpp vs PyTorch on {total} tokens: relative max |Δlogits| {rel:.3g} "
                         f"(bound {tol:g}), top-1 agreement {top1:.1%} (at least {min_top1:.0%})")
     return result

@@ -16,7 +16,7 @@ from moeconv.io.save import save_checkpoint
 from moeconv.jobs.driver import JobResult, run_job
 from moeconv.pipeline import Pipeline
 from moeconv.state import ModelState, vocab_size
-from moeconv.summary import bytes_per_group, expert_load, expert_sparsity
+from moeconv.summary import model_summary, summary_inputs
 from moeconv.verify import EXACT, check_inputs, compare_outputs, load_consumer
 
 
@@ -36,7 +36,8 @@ def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str =
 
     def work(tmp: Path) -> JobResult:
         loaded = state or load(src)
-        input_summary = {"bytes_per_group": bytes_per_group(loaded.module), "parameters": loaded.parameter_count()}
+        # measured before the passes run: they change the model in place
+        input_summary = model_summary(loaded, summary_inputs(loaded, ctx.seed, ctx.calibration))
         result = Pipeline(passes).run(loaded, ctx)
         written = save_checkpoint(result.state, tmp, fmt=fmt, shard_bytes=shard_bytes)
         vocab = vocab_size(result.state.module, result.state.config)
@@ -48,7 +49,7 @@ def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str =
                                        tolerance=reload_tolerance, what="in-memory result")
         report = {"passes": [r.to_dict() for r in result.report.passes], "written": written,
                   "verification": verification, "input_model": input_summary,
-                  "model": _model_summary(result.state, ctx, vocab)}
+                  "model": model_summary(result.state, summary_inputs(result.state, ctx.seed, ctx.calibration))}
         onnx_files = _move_onnx(result.state, tmp, Path(out))
         if onnx_files:
             report["onnx_files"] = onnx_files
@@ -75,13 +76,6 @@ def _move_onnx(state: ModelState, tmp: Path, out: Path) -> list[str]:
         shutil.rmtree(src, ignore_errors=True)
     art.update(dir=str(out), temporary=False)
     return names
-
-
-def _model_summary(state: ModelState, ctx: Context, vocab: int) -> dict:
-    batches = ctx.calibration if ctx.calibration is not None else check_inputs(vocab, ctx.seed + 2, batch=8, seq=32)
-    return {"parameters": state.parameter_count(), "active_parameters": state.active_parameter_count(),
-            "bytes_per_group": bytes_per_group(state.module), "expert_load": expert_load(state.module, batches[:16]),
-            "expert_sparsity": expert_sparsity(state.module)}
 
 
 def _reference_for(state: ModelState, consumer: str) -> torch.nn.Module:

@@ -12,6 +12,7 @@ the source's. vLLM (GPU) is the serving engine the format is for; it is not run 
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from moeconv.errors import InputError, UnsupportedError, VerificationError
 from moeconv.jobs.driver import JobResult, check_output, run_job
 from moeconv.state import model_outputs
+from moeconv.summary import model_summary, summary_inputs
 
 EXACT = 1e-5
 DENSE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -82,6 +84,9 @@ def _work(src, tmp: Path, method: str, args, seed: int, shard_bytes: int, algori
     module = state.module.eval()
     inputs = check_inputs(int(state.config.vocab_size), seed + 1)
     routers = _routers(module, rename)
+    load_inputs = summary_inputs(state, seed, calibration)
+    input_summary = model_summary(state, load_inputs)  # quantization changes the module in place
+    t0 = time.perf_counter()
     with torch.no_grad():
         float_logits = model_outputs(module, inputs).float()
     if algorithm == "gptq":
@@ -106,7 +111,9 @@ def _work(src, tmp: Path, method: str, args, seed: int, shard_bytes: int, algori
               "weights": args.model_dump(exclude_none=True, mode="json"),
               "quantized_modules": len(q.qparams), "float_modules": q.ignored,
               "zeros": {"before": q.zeros_before, "kept": q.zeros_after_of_those},
-              "error_vs_float": error, "written": written, "verification": reload}
+              "error_vs_float": error, "written": written, "verification": reload,
+              "input_model": input_summary, "model": model_summary(state, load_inputs)}
+    report["passes"] = [_pass_report(report, method, algorithm, time.perf_counter() - t0).to_dict()]
     if q.zeros_after_of_those != q.zeros_before:  # symmetric schemes map 0 to 0: a 2:4 pattern must survive
         raise VerificationError(f"{q.zeros_before - q.zeros_after_of_those} of {q.zeros_before} exact zeros became "
                                 "non-zero under a symmetric scheme")
@@ -119,6 +126,19 @@ def _work(src, tmp: Path, method: str, args, seed: int, shard_bytes: int, algori
             warnings.append(f"{len(q.fallback)} expert matrices received too few calibration tokens and were "
                             f"calibrated on their MoE block's inputs (first: {q.fallback[0]})")
     return JobResult(report, state.source, warnings=warnings)
+
+
+def _pass_report(report: dict, method: str, algorithm: str, seconds: float):
+    """The job as one row of the report's pass table: the error against the float model, measured in
+    memory before writing, and the bytes written."""
+    from moeconv.report import PassReport
+    e = report["error_vs_float"]
+    metrics = {"method": method, "algorithm": algorithm, "max_abs_diff": e["max_abs_diff"],
+               "rel_max_diff": e["rel_max_diff"], "kl": e["kl"], "top1_agreement": e["top1_agreement"],
+               "model_bytes": report["written"]["bytes"]}
+    summary = (f"{report['quantized_modules']} matrices → {method} ({algorithm}, compressed-tensors), "
+               f"{len(report['float_modules'])} left in float")
+    return PassReport("quantize", summary=summary, metrics=metrics, seconds=round(seconds, 2))
 
 
 def _names(state):

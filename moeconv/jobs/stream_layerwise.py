@@ -39,10 +39,10 @@ from moeconv.formats.quantized import write_generation_config
 from moeconv.jobs.driver import JobResult, check_output, run_job
 from moeconv.jobs.stream_output import StreamOutput
 from moeconv.jobs.stream_quantize import group_bytes, measured
+from moeconv.jobs.stream_report import compare_and_summarise
 from moeconv.pass_base import Pass
 from moeconv.pipeline import Pipeline
 from moeconv.stream.allocator import fixed_mmap_threshold
-from moeconv.stream.compare import compare_models
 from moeconv.stream.residency import StreamedLayers
 from moeconv.stream.skeleton import Skeleton
 from passes.quantize import Quantize
@@ -96,17 +96,16 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
             write_generation_config(skel.module, tmp)
         written.update({"format": fmt, "consumer": consumer, "route": "streaming",
                         "sharding": "one shard per decoder layer, the parts outside the layers in one more"})
-        verification = compare_models(Skeleton.open(Path(src)), output.reading(tmp), evaluation=ctx.evaluation,
-                                      seed=ctx.seed, what="float source",
-                                      progress=ctx.report_progress)
+        compared = compare_and_summarise(Skeleton.open(Path(src)), output.reading(tmp), evaluation=ctx.evaluation,
+                                         seed=ctx.seed, what="float source", progress=ctx.report_progress)
+        verification = compared["verification"]
         reports = [r.report for r in results]
         if quantize is not None:
             reports.append(_quantize_report(quantize, skel, output))
         for rep in reports:
             rep.metrics["route"] = "streaming"
         reports[-1].metrics.update(measured(verification), model_bytes=written["bytes"])
-        report = {"passes": [r.to_dict() for r in reports], "written": written, "verification": verification,
-                  **(extra_report or {})}
+        report = {"passes": [r.to_dict() for r in reports], "written": written, **compared, **(extra_report or {})}
         if extra_outputs is not None:
             report["extra_outputs"] = extra_outputs(skel.state(), tmp)
         return JobResult(report, skel.state().source)

@@ -25,11 +25,11 @@ from moeconv.formats.quantized import bnb_hf_config, bnb_hf_obstacle, moeconv_qu
 from moeconv.formats.writer import TensorSource, write_checkpoint
 from moeconv.io.safetensors_io import TensorSpec
 from moeconv.jobs.driver import JobResult, check_output, run_job
+from moeconv.jobs.stream_report import compare_and_summarise
 from moeconv.module_groups import GROUPS, module_groups
 from moeconv.nn.linear_like import in_out_features, is_conv1d
 from moeconv.nn.quantized import QuantSpec, layer_record, quantize_linear, serialized
 from moeconv.stream.allocator import fixed_mmap_threshold, release_freed
-from moeconv.stream.compare import compare_models
 from moeconv.stream.skeleton import Skeleton
 from passes.quantize import Quantize, QuantizeConfig
 
@@ -54,11 +54,12 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
         written.update({"format": plan.format, "consumer": plan.consumer, "route": "streaming"})
         if plan.consumer == "transformers":
             written["expected_class"] = type(skel.module).__name__
-        verification = compare_models(skel, skel.reading(tmp, plan.records), evaluation=ctx.evaluation, seed=ctx.seed,
-                                      what="float source")
+        compared = compare_and_summarise(skel, skel.reading(tmp, plan.records), evaluation=ctx.evaluation,
+                                         seed=ctx.seed, what="float source")
+        verification = compared["verification"]
         rep = plan.report()
         rep.metrics.update(measured(verification), model_bytes=written["bytes"])
-        report = {"passes": [rep.to_dict()], "written": written, "verification": verification, **(extra_report or {})}
+        report = {"passes": [rep.to_dict()], "written": written, **compared, **(extra_report or {})}
         return JobResult(report, skel.state().source)
     return run_job(src, out, force=force, recipe=[{"pass": "quantize", **cfg.model_dump()}], work=work)
 

@@ -20,12 +20,13 @@ from moeconv.errors import ConfigError
 from moeconv.formats.compressed import compressed_nbytes, write_compressed
 from moeconv.formats.writer import TensorSource, write_checkpoint
 from moeconv.jobs.driver import JobResult, check_output, run_job
+from moeconv.jobs.stream_quantize import measured
+from moeconv.jobs.stream_report import compare_and_summarise
 from moeconv.nn.linear_like import is_conv1d
 from moeconv.report import PassReport
 from moeconv.sparse_cuda import speed_note
 from moeconv.sparsity import SparsityPattern, check_pattern
 from moeconv.stream.allocator import fixed_mmap_threshold, release_freed
-from moeconv.stream.compare import compare_models
 from moeconv.stream.skeleton import Skeleton
 from passes.sparsify import SparsifyConfig, select_targets
 from passes.sparsify_methods import magnitude
@@ -52,13 +53,12 @@ def sparsify_streamed(src, out, cfg: SparsifyConfig, *, force: bool = False, sha
                                    on_tensor=pruner.on_tensor)
         written.update({"format": skel.family.name if skel.family else "hf", "consumer": "transformers",
                         "route": "streaming"})
-        verification = compare_models(skel, Skeleton.open(tmp), evaluation=ctx.evaluation, seed=ctx.seed,
-                                      what="dense source")
+        compared = compare_and_summarise(skel, Skeleton.open(tmp), evaluation=ctx.evaluation, seed=ctx.seed,
+                                         what="dense source")
         rep = pruner.report()
-        # the change of the output, as measured, under the numeric check's names
-        rep.metrics.update(max_abs_diff=verification["max_abs_diff"], rel_max_diff=verification["rel_max_diff"],
-                           model_bytes=written["bytes"])
-        report = {"passes": [rep.to_dict()], "written": written, "verification": verification, **(extra_report or {})}
+        # the change of the output, as measured, under the names the in-memory pass reports
+        rep.metrics.update(measured(compared["verification"]), model_bytes=written["bytes"])
+        report = {"passes": [rep.to_dict()], "written": written, **compared, **(extra_report or {})}
         if compressed:
             report["extra_outputs"] = {"compressed": write_compressed(tmp, pattern=pat.label, shard_bytes=shard_bytes)}
         return JobResult(report, skel.state().source)

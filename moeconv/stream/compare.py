@@ -47,8 +47,10 @@ class _Through(nn.Module):
 
 
 @torch.inference_mode()
-def streamed_logits(skel: Skeleton, batches: list[torch.Tensor], progress=None) -> list[torch.Tensor]:
-    """The model's outputs (logits) on each batch, one decoder layer in memory at a time."""
+def streamed_logits(skel: Skeleton, batches: list[torch.Tensor], progress=None, observe=None) -> list[torch.Tensor]:
+    """The model's outputs (logits) on each batch, one decoder layer in memory at a time.
+    `observe(path, layer)` is called with each layer once its weights are read, before it runs
+    (`moeconv.summary.LayerFacts`: the report's expert load and sparsity without another sweep)."""
     skel.load_part(None)
     try:
         inputs = capture_first_layer_inputs(skel.module, batches)
@@ -58,6 +60,8 @@ def streamed_logits(skel: Skeleton, batches: list[torch.Tensor], progress=None) 
                 progress("compare layers", i, skel.num_layers)
             skel.load_part(path)
             layer = skel.module.get_submodule(path)
+            if observe is not None:
+                observe(path, layer)
             outs = [layer(h, *a[1:], **kw) for h, a, kw in zip(hidden, inputs.args, inputs.kwargs)]
             skel.drop_part(path)
             release_freed()
@@ -82,15 +86,18 @@ def _tail(skel: Skeleton, batches: list[torch.Tensor], hidden: list[torch.Tensor
 
 
 def compare_models(source: Skeleton, output: Skeleton, *, evaluation: torch.Tensor | None, seed: int,
-                   what: str, progress=None) -> dict:
+                   what: str, progress=None, observe: tuple | None = None) -> dict:
     """Source and output side by side, one decoder layer of each at a time, on held-out tokens
     (up to 8 rows of the evaluation text when given, else random ids from `seed`): the measured
-    change (`compare_logits`), with both perplexities on the evaluation text."""
+    change (`compare_logits`), with both perplexities on the evaluation text. `observe`: one
+    `streamed_logits` observer for the source and one for the output."""
     from moeconv.verify import check_inputs
     vocab = getattr(source.config, "vocab_size", None) or source.module.get_input_embeddings().num_embeddings
     inputs = evaluation[:8] if evaluation is not None else check_inputs(vocab, seed + 1)
     batches = list(inputs.split(2))
-    ref, got = streamed_logits(source, batches, progress), streamed_logits(output, batches, progress)
+    observe_src, observe_out = observe or (None, None)
+    ref = streamed_logits(source, batches, progress, observe_src)
+    got = streamed_logits(output, batches, progress, observe_out)
     result = compare_logits(ref, got, tolerance=None, what=what)
     result["inputs"] = "eval text" if evaluation is not None else "random tokens"
     result["consumer_class"] = type(output.module).__name__

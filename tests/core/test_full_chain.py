@@ -136,7 +136,7 @@ def test_report_html_renders_with_every_plot(runs, tmp_path):
     import matplotlib.image as mpimg
     d, _ = runs
     page = (d / "cli" / "report.html").read_text()
-    titles = ("Expert load", "Expert sparsity", "Bytes per module group", "Error per pass")
+    titles = ("Expert load (before / after)", "Sparsity per layer", "Bytes per module group", "Error per pass")
     for title in titles:
         assert f"<figcaption>{title}</figcaption>" in page
     plots = page.split("src='data:image/png;base64,")[1:]

@@ -1,0 +1,148 @@
+"""The plots of report.html, each a (caption, PNG data URI) or None when the report lacks its data.
+
+Before/after plots read `report["input_model"]` (the model the command was given) and
+`report["model"]` (the model it wrote); `moeconv.summary` measures both."""
+from __future__ import annotations
+
+import base64
+import io
+import math
+import re
+
+from moeconv.report_format import fmt_bytes
+
+
+def plots(report: dict) -> list[tuple[str, str]]:
+    """Every plot the report has data for, in page order."""
+    import matplotlib
+    matplotlib.use("Agg")
+    before, after = report.get("input_model") or {}, report.get("model") or {}
+    made = [expert_load(before.get("expert_load") or {}, after.get("expert_load") or {}),
+            layer_sparsity(before.get("layer_sparsity") or {}, after.get("layer_sparsity") or {},
+                           after.get("expert_sparsity") or {}),
+            bytes_per_group(before.get("bytes_per_group") or {}, after.get("bytes_per_group") or {}),
+            error_per_pass(report.get("passes") or [])]
+    return [p for p in made if p is not None]
+
+
+def layer_label(path: str) -> str:
+    """'model.layers.12.mlp' → '12': the decoder layer's index (the path when it has none)."""
+    numbers = re.findall(r"\.(\d+)(?:\.|$)", path)
+    return numbers[-1] if numbers else path
+
+
+def expert_load(before: dict[str, list[int]], after: dict[str, list[int]]):
+    """Heatmaps of the share of routed tokens each expert gets, per MoE layer: the input model's
+    and the output's side by side, on one colour scale (columns past a layer's experts are blank)."""
+    if not after and not before:
+        return None
+    import matplotlib.pyplot as plt
+    panels = [(t, load) for t, load in (("before (input model)", before), ("after (output model)", after)) if load]
+    layers = list(dict.fromkeys(list(before) + list(after)))
+    n = max(len(v) for _, load in panels for v in load.values())
+    grids = [[_shares(load.get(k), n) for k in layers] for _, load in panels]
+    top = max((x for g in grids for row in g for x in row if not math.isnan(x)), default=1.0) or 1.0
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 1, 0.3 * len(layers) + 1.8), squeeze=False)
+    for ax, (title, load), grid in zip(axes[0], panels, grids):
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top)
+        ax.set_yticks(range(len(layers)), [layer_label(k) for k in layers])
+        ax.set_xticks(range(n))
+        fewer = any(len(v) < n for v in load.values())  # prune-experts renumbers the experts it keeps
+        ax.set_xlabel("expert (kept, renumbered)" if fewer else "expert")
+        ax.set_ylabel("layer")
+        ax.set_title(title)
+    fig.colorbar(im, ax=list(axes[0]), label="share of the layer's routed tokens")
+    fig.suptitle("expert load per layer (routing histogram on the same tokens)", y=1.06)
+    return "Expert load (before / after)", _png(fig)
+
+
+def _shares(counts: list[int] | None, n: int) -> list[float]:
+    if not counts:
+        return [math.nan] * n
+    total = sum(counts) or 1
+    return [c / total for c in counts] + [math.nan] * (n - len(counts))
+
+
+def layer_sparsity(before: dict[str, float], after: dict[str, float], per_expert: dict[str, list[float]]):
+    """Fraction of zero FFN weights per decoder layer (all experts together), before and after;
+    whiskers: the least and most sparse expert of the layer, when they differ."""
+    if not any(after.values()) and not any(before.values()):
+        return None  # nothing is sparse: a row of zeros says nothing
+    import matplotlib.pyplot as plt
+    layers = list(dict.fromkeys(list(before) + list(after)))
+    xs = range(len(layers))
+    fig, ax = plt.subplots(figsize=(8, 3))
+    width = 0.4 if before else 0.6
+    if before:
+        ax.bar([x - 0.2 for x in xs], [before.get(k, 0) for k in layers], width=width, label="before", color="#bbb")
+    heights = [after.get(k, 0) for k in layers]
+    ax.bar([x + (0.2 if before else 0) for x in xs], heights, width=width, label="after", color="#3b75af")
+    spread = _expert_spread(layers, per_expert)
+    if spread:
+        lo = [max(0.0, h - spread[k][0]) if k in spread else 0 for h, k in zip(heights, layers)]
+        hi = [max(0.0, spread[k][1] - h) if k in spread else 0 for h, k in zip(heights, layers)]
+        ax.errorbar([x + (0.2 if before else 0) for x in xs], heights, yerr=[lo, hi], fmt="none", ecolor="black",
+                    capsize=3, label="least / most sparse expert")
+    ax.set_xticks(list(xs), [layer_label(k) for k in layers])
+    ax.set_xlabel("layer")
+    ax.set_ylabel("fraction of zero weights")
+    ax.set_ylim(0, 1)
+    ax.set_title("FFN sparsity per layer (experts together)")
+    ax.legend(fontsize=7)
+    return "Sparsity per layer", _png(fig)
+
+
+def _expert_spread(layers: list[str], per_expert: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+    """Layer → (min, max) expert sparsity, for layers whose experts differ."""
+    out = {}
+    for path, fr in per_expert.items():
+        layer = next((k for k in layers if path == k or path.startswith(k + ".")), None)
+        if layer is not None and fr and max(fr) - min(fr) > 1e-3:
+            out[layer] = (min(fr), max(fr))
+    return out
+
+
+def bytes_per_group(before: dict[str, int], after: dict[str, int]):
+    if not after:
+        return None
+    import matplotlib.pyplot as plt
+    names = sorted(set(after) | set(before))
+    biggest = max(list(after.values()) + list(before.values()) + [1])
+    unit, scale = next((u, 1024**i) for i, u in reversed(list(enumerate(("B", "KiB", "MiB", "GiB", "TiB"))))
+                       if biggest >= 1024**i or i == 0)  # round ticks in the largest unit that fits
+    fig, ax = plt.subplots(figsize=(8, 3))
+    xs = range(len(names))
+    if before:
+        ax.bar([x - 0.2 for x in xs], [before.get(n, 0) / scale for n in names], width=0.4, label="input",
+               color="#bbb")
+    ax.bar([x + (0.2 if before else 0) for x in xs], [after.get(n, 0) / scale for n in names],
+           width=0.4 if before else 0.6, label="output", color="#3b75af")
+    ax.set_ylabel(unit)
+    ax.set_xticks(list(xs), names, rotation=20)
+    ax.set_title(f"bytes per module group (output {fmt_bytes(sum(after.values()))}"
+                 + (f", input {fmt_bytes(sum(before.values()))})" if before else ")"))
+    ax.legend()
+    return "Bytes per module group", _png(fig)
+
+
+def error_per_pass(passes: list[dict]):
+    measured = [p for p in passes if p.get("metrics", {}).get("rel_max_diff") is not None]
+    if not measured:
+        return None
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 3))
+    names = [p.get("pass_name") or p.get("name", "?") for p in measured]
+    ax.bar(range(len(names)), [max(p["metrics"]["rel_max_diff"], 1e-12) for p in measured])
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("relative max |Δoutput|")
+    ax.set_title("measured error of each pass (vs the step before; 1e-12 = exact)")
+    return "Error per pass", _png(fig)
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
