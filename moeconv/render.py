@@ -4,6 +4,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from moeconv.report_format import MISSING, fmt_bytes, fmt_float, fmt_pct, fmt_seconds
+from moeconv.report_html import PASS_COLUMNS, pass_cells
+
 
 def _n(x) -> str:
     if x is None:
@@ -15,6 +18,8 @@ def _n(x) -> str:
 
 
 def _bytes(x) -> str:
+    """Two decimals, as the demo's model table prints sizes (`moeconv.demo_render`, whose test pins
+    them); every other table uses `fmt_bytes`."""
     for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if x >= div:
             return f"{x / div:.2f} {unit}"
@@ -35,9 +40,9 @@ def reloaded_text(report: dict, versus: str, layout: str = "") -> str:
     if w.get("route") == "streaming":
         return (f"written {w.get('tensors', '?')} tensors ({w['format']}{layout}) one layer at a time, re-read and "
                 f"checksummed; run beside the {v['against']} one layer of each at a time on {v['inputs']}: "
-                f"max |Δlogits| {v['max_abs_diff']:.3g}, top-1 agreement {v['top1_agreement']:.1%}")
+                f"max |Δlogits| {fmt_float(v['max_abs_diff'])}, top-1 agreement {fmt_pct(v['top1_agreement'])}")
     return (f"written {w.get('tensors', '?')} tensors ({w['format']}{layout}), reloaded as "
-            f"{v['consumer_class']}: max |Δ| {v['max_abs_diff']:.3g} vs {versus}")
+            f"{v['consumer_class']}: max |Δ| {fmt_float(v['max_abs_diff'])} vs {versus}")
 
 
 def render_reloaded(console: Console, report: dict, versus: str, layout: str = "") -> None:
@@ -83,7 +88,7 @@ def render_storage(console: Console, info: dict) -> None:
             t.add_column(col)
         for row in info["storage"]:
             kinds = ", ".join(f"{k} {_n(v)}" for k, v in row["storage"].items())
-            t.add_row(row["group"], _n(row["params"]), _bytes(row["bytes"]), kinds)
+            t.add_row(row["group"], _n(row["params"]), fmt_bytes(row["bytes"]), kinds)
         console.print(t)
     layers = info.get("quantized_layers") or []
     if layers:
@@ -95,7 +100,7 @@ def render_storage(console: Console, info: dict) -> None:
         for col in ("group", "projection", "method", "shape (out×in)", "layers", "bytes", "e.g."):
             t.add_column(col)
         for (group, name, method, shape), qs in rows.items():
-            t.add_row(group, name, method, shape, str(len(qs)), _bytes(sum(q["bytes"] for q in qs)), qs[0]["path"])
+            t.add_row(group, name, method, shape, str(len(qs)), fmt_bytes(sum(q["bytes"] for q in qs)), qs[0]["path"])
         console.print(t)
 
 
@@ -140,20 +145,20 @@ def render_upcycle(console: Console, report: dict) -> None:
     t.add_row("parameters", f"{_n(params.get('before'))} → {_n(params.get('after'))}"
               + (f" ({_n(params['active_after'])} active per token)" if params.get("active_after") else ""))
     w = report["written"]
-    t.add_row("written", f"{w['tensors']} tensors, {_bytes(w['bytes'])} in {w['shards']} shard(s), all re-read and checksummed")
+    t.add_row("written", f"{w['tensors']} tensors, {fmt_bytes(w['bytes'])} in {w['shards']} shard(s), all re-read and checksummed")
     v = report["verification"]
     if v.get("mode") == "full":
         verdict = "exact" if v.get("exact_promised") else "measured"
-        t.add_row("check", f"{verdict}: max |Δ| {v['max_abs_diff']:.3g} (relative {v['rel_max_diff']:.3g}) "
+        t.add_row("check", f"{verdict}: max |Δ| {fmt_float(v['max_abs_diff'])} (relative {fmt_float(v['rel_max_diff'])}) "
                   f"vs {v['against']}, reloaded as {v['consumer_class']}")
     else:
         t.add_row("check", v.get("detail", v.get("mode")))
     if v.get("dense_vs_moe_rel_max_diff") is not None:
-        t.add_row("dense vs MoE", f"relative max |Δlogits| {v['dense_vs_moe_rel_max_diff']:.3g} (in memory, before writing)")
+        t.add_row("dense vs MoE", f"relative max |Δlogits| {fmt_float(v['dense_vs_moe_rel_max_diff'])} (in memory, before writing)")
     dropped = report.get("source_tensors", {}).get("dropped") or []
     if dropped:
         t.add_row("dropped", "; ".join(dropped))
-    t.add_row("time", f"{report['seconds']} s")
+    t.add_row("time", fmt_seconds(report["seconds"]))
     console.print(t)
     for wmsg in report.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {wmsg}")
@@ -179,21 +184,25 @@ def render_plan(console: Console, plan) -> None:
 
 
 def render_run(console: Console, report: dict) -> None:
+    """The pass table with report.html's cells (`pass_cells`), so the terminal and the page read
+    the same; perplexity only when some pass measured one, bytes and warnings left to the page."""
+    rows = [pass_cells(p) for p in report["passes"]]
+    shown = 7 if any(r[6] != MISSING for r in rows) else 6
     t = Table(title=f"run → {report['output']}")
-    for col in ("pass", "summary", "time s", "rel max |Δ|"):
-        t.add_column(col)
-    for p in report["passes"]:
-        rel = p["metrics"].get("rel_max_diff")
-        t.add_row(p["pass_name"], p["summary"], f"{p['seconds']}" if p["seconds"] is not None else "-",
-                  f"{rel:.3g}" if rel is not None else "-")
+    for i, col in enumerate(PASS_COLUMNS[:shown]):
+        t.add_column(col, justify="right" if i >= 2 else "left")
+    for r in rows:
+        t.add_row(*r[:shown])
     console.print(t)
+    if report.get("shared_expert"):  # chosen by the job for the output family, not by the recipe
+        console.print(f"shared expert: {report['shared_expert']}", markup=False)
     w, v = report["written"], report["verification"]
     if w.get("route") == "streaming":
         console.print(f"streamed: every decoder layer read once, changed by each pass in turn and written; "
                       f"written as {w['format']} (loads with {w['consumer']}), re-read and checksummed; run beside "
                       f"the {v['against']} one layer of each at a time on {v['inputs']}: relative max |Δlogits| "
-                      f"{v['rel_max_diff']:.3g}, top-1 agreement {v['top1_agreement']:.1%}; "
+                      f"{fmt_float(v['rel_max_diff'])}, top-1 agreement {fmt_pct(v['top1_agreement'])}; "
                       f"report.json in {report['output']}")
         return
     console.print(f"written as {w['format']} (loads with {w['consumer']}); reload check: relative max |Δ| "
-                  f"{v['rel_max_diff']:.3g} vs the in-memory result; report.json in {report['output']}")
+                  f"{fmt_float(v['rel_max_diff'])} vs the in-memory result; report.json in {report['output']}")

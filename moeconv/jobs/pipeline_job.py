@@ -11,13 +11,16 @@ import torch
 
 from moeconv.context import Context
 from moeconv.errors import VerificationError
+from moeconv.formats.hf_moe import format_for
 from moeconv.io.load import load
 from moeconv.io.save import save_checkpoint
 from moeconv.jobs.driver import JobResult, run_job
+from moeconv.jobs.upcycle import shared_expert_note
 from moeconv.pipeline import Pipeline
 from moeconv.state import ModelState, vocab_size
 from moeconv.summary import model_summary, summary_inputs
 from moeconv.verify import EXACT, check_inputs, compare_outputs, load_consumer
+from passes.upcycle import Upcycle
 
 
 def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str = "auto",
@@ -36,9 +39,12 @@ def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str =
 
     def work(tmp: Path) -> JobResult:
         loaded = state or load(src)
+        # the family is known once the model is read (a GGUF's too); the recorded recipe follows
+        run_passes, shared_note = _for_output_family(passes, loaded, fmt)
+        recipe[:] = [{"pass": p.name, **p.config.model_dump()} for p in run_passes]
         # measured before the passes run: they change the model in place
         input_summary = model_summary(loaded, summary_inputs(loaded, ctx.seed, ctx.calibration))
-        result = Pipeline(passes).run(loaded, ctx)
+        result = Pipeline(run_passes).run(loaded, ctx)
         written = save_checkpoint(result.state, tmp, fmt=fmt, shard_bytes=shard_bytes)
         vocab = vocab_size(result.state.module, result.state.config)
         if vocab is None:
@@ -53,11 +59,32 @@ def run_to_dir(src, out, passes: list, *, ctx: Context | None = None, fmt: str =
         onnx_files = _move_onnx(result.state, tmp, Path(out))
         if onnx_files:
             report["onnx_files"] = onnx_files
+        if shared_note is not None:
+            report["shared_expert"] = shared_note
         if extra_outputs is not None:
             report["extra_outputs"] = extra_outputs(result.state, tmp)
         report.update(extra_report or {})
         return JobResult(report, loaded.source)
     return run_job(src, out, force=force, recipe=recipe, work=work)
+
+
+def _for_output_family(passes: list, state: ModelState, fmt: str) -> tuple[list, str | None]:
+    """`passes`, with an `upcycle` step that leaves `shared_experts` unset following the HF MoE family
+    the output is written as, the rule `moeconv upcycle` applies (`UpcycleConfig.for_family`):
+    Qwen2-MoE always has a shared expert, so without one a Qwen2 recipe could only be written in
+    moeconv's own format. An explicit `shared_experts: false` is kept (that output is moeconv's
+    format, as asked). Returns the passes and the report's note on the shared expert it added."""
+    family = format_for(getattr(state.config, "model_type", None)) if fmt != "moeconv" else None
+    if family is None:
+        return passes, None
+    chosen, note = [], None
+    for p in passes:
+        if isinstance(p, Upcycle) and "shared_experts" not in p.config.model_fields_set:
+            cfg = p.config.for_family(family.shared_expert)
+            if cfg is not p.config:
+                p, note = type(p)(cfg), shared_expert_note(cfg, family)
+        chosen.append(p)
+    return chosen, note
 
 
 def _move_onnx(state: ModelState, tmp: Path, out: Path) -> list[str]:

@@ -27,6 +27,7 @@ already pruned *and* sparsified), which is the model that is written.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -89,7 +90,7 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
     def work(tmp: Path) -> JobResult:
         sweep = _Sweep(skel, jobs, output, PartWriter(tmp), ctx)
         sweep.run()
-        results = [job.finish() for job in jobs]
+        results = [sweep.timed(i, job.finish) for i, job in enumerate(jobs)]
         config, fmt, consumer = output.config()
         written = sweep.writer.finish(config)
         if consumer == "transformers":
@@ -102,8 +103,12 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
         reports = [r.report for r in results]
         if quantize is not None:
             reports.append(_quantize_report(quantize, skel, output))
-        for rep in reports:
+        # The passes share one sweep, so no pass has a wall time of its own: each row's time is
+        # what its own per-layer work took, summed over the layers (quantize: its selection and
+        # quantization of each final part); reading, writing and the comparison are in no row.
+        for rep, seconds in zip(reports, sweep.seconds + [output.quantize_seconds]):
             rep.metrics["route"] = "streaming"
+            rep.seconds = round(seconds, 4)
         reports[-1].metrics.update(measured(verification), model_bytes=written["bytes"])
         report = {"passes": [r.to_dict() for r in reports], "written": written, **compared, **(extra_report or {})}
         if extra_outputs is not None:
@@ -132,6 +137,15 @@ class _Sweep:
         if any(j.batch_size != size for j in jobs):
             raise ConfigError("the streamed passes must share one batch_size (they run on the same batches)")
         self.batches = list(ctx.calibration.split(size))
+        self.seconds = [0.0] * len(jobs)  # each job's own time, summed over the layers (`timed`)
+
+    def timed(self, i: int, step, *args):
+        """`step(*args)`, its time added to job `i`'s."""
+        t0 = time.perf_counter()
+        try:
+            return step(*args)
+        finally:
+            self.seconds[i] += time.perf_counter() - t0
 
     def run(self) -> None:
         if any(job.pre_sweeps() for job in self.jobs):
@@ -144,17 +158,17 @@ class _Sweep:
         return lambda _task, done, total: self.ctx.report_progress(task, done, total)
 
     def _on_layer(self, index, path, layer, forward) -> None:
-        for job in self.jobs:
-            job.on_layer(index, path, layer, forward)
+        for i, job in enumerate(self.jobs):
+            self.timed(i, job.on_layer, index, path, layer, forward)
 
     def _after_layer(self, index, path, layer, outputs) -> None:
-        for job in self.jobs:
-            job.after_layer(index, path, layer, outputs)
+        for i, job in enumerate(self.jobs):
+            self.timed(i, job.after_layer, index, path, layer, outputs)
 
     @torch.no_grad()
     def _final(self, path: str | None, part) -> None:
-        for job in self.jobs:
-            job.part_checks(path, part)
+        for i, job in enumerate(self.jobs):
+            self.timed(i, job.part_checks, path, part)
         self.writer.write(self.output.tensors(path, part))
 
 

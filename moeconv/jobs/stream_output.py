@@ -10,6 +10,7 @@ MoE models), the same tensors `quantize_streamed` writes.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ class StreamOutput:
         self.rows: list[dict] = []  # quantize's per-module rows, in model order
         self.records: dict[str, dict] = {}  # quantized layer → bitsandbytes record
         self.groups = module_groups(skel.state()) if quantize else {}
+        self.quantize_seconds = 0.0  # selection and quantization, summed over the final parts
         if quantize is not None:
             _, todo = Quantize(quantize).select_layers(skel.module, self.groups, quantize.spec())
             if not todo:
@@ -49,7 +51,9 @@ class StreamOutput:
     def tensors(self, path: str | None, part: nn.Module) -> list[tuple[str, torch.Tensor]]:
         """The output tensors of the final part `path` (None: outside the decoder layers, `part`
         the whole model), in module order; a parameter shared by two modules is written once."""
+        t0 = time.perf_counter()
         todo = self._select_in(path, part) if self.quantized else set()
+        self.quantize_seconds += time.perf_counter() - t0
         out, seen = [], set()
         for rel, m in part.named_modules(remove_duplicate=False):
             full = ".".join(x for x in (path, rel) if x)
@@ -91,7 +95,9 @@ class StreamOutput:
         return {pre + p for p, _ in todo}
 
     def _quantized(self, full: str, m: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        t0 = time.perf_counter()
         q = quantize_linear(m, self.qcfg.spec())
+        self.quantize_seconds += time.perf_counter() - t0
         record = layer_record(q)
         record["source_class"] = "Conv1D" if is_conv1d(m) else "Linear"
         self.records[full] = record

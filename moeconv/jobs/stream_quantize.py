@@ -14,6 +14,7 @@ rebuilt from the written tensors), and the measured change reported.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -59,6 +60,9 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
         verification = compared["verification"]
         rep = plan.report()
         rep.metrics.update(measured(verification), model_bytes=written["bytes"])
+        # quantizing happens inside the write, tensor by tensor: the pass's time is its own work
+        # (`_Plan.seconds`, summed over the layers), not the reading and writing around it
+        rep.seconds = round(plan.seconds, 4)
         report = {"passes": [rep.to_dict()], "written": written, **compared, **(extra_report or {})}
         return JobResult(report, skel.state().source)
     return run_job(src, out, force=force, recipe=[{"pass": "quantize", **cfg.model_dump()}], work=work)
@@ -68,6 +72,7 @@ class _Plan:
     """The output's tensors in the in-memory writer's order, and how to make each one."""
 
     def __init__(self, skel: Skeleton, cfg: QuantizeConfig):
+        t0 = time.perf_counter()
         self.skel, self.cfg, self.spec = skel, cfg, cfg.spec()
         state = skel.state()
         self.groups = module_groups(state)
@@ -89,6 +94,8 @@ class _Plan:
             self.config = moeconv_quantized_config(state, self.records)
         self.specs, self.how = self._order()
         self._cache: tuple[str | None, dict] = (None, {})
+        # the pass's own work: this plan (selection, probes), then each layer's quantization (`_quantize`)
+        self.seconds = time.perf_counter() - t0
 
     def _order(self) -> tuple[list[TensorSpec], dict[str, tuple]]:
         """`moeconv.formats.quantized`'s order: modules in order, each module's own tensors; a
@@ -125,7 +132,10 @@ class _Plan:
         names = self.skel.names_under(path)
         self.skel.materialize(names)
         try:
-            return serialized(quantize_linear(self.skel.module.get_submodule(path), self.spec))
+            t0 = time.perf_counter()
+            stored = serialized(quantize_linear(self.skel.module.get_submodule(path), self.spec))
+            self.seconds += time.perf_counter() - t0
+            return stored
         finally:
             self.skel.release(names)
 

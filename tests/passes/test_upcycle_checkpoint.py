@@ -106,6 +106,24 @@ def test_sharded_output_has_index_and_loads(dense_ckpt, tmp_path):
     assert _report(out)["written"]["shards"] == len(shards)
 
 
+def test_run_recipe_upcycle_of_qwen2_adds_the_shared_expert(dense_ckpt, tmp_path):
+    """`moeconv run` follows `moeconv upcycle`'s rule: a recipe's upcycle step that leaves
+    `shared_experts` unset gets the shared expert Qwen2-MoE needs, so a Qwen2 source is written as a
+    Qwen2-MoE stock transformers loads, with the dense model's logits, and the report says why."""
+    from typer.testing import CliRunner
+    from moeconv.cli import app
+    src, out, recipe = dense_ckpt("qwen2"), tmp_path / "run", tmp_path / "recipe.yaml"
+    recipe.write_text(f"steps:\n  - pass: upcycle\n    num_experts: {EXPERTS}\n    top_k: 2\n")
+    r = CliRunner().invoke(app, ["run", str(recipe), "--model", str(src), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    moe = _hf(out)
+    assert type(moe).__name__ == "Qwen2MoeForCausalLM" and moe.config.shared_expert_intermediate_size == INTER
+    assert_same_function(moe, _hf(src))
+    report = _report(out)
+    assert "always has one" in report["shared_expert"] and report["recipe"][0]["shared_experts"] is True
+    assert "shared expert: added by itself" in " ".join(r.stdout.split())
+
+
 # ----------------------------------------------------------------------------- 2. moeconv format
 
 

@@ -141,10 +141,12 @@ def test_the_cli_streams_what_it_can_and_says_why(tmp_path):
     metrics = report["passes"][0]["metrics"]
     assert metrics["rel_max_diff"] == report["verification"]["rel_max_diff"] > 0
     assert metrics["model_bytes"] == report["written"]["bytes"]
+    assert isinstance(report["passes"][0]["seconds"], float) and report["passes"][0]["seconds"] > 0
     r = CliRunner().invoke(app, ["sparsify", str(src), str(tmp_path / "s"), "--method", "magnitude", "--compressed"])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert report["route"]["route"] == "streaming" and report["extra_outputs"]["compressed"]["compressed_tensors"] > 0
+    assert isinstance(report["passes"][0]["seconds"], float) and report["passes"][0]["seconds"] > 0
     restored = moeconv.load(tmp_path / "s" / "compressed").module.state_dict()
     for name, t in moeconv.load(tmp_path / "s").module.state_dict().items():
         assert torch.equal(restored[name], t), name

@@ -75,6 +75,8 @@ def test_a_recipe_is_one_sweep_with_one_layer_in_memory(source, tmp_path, monkey
     assert entered == [0, 1, 2] and resident == [1, 1, 1]  # three layers, one sweep, one layer at a time
     assert [p["pass_name"] for p in report["passes"]] == ["prune-experts", "sparsify", "quantize"]
     assert all(p["metrics"]["route"] == "streaming" for p in report["passes"])
+    # one sweep, yet each row has its own time (its per-layer work, summed): no "-" in report.html
+    assert all(isinstance(p["seconds"], float) and p["seconds"] > 0 for p in report["passes"]), report["passes"]
     assert report["written"]["format"] == "moeconv-quantized" and report["written"]["shards"] == 4
     state = moeconv.load(tmp_path / "out")  # the consumer of this format
     blocks = state.moe_blocks()

@@ -379,6 +379,7 @@ def _leave_group(dist) -> None:
 def render_distill(console, report: dict, run_dir: Path) -> None:
     """The summary table (training, strategy, losses, the reload check), then warnings."""
     from moeconv.render import reloaded_text, render_warnings, summary_table
+    from moeconv.report_format import fmt_float, fmt_seconds
     rep = report["passes"][0]
     m = rep["metrics"]
     s = summary_table("distill")
@@ -386,7 +387,7 @@ def render_distill(console, report: dict, run_dir: Path) -> None:
     s.add_row("trained", rep["summary"])
     s.add_row("parameters", f"{m['trainable_params']:,} trained ({m['frozen_params']:,} frozen, unchanged)")
     s.add_row("loss weights", ", ".join(f"{k}={v:g}" for k, v in m["loss_weights"].items()))
-    s.add_row("throughput", f"{m['world_size']} process(es), {m['tokens']:,} tokens in {m['seconds']} s "
+    s.add_row("throughput", f"{m['world_size']} process(es), {m['tokens']:,} tokens in {fmt_seconds(m['seconds'])} "
               f"({m['tokens_per_s'] or 0:,.0f} tok/s)" + (f", resumed at step {m['resumed_from']}"
                                                           if m.get("resumed_from") else ""))
     if m.get("strategy"):
@@ -396,11 +397,11 @@ def render_distill(console, report: dict, run_dir: Path) -> None:
         s.add_row("zeros", f"kept {m['kept_zeros']:,} zeros fixed in {m['masked_matrices']} matrices (checked after "
                   "training)")
     if "loss_first" in m:
-        s.add_row("training loss", f"{m['loss_first']:.4g} → {m['loss_last']:.4g}")
+        s.add_row("training loss", f"{fmt_float(m['loss_first'], 4)} → {fmt_float(m['loss_last'], 4)}")
     s.add_row("check", reloaded_text(report, "the trained model"))
     s.add_row("metrics", f"{run_dir}/metrics.jsonl")
     s.add_row("report", f"{report['output']}/report.json")
-    s.add_row("time", f"{report['seconds']} s")
+    s.add_row("time", fmt_seconds(report["seconds"]))
     console.print(s)
     render_warnings(console, rep.get("warnings", []))
 

@@ -48,21 +48,21 @@ def register(app: typer.Typer) -> None:
 def _render(console, report: dict) -> None:
     from rich.table import Table
 
-    from moeconv.io.config_checks import format_bytes
     from moeconv.render import render_warnings
+    from moeconv.report_format import fmt_bytes, fmt_float, fmt_pct, fmt_seconds
     w, check = report["written"], report["verification"]
     t = Table(title=f"export gguf: {report['output']}/model.gguf ({report['architecture']}, {report['type']})")
     t.add_column("")
     t.add_column("")
-    t.add_row("size", format_bytes(w["bytes"]))
+    t.add_row("size", fmt_bytes(w["bytes"]))
     t.add_row("tensors", f"{w['tensors']} ({', '.join(f'{n} {k}' for k, n in sorted(w['types'].items()))}); read back")
     t.add_row("tokenizer", report["tokenizer"]["kind"])
     if check["status"] == "skipped":
         t.add_row("llama.cpp check", "skipped (llama-cpp-python not installed)")
     else:
-        t.add_row("llama.cpp check", f"{check['status']}: relative max |Δlogits| {check['relative_max_abs_diff']:.3g} "
-                                     f"(≤ {check['tolerance']:g}), top-1 {check['top1_agreement']:.1%} on "
+        t.add_row("llama.cpp check", f"{check['status']}: relative max |Δlogits| {fmt_float(check['relative_max_abs_diff'])} "
+                                     f"(≤ {check['tolerance']:g}), top-1 {fmt_pct(check['top1_agreement'])} on "
                                      f"{check['tokens']} tokens")
-    t.add_row("seconds", f"{report['seconds']:.1f}")
+    t.add_row("time", fmt_seconds(report["seconds"]))
     console.print(t)
     render_warnings(console, report.get("warnings", []))

@@ -86,7 +86,7 @@ def _ms(x) -> str:
 
 def render_export(console, report: dict) -> None:
     from rich.table import Table
-    from moeconv.render import _bytes
+    from moeconv.report_format import fmt_bytes as _bytes, fmt_float, fmt_seconds
     p = report["passes"][0]
     m = p["metrics"]
     par = m["parity"]
@@ -102,7 +102,7 @@ def render_export(console, report: dict) -> None:
     within = (f"all within atol {par['atol']:g}" if par["cases_within_atol"] == par["cases"] else
               f"{par['cases_within_atol']} within atol {par['atol']:g}, the rest within {par['noise_factor']:g}× "
               f"PyTorch's own rounding noise (≤ {par['max_torch_noise']:.2g})")
-    t.add_row("parity", f"max |Δ| {par['max_abs_diff']:.3g} on {par['cases']} inputs (other lengths, batch sizes, "
+    t.add_row("parity", f"max |Δ| {fmt_float(par['max_abs_diff'])} on {par['cases']} inputs (other lengths, batch sizes, "
               f"padding{', decode steps' if 'with past' in m['graph'] else ''}), {within}" + routing)
     if "generation" in par:
         g = par["generation"]
@@ -114,7 +114,7 @@ def render_export(console, report: dict) -> None:
         agree = f", top-1 agreement ≥ {e['min_top1_agreement']:.3f}" if "min_top1_agreement" in e else ""
         qmoe = f", {q['qmoe_blocks']} fused MoE → QMoE" if q["qmoe_blocks"] else ""
         t.add_row("quantized", f"{q['mode']} ({q['scheme']}): {q['quantized_nodes']} MatMuls{qmoe}, {len(q['kept_float'])} kept float "
-                  f"(routers); max |Δ| vs float {e['max_abs_diff']:.3g}{agree}")
+                  f"(routers); max |Δ| vs float {fmt_float(e['max_abs_diff'])}{agree}")
         t.add_row("size", f"{_bytes(q['bytes'])} ({q['size_ratio']:.2f}× the float {_bytes(m['float_bytes'])})")
     else:
         t.add_row("size", _bytes(m["bytes"]))
@@ -124,16 +124,16 @@ def render_export(console, report: dict) -> None:
         t.add_row("int8 weights", f"{i8['int8_layers_carried']} of {i8['int8_layers']} bitsandbytes int8 layers carried as "
                   f"int8 + row scales (DequantizeLinear); {_bytes(i8['bytes'])} vs {_bytes(i8['dequantized_float_bytes'])} "
                   f"with float weights; parity is against the dequantized float model")
-        t.add_row("vs bitsandbytes", f"max |Δ| {i8['vs_bitsandbytes']['max_abs_diff']:.3g} (bitsandbytes also quantizes "
-                  f"activations); a default onnxruntime session (int8 activations): {d['vs_dequantized']['max_abs_diff']:.3g} "
-                  f"vs dequantized, {d['vs_bitsandbytes']['max_abs_diff']:.3g} vs bitsandbytes")
+        t.add_row("vs bitsandbytes", f"max |Δ| {fmt_float(i8['vs_bitsandbytes']['max_abs_diff'])} (bitsandbytes also quantizes "
+                  f"activations); a default onnxruntime session (int8 activations): {fmt_float(d['vs_dequantized']['max_abs_diff'])} "
+                  f"vs dequantized, {fmt_float(d['vs_bitsandbytes']['max_abs_diff'])} vs bitsandbytes")
     lat = m.get("latency")
     if lat:
         line = f"{lat['tokens']}-token forward: onnxruntime {_ms(lat['ort_prefill_ms'])} vs PyTorch {_ms(lat['torch_prefill_ms'])}"
         if "ort_decode_ms" in lat:
             line += f"; 1-token decode: {_ms(lat['ort_decode_ms'])} vs {_ms(lat['torch_decode_ms'])}"
         t.add_row("latency", line)
-    t.add_row("time", f"{report['seconds']} s (export {m['export_seconds']} s)")
+    t.add_row("time", f"{fmt_seconds(report['seconds'])} (export {fmt_seconds(m['export_seconds'])})")
     console.print(t)
     for w in p.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {w}")

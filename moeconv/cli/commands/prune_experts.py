@@ -115,8 +115,7 @@ def _planned_load(src: str, p, calib: Path, samples: int, seq_len: int, max_memo
 
 
 def _scores_cell(rows: list[dict], criterion: str) -> str:
-    def fmt(v):
-        return "-" if v is None else (f"{v:.3g}")
+    from moeconv.report_format import fmt_float as fmt
     marks = {"kept": "", "dropped": "✗", "merged": "→"}
     return " ".join(f"{r['expert']}{marks[r['status']]}{'' if r['merged_into'] is None else r['merged_into']}:"
                     f"{fmt(r[criterion])}" for r in rows)
@@ -125,6 +124,7 @@ def _scores_cell(rows: list[dict], criterion: str) -> str:
 def render_prune(console, report: dict) -> None:
     """The summary table, then the per-layer table (scores and fates), then warnings."""
     from moeconv.render import reloaded_text, render_warnings, summary_table
+    from moeconv.report_format import fmt_float, fmt_seconds
     from rich.table import Table
     rep = report["passes"][0]
     m = rep["metrics"]
@@ -134,18 +134,18 @@ def render_prune(console, report: dict) -> None:
     s.add_row("experts", rep["summary"])
     s.add_row("parameters", f"{m['params_before']:,} → {m['params_after']:,} ({m['active_params_after']:,} active "
               "per token)")
-    s.add_row("block error", f"mean {m['mean_error_pruned']:.4g} (relative, on calibration tokens)")
+    s.add_row("block error", f"mean {fmt_float(m['mean_error_pruned'], 4)} (relative, on calibration tokens)")
     if recal:
-        s.add_row("router re-calibration", f"{m['mean_recal_error_before']:.4g} → {m['mean_recal_error_after']:.4g} "
+        s.add_row("router re-calibration", f"{fmt_float(m['mean_recal_error_before'], 4)} → {fmt_float(m['mean_recal_error_after'], 4)} "
                   f"(improved {m['recal_layers_improved']} of {m['moe_layers']} layers)")
     skipped = rep["tables"].get("skipped", [])
     if skipped:
         s.add_row("left as they are", ", ".join(r["layer"] for r in skipped) + " (not selected by --targets/--ignore)")
     if "rel_max_diff" in m:
-        s.add_row("output change", f"relative max |Δ| {m['rel_max_diff']:.3g} vs the unpruned model (example inputs)")
+        s.add_row("output change", f"relative max |Δ| {fmt_float(m['rel_max_diff'])} vs the unpruned model (example inputs)")
     s.add_row("check", reloaded_text(report, "the in-memory result"))
     s.add_row("report", f"{report['output']}/report.json")
-    s.add_row("time", f"{report['seconds']} s")
+    s.add_row("time", fmt_seconds(report["seconds"]))
     console.print(s)
     t = Table(title=f"per layer ({m['criterion']} scores; ✗ dropped, →k merged into k)")
     for col in ("layer", "experts", "scores", "dropped", "merged", "block error"):

@@ -192,7 +192,8 @@ def _run_compressed_tensors(a: QuantizeArgs) -> None:
 def render_compressed_tensors(console, report: dict) -> None:
     from rich.table import Table
 
-    from moeconv.render import _bytes, render_warnings
+    from moeconv.render import render_warnings
+    from moeconv.report_format import fmt_bytes as _bytes, fmt_float, fmt_pct, fmt_seconds
     w, e, v = report["written"], report["error_vs_float"], report["verification"]
     args = report["weights"]
     scheme = f"{args['num_bits']}-bit {args['type']}, " + (f"groups of {args['group_size']}" if args.get("group_size")
@@ -205,13 +206,13 @@ def render_compressed_tensors(console, report: dict) -> None:
     t.add_row("method", f"{report['method']} ({report.get('algorithm', 'rtn')}): {scheme}, {'symmetric' if args.get('symmetric') else 'asymmetric'}; "
               f"{report['quantized_modules']} matrices, {len(report['float_modules'])} left in float (routers, lm_head)")
     t.add_row("bytes", f"written {_bytes(w['bytes'])} in {w['shards']} shard(s), re-read and checksummed")
-    t.add_row("output error", f"relative max |Δlogits| {e['rel_max_diff']:.3g}, KL {e['kl']:.3g}, "
-              f"top-1 agreement {e['top1_agreement']:.1%} vs the float model")
+    t.add_row("output error", f"relative max |Δlogits| {fmt_float(e['rel_max_diff'])}, KL {fmt_float(e['kl'])}, "
+              f"top-1 agreement {fmt_pct(e['top1_agreement'])} vs the float model")
     if report["zeros"]["before"]:
         t.add_row("zeros", f"{report['zeros']['kept']:,} of {report['zeros']['before']:,} exact zeros kept")
-    t.add_row("reload check", f"{v['consumer_class']}: no missing or unexpected weight, max |Δ| {v['max_abs_diff']:.3g} "
+    t.add_row("reload check", f"{v['consumer_class']}: no missing or unexpected weight, max |Δ| {fmt_float(v['max_abs_diff'])} "
               f"vs the in-memory quantized model, {v['routers_bit_identical']} router(s) bit-identical")
-    t.add_row("time", f"{report['seconds']} s")
+    t.add_row("time", fmt_seconds(report["seconds"]))
     console.print(t)
     render_warnings(console, report.get("warnings", []))
 
@@ -262,7 +263,8 @@ def render_quantize(console, report: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from moeconv.render import _bytes, _n
+    from moeconv.render import _n
+    from moeconv.report_format import fmt_bytes as _bytes, fmt_change, fmt_float, fmt_pct, fmt_seconds
     p = report["passes"][0]
     m, w, v = p["metrics"], report["written"], report["verification"]
     t = Table(title="quantize", show_header=False)
@@ -277,17 +279,17 @@ def render_quantize(console, report: dict) -> None:
     if m.get("experts_fp16_bytes"):
         t.add_row("experts", f"{_bytes(m['experts_bytes_after'])} = {m['experts_ratio_vs_fp16']:.3f}× their fp16 size")
     if "kl" in m:
-        t.add_row("output error", f"max |Δlogits| {m['logits_max_abs_diff']:.4g} (logits up to {m['logits_scale']:.3g}), "
-                  f"KL {m['kl']:.4g}, top-1 agreement {m['top1_agreement']:.1%} on {m['error_inputs']}")
+        t.add_row("output error", f"max |Δlogits| {fmt_float(m['logits_max_abs_diff'])} (logits up to {fmt_float(m['logits_scale'])}), "
+                  f"KL {fmt_float(m['kl'])}, top-1 agreement {fmt_pct(m['top1_agreement'])} on {m['error_inputs']}")
     if "ppl_before" in m:
-        t.add_row("perplexity", f"{m['ppl_before']:.4g} → {m['ppl_after']:.4g} ({(m['ppl_ratio'] - 1):+.2%}) on --eval text")
+        t.add_row("perplexity", f"{fmt_change(m['ppl_before'], m['ppl_after'])} on --eval text")
     if w.get("route") == "streaming":
         t.add_row("check", "written one layer at a time; its layers rebuilt from the files and run beside the "
                   "float source one at a time (max |Δlogits| above)")
     else:
-        t.add_row("reload check", f"max |Δ| {v['max_abs_diff']:.3g} vs the in-memory quantized model, "
+        t.add_row("reload check", f"max |Δ| {fmt_float(v['max_abs_diff'])} vs the in-memory quantized model, "
                   f"reloaded as {v['consumer_class']}")
-    t.add_row("time", f"{report['seconds']} s")
+    t.add_row("time", fmt_seconds(report["seconds"]))
     console.print(t)
     g = Table(title="bytes per module group")
     for col in ("group", "parameters", "before", "after", "ratio", "layers quantized / kept"):

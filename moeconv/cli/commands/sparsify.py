@@ -198,13 +198,16 @@ def _run_sparsify(a: SparsifyArgs) -> None:
     render_sparsify(cli.out, report)
 
 
-def _f(v, spec=".3g") -> str:
-    return "-" if v is None else format(v, spec)
+def _f(v, spec: str | None = None) -> str:
+    """A number as report.html writes it (`fmt_float`), or in `spec` (a count, a share)."""
+    from moeconv.report_format import fmt_float
+    return fmt_float(v) if spec is None or v is None else format(v, spec)
 
 
 def render_sparsify(console, report: dict) -> None:
     """The summary table, then per layer / per expert and any other pruned matrices, then warnings."""
     from moeconv.render import reloaded_text, render_warnings, summary_table
+    from moeconv.report_format import fmt_bytes, fmt_seconds
     from rich.table import Table
     rep = report["passes"][0]
     m, tables = rep["metrics"], rep["tables"]
@@ -215,17 +218,17 @@ def render_sparsify(console, report: dict) -> None:
               f"zero ({m['model_sparsity']:.1%} of the model)")
     s.add_row("reconstruction error", f"mean {_f(m['rel_error_mean'])}, max {_f(m['rel_error_max'])}")
     if "rel_max_diff" in m:
-        s.add_row("output change", f"relative max |Δlogits| {m['rel_max_diff']:.3g} vs the unpruned model "
+        s.add_row("output change", f"relative max |Δlogits| {_f(m['rel_max_diff'])} vs the unpruned model "
                   "(example inputs)")
     s.add_row("check", reloaded_text(report, "the in-memory result", layout=", dense with zeros"))
     comp = (report.get("extra_outputs") or {}).get("compressed")
     if comp:
-        s.add_row("compressed form", f"{report['output']}/{comp['path']}: {comp['bytes'] / 2**20:.1f} MiB vs "
-                  f"{comp['dense_bytes'] / 2**20:.1f} MiB dense ({comp['ratio']:.1%}), {comp['compressed_tensors']} "
+        s.add_row("compressed form", f"{report['output']}/{comp['path']}: {fmt_bytes(comp['bytes'])} vs "
+                  f"{fmt_bytes(comp['dense_bytes'])} dense ({comp['ratio']:.1%}), {comp['compressed_tensors']} "
                   "tensors as values + bitmask, each restored and compared byte for byte")
     s.add_row("speed", m["speed"])
     s.add_row("report", f"{report['output']}/report.json")
-    s.add_row("time", f"{report['seconds']} s")
+    s.add_row("time", fmt_seconds(report["seconds"]))
     console.print(s)
     layer_err = {r["layer"]: r for r in tables.get("layers", [])}
     t = Table(title="per layer / per expert (tokens routed during calibration; error = ‖ΔW·X‖²/‖W·X‖² on those tokens)")
