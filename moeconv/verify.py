@@ -31,10 +31,12 @@ def load_consumer(out_dir: Path, consumer: str, expected_class: str | None = Non
     return load(out_dir).module.eval()
 
 
-def compare_outputs(reference: torch.nn.Module, candidate: torch.nn.Module, inputs: torch.Tensor, *,
+def compare_outputs(reference: torch.nn.Module | torch.Tensor, candidate: torch.nn.Module, inputs: torch.Tensor, *,
                     tolerance: float | None, what: str) -> dict:
-    """Max |Δ| of the two models' outputs (fp32), relative to max(1, |ref|); raise if over `tolerance`."""
-    ref = model_outputs(reference, inputs).float()
+    """Max |Δ| of the two models' outputs (fp32), relative to max(1, |ref|); raise if over `tolerance`.
+    `reference` may be the reference model's outputs on `inputs`, computed earlier, so the model
+    need not be in memory beside the reloaded one."""
+    ref = (reference if isinstance(reference, torch.Tensor) else model_outputs(reference, inputs)).float()
     got = model_outputs(candidate, inputs).float()
     diff = (got - ref).abs().max().item()
     rel = diff / max(1.0, ref.abs().max().item())

@@ -38,6 +38,7 @@ from moeconv.onnx import graph, parity, runtime
 from moeconv.onnx.int8_weights import FLOAT_ARITHMETIC, FOURBIT_HINT, bnb_methods, carry_int8, dequantized, int8_layers, refuse_4bit
 from moeconv.onnx.exporter import export_program
 from moeconv.onnx.moe_export import custom_translation_table, lowered, plan_lowering
+from moeconv.stream.allocator import free_memory
 from moeconv.onnx.quantize import lm_head_weight, quantize_model
 from moeconv.onnx.signature import build_signature
 from moeconv.pass_base import Contract, Pass, PassConfig, PassResult
@@ -192,23 +193,42 @@ class _ExportRun:
                                                      "inputs": sig.input_names, "outputs": sig.output_names[:3]},
             "moe_lowering": self.lowering, "source_recipe": _source_recipe(self.state)})
         step("exporting (torch.export → ONNX)")
-        with lowered(self.module, self.plans):
-            program = export_program(sig, opset=cfg.opset, translations=custom_translation_table() if fused else None)
-        graph.finish_exported(program, sig, self.props)
-        self.external = graph.save_program(program, self.float_path)
-        del program
-        if self.layers:
-            self._carry_int8()
+        # int8 layers inside fused blocks: their float weights are freed once stacked and rebuilt
+        # after the int8 rewrite, so the export and the rewrite never hold two float copies of the
+        # experts (on SmolLM2 upcycled to 4 experts that was 1.3 GB each)
+        release = self.swap.release_under if self.swap is not None else None
+        try:
+            with lowered(self.module, self.plans, after_fuse=release):
+                program = export_program(sig, opset=cfg.opset, translations=custom_translation_table() if fused else None)
+            graph.finish_exported(program, sig, self.props)
+            rewritten = bool(self.layers) or cfg.quantize is not None
+            self.external = graph.save_program(program, self.float_path, external=True if rewritten else None)
+            del program
+            free_memory()  # the exported IR is full of reference cycles that hold the stacked experts
+            if self.layers:
+                self._carry_int8()
+                free_memory()
+        finally:
+            if self.swap is not None:
+                self.swap.rebuild()
         self.export_s = time.perf_counter() - self.t0
 
     def _carry_int8(self) -> None:
         self.step("carrying bitsandbytes int8 weights (int8 + row scales → DequantizeLinear)")
         dequantized_bytes = graph.file_bytes(self.float_path)
-        model = graph.load_model(self.float_path)
-        self.carried = carry_int8(model, self.layers)
+        float_files = graph.data_files(self.float_path)
+        # the float weights are read one initializer at a time from the external data, so the float
+        # model is never in memory whole; only the ones that stay float are loaded, to be written
+        model = graph.load_model(self.float_path, external_data=False)
+        self.carried = carry_int8(model, self.layers, base_dir=self.float_path.parent)
+        graph.load_remaining_external_data(model, self.float_path.parent)
         self.external = graph.save_model(model, self.float_path, {
             "moeconv.onnxruntime_session_config": json.dumps(FLOAT_ARITHMETIC)})
         del model
+        kept = set(graph.data_files(self.float_path))
+        for stale in float_files:
+            if stale not in kept:
+                stale.unlink(missing_ok=True)
         self.int8 = {**self.carried.to_dict(), "dequantized_float_bytes": dequantized_bytes,
                      "bytes": graph.file_bytes(self.float_path)}
         self.int8["size_ratio"] = round(self.int8["bytes"] / dequantized_bytes, 4)
@@ -241,6 +261,9 @@ class _ExportRun:
         # float arithmetic.
         sig, cases, report, int8 = self.sig, self.cases, self.report, self.int8
         self.step("measuring: onnxruntime vs the bitsandbytes model")
+        # from here on only the bitsandbytes layers run in PyTorch: the float copy goes
+        # (self.refs already hold what the float model computed)
+        self.swap.release_all()
         with self.swap.bnb():
             bnb_refs = [runtime.run_torch(sig, c.ids, c.mask, c.past) for c in cases]
         bnb_rows, _ = parity.compare(self.sess, sig, cases, bnb_refs)

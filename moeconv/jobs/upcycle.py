@@ -37,7 +37,8 @@ from moeconv.jobs.upcycle_stream import streaming_source
 from moeconv.patterns import find_ffn_sites
 from moeconv.pipeline import Pipeline
 from moeconv.sites import expert_rel_names, role_paths, select_sites
-from moeconv.state import SourceInfo, vocab_size
+from moeconv.state import SourceInfo, model_outputs, vocab_size
+from moeconv.stream.allocator import free_memory
 from moeconv.summary import model_summary, summary_inputs
 from moeconv.units import parse_size
 from moeconv.verify import EXACT, check_inputs, compare_outputs, load_consumer
@@ -126,15 +127,20 @@ def _in_memory(src, tmp: Path, cfg: UpcycleConfig, family: MoeFormat | None, dty
         consumer = "moeconv.load"
     report = {"route": "in-memory", "format": family.name if family else "moeconv", "consumer": consumer,
               "upcycle": pass_report.to_dict(), "written": stats, "shared_expert": shared_expert_note(cfg, family)}
-    # Reload with the consumer and compare against the in-memory MoE model (itself checked
-    # against the dense model by the pass's numeric check).
-    report["verification"] = _verify_reload(tmp, state.module, family, cfg, vocab=vocab_size(state.module, state.config),
-                                            exact=True, what="in-memory MoE")
-    report["verification"]["dense_vs_moe_rel_max_diff"] = pass_report.metrics.get("rel_max_diff")
     report["params"] = {"before": pass_report.metrics["params_before"], "after": pass_report.metrics["params_after"],
                         "active_after": pass_report.metrics["active_params_after"]}
     report.update(passes=[pass_report.to_dict()], input_model=input_summary,  # report.html's table and plots
                   model=model_summary(state, summary_inputs(state, cfg.seed, calibration)))
+    # Reload with the consumer and compare against the in-memory MoE model (itself checked
+    # against the dense model by the pass's numeric check). Its outputs are computed first and the
+    # model is freed, so it is never in memory beside the reloaded copy (SmolLM2 as a 4-expert
+    # MoE: 1.4 GB each, plus the pages of the file being read).
+    vocab = vocab_size(state.module, state.config)
+    reference = _reference_outputs(state.module, vocab, cfg.seed)
+    del state, result
+    free_memory()
+    report["verification"] = _verify_reload(tmp, reference, family, cfg, vocab=vocab, exact=True, what="in-memory MoE")
+    report["verification"]["dense_vs_moe_rel_max_diff"] = pass_report.metrics.get("rel_max_diff")
     return JobResult(report, source_info)
 
 
@@ -254,21 +260,29 @@ def _check_stream_plan(ckpt: SourceCheckpoint, tmp: Path, cfg: UpcycleConfig, ch
 # ----------------------------------------------------------------------------- verification
 
 
-def _verify_reload(tmp: Path, reference: torch.nn.Module, family: MoeFormat | None, cfg: UpcycleConfig, *,
-                   vocab: int | None, exact: bool, what: str) -> dict:
-    """Load what was written with the consumer users have and compare outputs with `reference`
-    (cast to fp32 for the comparison and back: bf16 → fp32 → bf16 is exact)."""
+def _reference_outputs(module: torch.nn.Module, vocab: int | None, seed: int) -> torch.Tensor:
+    """The outputs `_verify_reload` compares the reloaded model with (in fp32; cast back after:
+    bf16 → fp32 → bf16 is exact)."""
     if vocab is None:
         raise VerificationError("cannot find the vocabulary size to build check inputs")
+    dtype = next(module.parameters()).dtype
+    try:
+        return model_outputs(module.float(), check_inputs(vocab, seed + 1)).float()
+    finally:
+        if dtype != torch.float32:
+            module.to(dtype)
+
+
+def _verify_reload(tmp: Path, reference: torch.nn.Module | torch.Tensor, family: MoeFormat | None,
+                   cfg: UpcycleConfig, *, vocab: int | None, exact: bool, what: str) -> dict:
+    """Load what was written with the consumer users have and compare outputs with `reference`
+    (a model, or its `_reference_outputs`)."""
+    if not isinstance(reference, torch.Tensor):
+        reference = _reference_outputs(reference, vocab, cfg.seed)
     if family is not None:
         reloaded = load_consumer(tmp, "transformers", family.architecture)
     else:
         reloaded = load_consumer(tmp, "moeconv")
-    ref_dtype = next(reference.parameters()).dtype
-    try:
-        result = compare_outputs(reference.float(), reloaded.float(), check_inputs(vocab, cfg.seed + 1),
-                                 tolerance=EXACT if exact else None, what=what)
-    finally:
-        if ref_dtype != torch.float32:
-            reference.to(ref_dtype)
+    result = compare_outputs(reference, reloaded.float(), check_inputs(vocab, cfg.seed + 1),
+                             tolerance=EXACT if exact else None, what=what)
     return {"mode": "full", **result, "exact_promised": exact}

@@ -14,6 +14,7 @@ from moeconv.errors import UnsupportedError
 
 MAX_IR_VERSION = 10          # onnxruntime 1.31 rejects newer IR versions (FIELD.md)
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit with room for the graph
+EXTERNAL_LISTING_BYTES = 64 * 2**20  # a graph file without its weights stays far below this
 
 
 def provenance(extra: dict) -> dict[str, str]:
@@ -78,9 +79,14 @@ def finish_exported(program, sig, props: dict[str, str]) -> None:
         model.metadata_props[key] = value
 
 
-def save_program(program, path: Path) -> bool:
-    """Write the exported program; returns whether external data was used."""
-    external = initializer_bytes_ir(program.model) > EXTERNAL_DATA_BYTES
+def save_program(program, path: Path, *, external: bool | None = None) -> bool:
+    """Write the exported program; returns whether external data was used. By default, weights go
+    to external data only above protobuf's limit; `external=True` forces it for a file that is
+    rewritten next (the int8 rewrite, a quantizer): inline, the writer first serializes every
+    weight into one in-memory message and then into bytes, two extra copies of the model (2.8 GB
+    for SmolLM2 upcycled to 4 experts), where external data is written tensor by tensor."""
+    if external is None:
+        external = initializer_bytes_ir(program.model) > EXTERNAL_DATA_BYTES
     program.save(str(path), external_data=external)
     return external
 
@@ -88,6 +94,10 @@ def save_program(program, path: Path) -> bool:
 def data_files(path: Path) -> list[Path]:
     """`path` and every external-data file it references."""
     path = Path(path)
+    if path.stat().st_size > EXTERNAL_LISTING_BYTES:
+        # a graph this big holds its weights itself (moeconv writes all of them inline or all of them
+        # external); parsing it would read every weight into memory just to find none is external
+        return [path]
     model = onnx.load(str(path), load_external_data=False)
     files = {path}
     for init in model.graph.initializer:
@@ -101,8 +111,15 @@ def file_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in data_files(path) if f.exists())
 
 
-def load_model(path: Path) -> onnx.ModelProto:
-    return onnx.load(str(path), load_external_data=True)
+def load_model(path: Path, *, external_data: bool = True) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=external_data)
+
+
+def load_remaining_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Read into `model` every initializer still stored as external data (after a rewrite that
+    replaced the others), so the model can be saved on its own."""
+    from onnx.external_data_helper import load_external_data_for_model
+    load_external_data_for_model(model, str(base_dir))
 
 
 def save_model(model: onnx.ModelProto, path: Path, props: dict[str, str] | None = None) -> bool:

@@ -102,8 +102,14 @@ def dequantized(model: nn.Module, layers: list[Int8Layer]):
 
 
 class Swap:
+    """The two forms of every int8 layer. The float weights can be released while nothing reads
+    them (a fused export reads its stacked copy; the ONNX rewrite reads the graph) and rebuilt
+    bit for bit from the int8 rows: `release_under(prefix)`, then `rebuild()`."""
+
     def __init__(self, model: nn.Module, layers: list[Int8Layer]):
         self.model = model
+        self.layers = {l.path: l for l in layers}
+        self.released: set[str] = set()
         self.bnb_modules = {l.path: model.get_submodule(l.path) for l in layers}
         self.float_modules = {}
         for l in layers:
@@ -112,6 +118,26 @@ class Swap:
             if l.bias is not None:
                 lin.bias = nn.Parameter(l.bias.clone(), requires_grad=False)
             self.float_modules[l.path] = lin.eval()
+
+    def release_under(self, prefix: str) -> None:
+        """Free the float weights of the int8 layers under module path `prefix`."""
+        for path, lin in self.float_modules.items():
+            if path.startswith(prefix + ".") and path not in self.released:
+                lin.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+                self.released.add(path)
+
+    def release_all(self) -> None:
+        """Free every float weight (nothing reads them while the bitsandbytes layers are in place)."""
+        for path, lin in self.float_modules.items():
+            if path not in self.released:
+                lin.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+                self.released.add(path)
+
+    def rebuild(self) -> None:
+        """The released float weights again, `float32(CB) · s` as before."""
+        for path in sorted(self.released):
+            self.float_modules[path].weight = nn.Parameter(self.layers[path].weight(), requires_grad=False)
+        self.released.clear()
 
     def to_float(self):
         for p, m in self.float_modules.items():
@@ -152,8 +178,10 @@ class CarryResult:
                 "float_bytes_replaced": self.float_bytes, "int8_bytes": self.int8_bytes}
 
 
-def carry_int8(model: onnx.ModelProto, layers: list[Int8Layer]) -> CarryResult:
-    """Replace, in place, every float initializer made of dequantized int8 rows (see module doc)."""
+def carry_int8(model: onnx.ModelProto, layers: list[Int8Layer], base_dir=None) -> CarryResult:
+    """Replace, in place, every float initializer made of dequantized int8 rows (see module doc).
+    `base_dir`: where the external data of a model loaded without it lies; each initializer is
+    then read when it is examined, so the float weights are never all in memory at once."""
     table, per_layer = _row_table(layers)
     widths = {l.q.shape[1] for l in layers}
     res = CarryResult(layers=len(layers))
@@ -165,7 +193,7 @@ def carry_int8(model: onnx.ModelProto, layers: list[Int8Layer]) -> CarryResult:
         dims = list(init.dims)
         if dims[-1] not in widths and not (len(dims) == 2 and dims[0] in widths):
             continue
-        arr = numpy_helper.to_array(init)
+        arr = numpy_helper.to_array(init, base_dir=str(base_dir) if base_dir is not None else "")
         found = _find_int8_rows(arr, dims, widths, table)
         if found is None:
             continue

@@ -399,8 +399,10 @@ def _structure_key(block: MoEBlock) -> tuple:
 
 
 @contextmanager
-def lowered(model: nn.Module, plans: list[BlockPlan]):
-    """Swap the fused blocks for `FusedMoE` during export; always restored."""
+def lowered(model: nn.Module, plans: list[BlockPlan], after_fuse=None):
+    """Swap the fused blocks for `FusedMoE` during export; always restored. `after_fuse(path)` is
+    called once a block's experts are stacked: the caller may free weights it can rebuild, so the
+    stacked copy does not sit beside the per-expert one for the whole export."""
     swapped = []
     try:
         for plan in plans:
@@ -409,6 +411,8 @@ def lowered(model: nn.Module, plans: list[BlockPlan]):
             block = model.get_submodule(plan.path)
             model.set_submodule(plan.path, FusedMoE(block, expert_weights(block), plan.activation))
             swapped.append((plan.path, block))
+            if after_fuse is not None:
+                after_fuse(plan.path)
         yield
     finally:
         for path, block in swapped:

@@ -46,3 +46,12 @@ def fixed_mmap_threshold(threshold: int = 128 * 1024) -> bool:
     system when freed). Returns whether the allocator took the setting (glibc on Linux only)."""
     mallopt = getattr(_LIBC, "mallopt", None)  # not glibc (musl has no mallopt): nothing to set
     return bool(mallopt(M_MMAP_THRESHOLD, int(threshold))) if mallopt is not None else False
+
+
+def free_memory() -> None:
+    """Collect reference cycles now, then `release_freed`: between the steps of a long job (passes,
+    the export's stages) so a step's leftovers, held only by cycles (an exported ONNX IR, a traced
+    graph), are not still in memory when the next step allocates its own."""
+    import gc
+    gc.collect()
+    release_freed()

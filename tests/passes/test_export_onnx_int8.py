@@ -102,3 +102,18 @@ def test_4bit_model_is_refused_at_plan_time_and_in_check():
         ExportOnnx().check(state, Context())
     line = exc.value.one_line()
     assert "\n" not in line and "--quantize int4" in line
+
+
+def test_swap_releases_float_weights_under_a_block_and_rebuilds_them_bit_exactly():
+    from moeconv.onnx.int8_weights import dequantized
+    model = nn.Sequential(nn.Sequential(_int8_model(n=2), _int8_model(n=1, seed=1)), _int8_model(n=1, seed=2))
+    layers = int8_layers(model)
+    with dequantized(model, layers) as swap:
+        before = {p: m.weight.clone() for p, m in swap.float_modules.items()}
+        swap.release_under("0")  # the layers under block 0 only
+        sizes = {p: m.weight.numel() for p, m in swap.float_modules.items()}
+        assert sizes == {"0.0.0": 0, "0.0.1": 0, "0.1.0": 0, "1.0": 8 * 16}
+        swap.rebuild()
+        for p, m in swap.float_modules.items():
+            assert torch.equal(m.weight.view(torch.int32), before[p].view(torch.int32)), p
+        assert not swap.released
