@@ -5,17 +5,18 @@ output atomic (a failed demo removes the OUT it created):
 
 - `OUT/moe`: the model upcycled to a 4-expert top-2 Mixtral (the upcycle job), verified exact and
   reloaded with stock transformers; dense and MoE must greedy-generate the same text.
-- `OUT/compressed` (unless `--upcycle-only`): the MoE compressed by one recipe (`OUT/recipe.yaml`,
-  runnable with `moeconv run`): int8 weights (bitsandbytes), then exported to ONNX with the int8
-  weights carried and parity checked in onnxruntime.
+- `OUT/compressed` (unless `--upcycle-only`): the MoE exported to ONNX with int8 weights in
+  onnxruntime's own kernels (QMoE experts, MatMulNBits attention and head) and a KV cache, parity
+  checked against PyTorch; the step is the command `chain_command` prints.
 - `OUT/report.json` / `OUT/report.html`: the three models side by side (dense and MoE in
   PyTorch, the compressed one in onnxruntime): held-out perplexity on the evaluation half of
   Python's own `pydoc_data.topics`, bytes, generation speed and the greedy text from one prompt.
 
-Why this chain: on a 135M model, 2:4 sparsity costs ~1.5× perplexity before healing (SparseGPT,
-measured by tests/slow/test_sparsify_smollm2.py) and healing takes GPU-hours, and pruning one of
-four copy-initialised experts removes an exact duplicate; int8 keeps the model's quality and
-shrinks it 4×, so that is what a first run shows. Every other pass is one command away.
+Why this step: on a 135M model, 2:4 sparsity costs ~1.5× perplexity until a training run heals it
+(SparseGPT, measured by tests/slow/test_sparsify_smollm2.py), and pruning one of four
+copy-initialised experts removes an exact duplicate; int8 keeps the model's quality, makes it
+smaller than the dense float model and runs faster than it in onnxruntime, so that is what a first
+run shows. Every other pass is one command away.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from moeconv.errors import InputError, OutputExistsError, VerificationError
 
 PROMPT = "The three most useful Python built-in functions are"
 NEW_TOKENS = 24
-EVAL_SAMPLES, EVAL_SEQ = 8, 256  # 2,048 held-out tokens per model: a stable perplexity in seconds
+EVAL_SAMPLES, EVAL_SEQ = 6, 256  # 1,536 held-out tokens per model: a stable perplexity in seconds
 MAX_PERPLEXITY_RATIO = 1.3  # the compressed model must stay this close to the dense one
 
 
@@ -47,18 +48,16 @@ def smollm2_gguf() -> Path:
     return files[0]
 
 
-def chain_recipe() -> str:
-    """The compression chain as a recipe (YAML): what `moeconv run` is given, on OUT/moe."""
-    return (
-        "# moeconv demo: the upcycled SmolLM2 MoE (OUT/moe), compressed and exported. Re-run it with\n"
-        "#   moeconv run recipe.yaml --model OUT/moe --out OUT2\n"
-        "steps:\n"
-        "  - pass: quantize\n    method: int8\n"
-        # atol: a 30-layer real model whose logits reach ~30, with int8 weights that onnxruntime
-        # dequantizes with its own rounding: measured up to 3.3e-4 (1e-5 relative), 1.5e-4 to 4× over
-        # PyTorch's own batch-layout noise; 1e-3 is 3e-5 relative. Tiny models keep the default 1e-4.
-        "  - pass: export-onnx\n    latency_runs: 0\n    atol: 0.001\n"
-    )
+# The compression step: int8 weights in onnxruntime's own kernels (QMoE for the experts,
+# MatMulNBits for attention and the head) and a KV cache, so the graph generates as users run it.
+# atol: a 30-layer real model whose logits reach ~30: onnxruntime's float graph sits within ~3e-4 of
+# PyTorch (1e-5 relative); 1e-3 is 3e-5 relative. Tiny models keep the default 1e-4.
+CHAIN = {"quantize": "int8", "with_past": True, "atol": 0.001, "latency_runs": 0}
+
+
+def chain_command(moe: str = "OUT/moe", dest: str = "OUT/compressed") -> str:
+    """The CLI command the demo's compression step is (what a user re-runs or varies)."""
+    return f"moeconv export onnx {moe} {dest} --quantize int8 --with-past --atol 0.001"
 
 
 def run_demo(out: Path, *, upcycle_fn, config, force: bool = False, progress=None, new_tokens: int = NEW_TOKENS,
@@ -66,10 +65,11 @@ def run_demo(out: Path, *, upcycle_fn, config, force: bool = False, progress=Non
     """`upcycle_fn(src, out, config, force=…, progress=…)` is the upcycle job (injected by the CLI).
     Returns the demo report (also OUT/report.json): the upcycle report, the chain report (with
     `chain`), the prompt and one row per model (text, perplexity, bytes, speed)."""
-    from moeconv.evaluate import pydoc_text, token_batches
-    from moeconv.io.transformers_io import load_causal_lm, read_tokenizer
+    from moeconv.stream.allocator import fixed_mmap_threshold
     t0 = time.perf_counter()
-    step = progress or (lambda *a: None)
+    # Three models pass through one process: freed weights must go back to the system, not stay in
+    # the allocator's heaps (measured: without this the demo peaked ~1 GB higher)
+    fixed_mmap_threshold()
     gguf = smollm2_gguf()
     out = Path(out)
     if out.exists() or out.is_symlink():
@@ -78,42 +78,9 @@ def run_demo(out: Path, *, upcycle_fn, config, force: bool = False, progress=Non
         shutil.rmtree(out)
     out.mkdir(parents=True)
     try:  # OUT/moe and OUT/compressed are each atomic; a failed demo removes the OUT it created
-        report = upcycle_fn(gguf, out / "moe", config, progress=progress)
-        tok = read_tokenizer(out / "moe")
-        ids = tok(PROMPT, return_tensors="pt").input_ids
-        held_out = token_batches(tok, pydoc_text("eval"), seq_len=EVAL_SEQ, max_batches=EVAL_SAMPLES)
-        models = []
-        for name, where, load in (("dense", f"{gguf.name} (PyTorch)", lambda: load_causal_lm(gguf.parent, gguf_file=gguf.name)),
-                                  ("moe", "moe/ (PyTorch)", lambda: load_causal_lm(out / "moe"))):
-            step(f"measure {name}: perplexity, text, speed", 0, None)
-            model = load().eval()
-            models.append({"name": name, "where": where, **_measure_torch(model, tok, ids, held_out, new_tokens)})
-            del model
-        models[0]["bytes"] = models[0]["params"] * 4  # float32, as loaded from the GGUF file
-        models[0]["bytes_note"] = "float32 in memory (the GGUF file is 4-bit)"
-        models[1]["bytes"] = _dir_bytes(out / "moe", "*.safetensors")
-        models[1]["bytes_note"] = "safetensors, float32"
-        if models[0]["text"] != models[1]["text"]:
-            raise VerificationError("the upcycled model generated different text from the dense model")
-        result = {"prompt": PROMPT, "new_tokens": new_tokens, "models": models, "report": report,
-                  "moe_class": report.get("verification", {}).get("consumer_class", "MixtralForCausalLM"),
-                  "out": str(out / "moe"),
-                  "held_out": {"text": "pydoc_data.topics, evaluation half", "sequences": int(held_out.shape[0]),
-                               "tokens_per_sequence": int(held_out.shape[1])}}
+        result, probe = _upcycle_and_compare(gguf, out, upcycle_fn, config, progress, new_tokens)
         if chain:
-            recipe = out / "recipe.yaml"
-            recipe.write_text(chain_recipe())
-            result["chain"] = _run_chain(out / "moe", out / "compressed", recipe, progress)
-            result["chain_out"] = str(out / "compressed")
-            step("measure compressed: perplexity, text, speed (onnxruntime)", 0, None)
-            compressed = {"name": "compressed", "where": "compressed/model.onnx (onnxruntime)",
-                          **_measure_onnx(out / "compressed", tok, ids, held_out, new_tokens)}
-            models.append(compressed)
-            ratio = compressed["perplexity"] / models[0]["perplexity"]
-            result["perplexity_ratio"] = round(ratio, 4)
-            if not ratio <= MAX_PERPLEXITY_RATIO:
-                raise VerificationError(f"the compressed model's held-out perplexity is {ratio:.2f}× the dense "
-                                        f"model's (the demo promises at most {MAX_PERPLEXITY_RATIO}×)")
+            _compress(out, result, probe, progress)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         _write_report(out, result)
     except BaseException:
@@ -122,65 +89,111 @@ def run_demo(out: Path, *, upcycle_fn, config, force: bool = False, progress=Non
     return result
 
 
-def _run_chain(moe: Path, dest: Path, recipe: Path, progress) -> dict:
-    from moeconv.context import Context
-    from moeconv.jobs.pipeline_job import run_to_dir
-    from moeconv.recipe import build_passes, load_recipe
-    passes = build_passes(load_recipe(recipe), str(recipe))
-    return run_to_dir(moe, dest, passes, ctx=Context(progress=progress))
+def _upcycle_and_compare(gguf: Path, out: Path, upcycle_fn, config, progress, new_tokens: int):
+    """OUT/moe, then the dense and MoE models measured in PyTorch; they must write the same text.
+    Returns the result so far and what every model is measured on (tokenizer, prompt, text)."""
+    from moeconv.evaluate import pydoc_text, token_batches
+    from moeconv.io.transformers_io import load_causal_lm, read_tokenizer
+    from moeconv.stream.allocator import free_memory
+    report = upcycle_fn(gguf, out / "moe", config, progress=progress)
+    tok = read_tokenizer(out / "moe")
+    probe = {"tok": tok, "ids": tok(PROMPT, return_tensors="pt").input_ids, "new_tokens": new_tokens,
+             "held_out": token_batches(tok, pydoc_text("eval"), seq_len=EVAL_SEQ, max_batches=EVAL_SAMPLES)}
+    models = []
+    for name, where, load in (("dense", f"{gguf.name} (PyTorch)", lambda: load_causal_lm(gguf.parent, gguf_file=gguf.name)),
+                              ("moe", "moe/ (PyTorch)", lambda: load_causal_lm(out / "moe"))):
+        _step(progress, f"measure {name}: perplexity, text, speed")
+        model = load().eval()
+        models.append({"name": name, "where": where, **_measure_torch(model, probe)})
+        del model
+        free_memory()
+    models[0].update(bytes=models[0]["params"] * 4, bytes_note="float32 in memory (the GGUF file is 4-bit)")
+    models[1].update(bytes=_dir_bytes(out / "moe", "*.safetensors"), bytes_note="safetensors, float32")
+    if models[0]["text"] != models[1]["text"]:
+        raise VerificationError("the upcycled model generated different text from the dense model")
+    held = probe["held_out"]
+    result = {"prompt": PROMPT, "new_tokens": new_tokens, "models": models, "report": report, "out": str(out / "moe"),
+              "held_out": {"text": "pydoc_data.topics, evaluation half", "sequences": int(held.shape[0]),
+                           "tokens_per_sequence": int(held.shape[1])}}
+    return result, probe
+
+
+def _compress(out: Path, result: dict, probe: dict, progress) -> None:
+    """OUT/compressed from OUT/moe (`chain_command`), then measured in onnxruntime; its perplexity
+    must stay within `MAX_PERPLEXITY_RATIO` of the dense model's."""
+    from moeconv.jobs.export_onnx import export_onnx_to_dir
+    from moeconv.stream.allocator import free_memory
+    from passes.export_onnx import ExportOnnxConfig
+    result["chain"] = export_onnx_to_dir(out / "moe", out / "compressed", ExportOnnxConfig(**CHAIN), progress=progress)
+    result["chain_out"] = str(out / "compressed")
+    result["chain_command"] = chain_command(str(out / "moe"), str(out / "compressed"))
+    free_memory()
+    _step(progress, "measure compressed: perplexity, text, speed (onnxruntime)")
+    compressed = {"name": "compressed", "where": "compressed/model.onnx (onnxruntime)",
+                  **_measure_onnx(out / "compressed", probe)}
+    result["models"].append(compressed)
+    ratio = compressed["perplexity"] / result["models"][0]["perplexity"]
+    result["perplexity_ratio"] = round(ratio, 4)
+    if not ratio <= MAX_PERPLEXITY_RATIO:
+        raise VerificationError(f"the compressed model's held-out perplexity is {ratio:.2f}× the dense "
+                                f"model's (the demo promises at most {MAX_PERPLEXITY_RATIO}×)")
+
+
+def _step(progress, what: str) -> None:
+    if progress is not None:
+        progress(what, 0, None)
 
 
 @torch.inference_mode()
-def _measure_torch(model, tok, ids: torch.Tensor, held_out: torch.Tensor, new_tokens: int) -> dict:
+def _measure_torch(model, probe: dict) -> dict:
     from moeconv.evaluate import perplexity
-    ppl = perplexity(model, held_out)
+    tok, ids = probe["tok"], probe["ids"]
+    ppl = perplexity(model, probe["held_out"], batch_size=1)  # one row's logits at a time: 50 MB, not 200
     t = time.perf_counter()
-    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=tok.eos_token_id)
+    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=probe["new_tokens"],
+                         do_sample=False, pad_token_id=tok.eos_token_id)
     seconds = time.perf_counter() - t
     new = gen[0, ids.shape[1]:]
     return {"perplexity": round(ppl, 3), "text": tok.decode(new, skip_special_tokens=True),
             "tokens_per_second": round(len(new) / seconds, 1), "params": sum(p.numel() for p in model.parameters())}
 
 
-def _measure_onnx(out: Path, tok, ids: torch.Tensor, held_out: torch.Tensor, new_tokens: int) -> dict:
-    """Perplexity and greedy text from the exported graph, run by onnxruntime alone (the whole
-    sequence each step: the demo's graph has no KV cache, and 24 short steps cost less than
-    exporting one), with the session settings the export recorded in the graph."""
+def _measure_onnx(out: Path, probe: dict) -> dict:
+    """Perplexity and greedy text from the exported graph, run by onnxruntime alone in a default
+    session: the held-out rows in one call each (an empty KV cache), the text token by token through
+    the cache, as the README's generation loop does."""
     import numpy as np
-    import onnx
     from moeconv.onnx import runtime
+    tok, ids, held_out = probe["tok"], probe["ids"], probe["held_out"]
     path = out / "model.onnx"
-    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    config = json.loads(meta.get("moeconv.onnxruntime_session_config", "{}"))
-    sess = runtime.session(path, torch.get_num_threads(), config=config or None)
-    names = {i.name for i in sess.get_inputs()}
+    # a default session, as a user opens the file (onnxruntime's int8 kernels, int8 activations)
+    sess = runtime.session(path, torch.get_num_threads())
+    empty = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+             for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
 
-    def logits(seq: np.ndarray) -> np.ndarray:
-        feeds = {"input_ids": seq}
-        if "attention_mask" in names:
-            feeds["attention_mask"] = np.ones_like(seq)
-        return sess.run(["logits"], feeds)[0]
+    def run(seq: np.ndarray, mask: np.ndarray, past: dict):
+        logits, *present = sess.run(None, {"input_ids": seq, "attention_mask": mask, **past})
+        return logits, dict(zip(empty, present))
 
     nll, count = 0.0, 0
     for row in held_out.numpy():
-        x = logits(row[None].astype(np.int64))[0, :-1].astype(np.float64)
+        x = run(row[None].astype(np.int64), np.ones((1, len(row)), np.int64), empty)[0][0, :-1].astype(np.float64)
         x -= x.max(-1, keepdims=True)
         logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
         nll -= logp[np.arange(len(row) - 1), row[1:]].sum()
         count += len(row) - 1
-    seq = ids[0].tolist()
+    seq, new, past = ids.numpy(), [], empty
+    mask = np.ones_like(seq)
     t = time.perf_counter()
-    for _ in range(new_tokens):
-        nxt = int(logits(np.array([seq], dtype=np.int64))[0, -1].argmax())
-        seq.append(nxt)
-        if nxt == tok.eos_token_id:
-            break
+    while len(new) < probe["new_tokens"] and (not new or new[-1] != tok.eos_token_id):
+        logits, past = run(seq, mask, past)
+        seq = logits[:, -1:].argmax(-1)  # the next token only: the rest is in the cache
+        mask = np.concatenate([mask, np.ones_like(seq)], 1)
+        new.append(int(seq[0, 0]))
     seconds = time.perf_counter() - t
-    new = seq[ids.shape[1]:]
     return {"perplexity": round(math.exp(nll / count), 3), "text": tok.decode(new, skip_special_tokens=True),
             "tokens_per_second": round(len(new) / seconds, 1), "bytes": _dir_bytes(out, "model.onnx*"),
-            "bytes_note": "ONNX, int8 weights (routers, norms, embeddings float)"}
+            "bytes_note": "ONNX, int8 weights (routers, norms and the embedding table float)"}
 
 
 def _dir_bytes(directory: Path, pattern: str) -> int:

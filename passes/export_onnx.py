@@ -38,6 +38,8 @@ from moeconv.onnx import graph, parity, runtime
 from moeconv.onnx.int8_weights import FLOAT_ARITHMETIC, FOURBIT_HINT, bnb_methods, carry_int8, dequantized, int8_layers, refuse_4bit
 from moeconv.onnx.exporter import export_program
 from moeconv.onnx.moe_export import custom_translation_table, lowered, plan_lowering
+from moeconv.nn.moe import MoEBlock
+from moeconv.onnx.spill import ParameterSpill
 from moeconv.stream.allocator import free_memory
 from moeconv.onnx.quantize import lm_head_weight, quantize_model
 from moeconv.onnx.signature import build_signature
@@ -154,10 +156,13 @@ class ExportOnnx(Pass):
     # ------------------------------------------------------------------------------------------
     def _export(self, state: ModelState, module, ctx: Context, out_dir: Path, layers=(), swap=None):
         run = _ExportRun(self.name, self.config, state, module, ctx, out_dir, layers, swap)
-        run.export()
-        run.check_parity()
-        run.quantize()
-        return run.finish()
+        try:
+            run.export()
+            run.check_parity()
+            run.quantize()
+            return run.finish()
+        finally:
+            run.aside.restore()  # the experts set aside while onnxruntime ran are back, bit for bit
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,6 +181,7 @@ class _ExportRun:
         self.sig = build_signature(module, with_past=cfg.with_past, seed=cfg.seed, example_ids=ctx.example_inputs)
         self.int8 = None
         self.carried = None
+        self.aside = ParameterSpill(out_dir / ".experts-aside")
         self.session_config = FLOAT_ARITHMETIC if layers else None
 
     # -- the graph -----------------------------------------------------------------------------
@@ -193,12 +199,18 @@ class _ExportRun:
                                                      "inputs": sig.input_names, "outputs": sig.output_names[:3]},
             "moe_lowering": self.lowering, "source_recipe": _source_recipe(self.state)})
         step("exporting (torch.export → ONNX)")
-        # int8 layers inside fused blocks: their float weights are freed once stacked and rebuilt
-        # after the int8 rewrite, so the export and the rewrite never hold two float copies of the
-        # experts (on SmolLM2 upcycled to 4 experts that was 1.3 GB each)
-        release = self.swap.release_under if self.swap is not None else None
+        # Once a block's experts are stacked, its per-expert weights are set aside until the export
+        # (and the int8 rewrite) is over, so the experts are never in memory twice (on SmolLM2
+        # upcycled to 4 experts, 1.3 GB): int8 layers' float weights are freed and rebuilt from the
+        # int8 rows, every other expert weight waits on disk (`ParameterSpill`).
+        spill = ParameterSpill(self.out_dir / ".experts-spill")
+
+        def set_aside(path, block):
+            if self.swap is not None:
+                self.swap.release_under(path)
+            spill.spill(block.experts)
         try:
-            with lowered(self.module, self.plans, after_fuse=release):
+            with lowered(self.module, self.plans, after_fuse=set_aside):
                 program = export_program(sig, opset=cfg.opset, translations=custom_translation_table() if fused else None)
             graph.finish_exported(program, sig, self.props)
             rewritten = bool(self.layers) or cfg.quantize is not None
@@ -211,6 +223,7 @@ class _ExportRun:
         finally:
             if self.swap is not None:
                 self.swap.rebuild()
+            spill.restore()
         self.export_s = time.perf_counter() - self.t0
 
     def _carry_int8(self) -> None:
@@ -238,13 +251,23 @@ class _ExportRun:
         cfg, sig = self.cfg, self.sig
         self.step("parity: onnxruntime vs PyTorch")
         self.threads = torch.get_num_threads()
-        self.sess = runtime.session(self.float_path, self.threads, config=self.session_config)
         baseline = parity.routed(sig, sig.example)
         self.cases = parity.parity_cases(sig, baseline, seed=cfg.seed)
-        self.rows, self.refs = parity.compare(self.sess, sig, self.cases, baseline=baseline, atol=cfg.atol)
+        # PyTorch first, then its experts wait on disk while onnxruntime holds the graph: the two
+        # would otherwise hold the weights twice (SmolLM2 as a 4-expert MoE: 1.4 GB + 1.6 GB)
+        torch_results = parity.torch_side(sig, self.cases, baseline=baseline, atol=cfg.atol)
+        generation = _generation_prompt(sig, cfg) if sig.with_past and cfg.generation_tokens else None
+        if generation is not None:
+            generation["torch"] = runtime.greedy_torch(self.module, generation["prompt"], generation["tokens"])
+        for block in (m for m in self.module.modules() if isinstance(m, MoEBlock)):
+            self.aside.spill(block.experts)
+        free_memory()
+        self.sess = runtime.session(self.float_path, self.threads, config=self.session_config)
+        self.rows, self.refs = parity.compare(self.sess, sig, self.cases, baseline=baseline, atol=cfg.atol,
+                                              torch_results=torch_results)
         summary = parity.summarise(self.rows, cfg.atol)
-        if sig.with_past and cfg.generation_tokens:
-            summary["generation"] = _generation_check(self.sess, sig, self.module, cfg)
+        if generation is not None:
+            summary["generation"] = _generation_result(self.sess, sig, generation)
             summary["ok"] = summary["ok"] and summary["generation"]["equal"]
         self.summary = summary
         self.float_bytes = graph.file_bytes(self.float_path)
@@ -318,7 +341,8 @@ class _ExportRun:
         self.step(f"quantizing ({cfg.quantize}, onnxruntime)")
         del self.sess
         self.final_sess = None
-        model = graph.load_model(self.float_path)
+        free_memory()
+        model = graph.load_model(self.float_path, external_data=False)  # read as it is quantized
         keep = set()
         if not cfg.quantize_lm_head and self.sig.output_is_logits:
             head = lm_head_weight(model, self.sig.output_names[0])
@@ -326,12 +350,13 @@ class _ExportRun:
         qmodel, qres = quantize_model(model, cfg.quantize, scheme=cfg.quant_scheme, block_size=cfg.block_size,
                                       accuracy_level=cfg.accuracy_level, keep_float=keep,
                                       quantize_head=cfg.quantize_lm_head, head_bits=cfg.head_bits,
-                                      work_dir=self.out_dir)
+                                      work_dir=self.out_dir, base_dir=self.float_path.parent)
         del model
         self.report.warnings.extend(qres.notes)
         self.final_path = self.out_dir / MODEL_FILE
         graph.save_model(qmodel, self.final_path, {**self.props, "moeconv.quantization": json.dumps(qres.to_dict())})
         del qmodel
+        free_memory()
         shutil.rmtree(self.float_path.parent)
         self.step("measuring quantized error")
         self.final_sess = runtime.session(self.final_path, self.threads, config=self.session_config)
@@ -345,6 +370,7 @@ class _ExportRun:
     def finish(self):
         cfg, report, summary, int8 = self.cfg, self.report, self.summary, self.int8
         if cfg.latency_runs:
+            self.aside.restore()  # latency times PyTorch too
             self.step("measuring latency")
             report.metrics["latency"] = runtime.latency(self.final_sess, self.sig, runs=cfg.latency_runs)
         self.final_sess = None
@@ -444,10 +470,14 @@ def _worst(rows: list[dict]) -> str:
     return f"{r['case']}, batch {r['batch']} × {r['tokens']} tokens, max |Δ| {r['max_abs_diff']:.3g}"
 
 
-def _generation_check(sess, sig, module, cfg) -> dict:
+def _generation_prompt(sig, cfg) -> dict:
     g = torch.Generator().manual_seed(cfg.seed + 2000)
     prompt = torch.randint(0, sig.vocab, (1, 7), generator=g)
-    n = min(cfg.generation_tokens, sig.max_len - prompt.shape[1])
-    ref = runtime.greedy_torch(module, prompt, n)
-    got = runtime.greedy_ort(sess, sig, prompt, n)
-    return {"tokens": n, "equal": ref == got, "torch": ref, "onnxruntime": got}
+    return {"prompt": prompt, "tokens": min(cfg.generation_tokens, sig.max_len - prompt.shape[1])}
+
+
+def _generation_result(sess, sig, generation: dict) -> dict:
+    """onnxruntime's greedy tokens from the prompt PyTorch generated from (`generation["torch"]`)."""
+    got = runtime.greedy_ort(sess, sig, generation["prompt"], generation["tokens"])
+    ref = generation["torch"]
+    return {"tokens": generation["tokens"], "equal": ref == got, "torch": ref, "onnxruntime": got}

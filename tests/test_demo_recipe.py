@@ -1,24 +1,28 @@
-"""The demo's chain is an ordinary recipe: it parses, its steps are int8 quantization then ONNX
-export, and it plans cleanly against an MoE checkpoint without calibration data (the full demo is
-the slow test tests/slow/test_demo.py; its report rendering is checked here on a made-up result)."""
+"""The demo's compression step is an ordinary `moeconv export onnx` command, and its report puts
+the three models side by side (the full demo is the slow test tests/slow/test_demo.py; its
+rendering is checked here on a made-up result)."""
 import io
 
 from rich.console import Console
 
-from moeconv.cli.commands.recipe import DENSE_FACTS
-from moeconv.demo import chain_recipe
+from moeconv.demo import CHAIN, chain_command
 from moeconv.demo_render import _rows, write_demo_html
-from moeconv.pipeline import Pipeline
-from moeconv.recipe import build_passes, load_recipe
 
 
-def test_chain_recipe_plans_on_an_moe_without_calibration(tmp_path):
-    path = tmp_path / "recipe.yaml"
-    path.write_text(chain_recipe())
-    passes = build_passes(load_recipe(path), str(path))
-    assert [p.name for p in passes] == ["quantize", "export-onnx"]
-    assert passes[0].config.method == "int8"
-    assert Pipeline(passes).plan(set(DENSE_FACTS) | {"moe"}).ok
+def test_the_compression_step_is_the_export_command_it_prints():
+    """CHAIN is the config the demo runs; chain_command is what it tells the user to run: parsed by
+    the CLI, the command's options hold CHAIN's values."""
+    import typer
+    from moeconv.cli import app
+    from passes.export_onnx import ExportOnnxConfig
+    args = chain_command("OUT/moe", "OUT/compressed").split()
+    assert args[:3] == ["moeconv", "export", "onnx"]
+    onnx_cmd = typer.main.get_command(app).commands["export"].commands["onnx"]
+    params = onnx_cmd.make_context("onnx", args[3:]).params
+    cfg = ExportOnnxConfig(**CHAIN)
+    for key in ("quantize", "with_past", "atol"):
+        assert params[key] == getattr(cfg, key), key
+    assert cfg.latency_runs == 0  # the demo times generation itself
 
 
 def _summary():
@@ -38,7 +42,7 @@ def _summary():
 def test_rows_are_relative_to_the_dense_model_and_human_formatted():
     rows = _rows(_summary())
     assert rows[0]["perplexity"] == "20.00" and rows[2]["perplexity"] == "20.50 (1.02×)"
-    assert rows[1]["size"] == "1.37 GiB (2.59×)" and rows[2]["size"] == "380.00 MiB (0.70×)"
+    assert rows[1]["size"] == "1.37 GiB (2.59×)" and rows[2]["size"] == "380 MiB (0.70×)"
 
 
 def test_the_page_shows_every_model_text_escaped_and_links_relatively():

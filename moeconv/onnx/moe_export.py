@@ -400,9 +400,9 @@ def _structure_key(block: MoEBlock) -> tuple:
 
 @contextmanager
 def lowered(model: nn.Module, plans: list[BlockPlan], after_fuse=None):
-    """Swap the fused blocks for `FusedMoE` during export; always restored. `after_fuse(path)` is
-    called once a block's experts are stacked: the caller may free weights it can rebuild, so the
-    stacked copy does not sit beside the per-expert one for the whole export."""
+    """Swap the fused blocks for `FusedMoE` during export; always restored. `after_fuse(path, block)`
+    is called once a block's experts are stacked: the caller may set aside weights it can restore,
+    so the stacked copy does not sit beside the per-expert one for the whole export."""
     swapped = []
     try:
         for plan in plans:
@@ -412,7 +412,7 @@ def lowered(model: nn.Module, plans: list[BlockPlan], after_fuse=None):
             model.set_submodule(plan.path, FusedMoE(block, expert_weights(block), plan.activation))
             swapped.append((plan.path, block))
             if after_fuse is not None:
-                after_fuse(plan.path)
+                after_fuse(plan.path, block)
         yield
     finally:
         for path, block in swapped:

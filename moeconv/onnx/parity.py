@@ -205,8 +205,33 @@ def perturbed_reference(sig: Signature, case: Case) -> list[torch.Tensor]:
     return [t[:1] for t in two]
 
 
+@dataclass
+class TorchSide:
+    """What PyTorch computed for one case: its outputs, its expert counts (when a baseline is
+    given) and its own rounding noise (when a bound is asked for)."""
+    ref: list[torch.Tensor]
+    counts: dict
+    noise: float | None
+
+
+def torch_side(sig: Signature, cases: list[Case], *, baseline: dict | None = None,
+               atol: float | None = None) -> list[TorchSide]:
+    """Every case's PyTorch side of `compare`, computed up front, so the PyTorch model can leave
+    memory before onnxruntime loads the graph (the two would otherwise hold the weights twice)."""
+    out = []
+    for case in cases:
+        counts = routed(sig, case) if baseline is not None else {}
+        ref = runtime.run_torch(sig, case.ids, case.mask, case.past)
+        noise = None
+        if atol is not None:
+            noise = max(_diffs([t.numpy() for t in perturbed_reference(sig, case)], ref, case, sig)[:2])
+        out.append(TorchSide(ref, counts, noise))
+    return out
+
+
 def compare(sess, sig: Signature, cases: list[Case], refs: list[list[torch.Tensor]] | None = None,
-            *, baseline: dict | None = None, atol: float | None = None) -> tuple[list[dict], list[list[torch.Tensor]]]:
+            *, baseline: dict | None = None, atol: float | None = None,
+            torch_results: list[TorchSide] | None = None) -> tuple[list[dict], list[list[torch.Tensor]]]:
     """Run every case in onnxruntime and PyTorch (or against `refs`); one row per case.
 
     With `atol`, each row gets its `bound`: max(atol, NOISE_FACTOR × PyTorch's own noise on that
@@ -216,7 +241,10 @@ def compare(sess, sig: Signature, cases: list[Case], refs: list[list[torch.Tenso
     to `atol` everywhere else."""
     rows, all_refs = [], []
     for i, case in enumerate(cases):
-        if refs is None:
+        noise = None
+        if torch_results is not None:
+            counts, ref, noise = torch_results[i].counts, torch_results[i].ref, torch_results[i].noise
+        elif refs is None:
             counts = routed(sig, case) if baseline is not None else {}
             ref = runtime.run_torch(sig, case.ids, case.mask, case.past)
         else:
@@ -229,7 +257,8 @@ def compare(sess, sig: Signature, cases: list[Case], refs: list[list[torch.Tenso
         if sig.with_past:
             row["present_max_abs_diff"] = kv
         if atol is not None:
-            noise = max(_diffs([t.numpy() for t in perturbed_reference(sig, case)], ref, case, sig)[:2])
+            if noise is None:
+                noise = max(_diffs([t.numpy() for t in perturbed_reference(sig, case)], ref, case, sig)[:2])
             row["torch_noise"] = noise
             row["bound"] = max(atol, NOISE_FACTOR * noise)
         if baseline is not None and counts:

@@ -214,16 +214,19 @@ def _qmoe_block(requested: int, widths: tuple[int, ...]) -> int | None:
 
 
 def fused_to_qmoe(model: onnx.ModelProto, bits: int, block_size: int, accuracy_level: int,
-                  symmetric: bool = True) -> tuple[int, list[str]]:
+                  symmetric: bool = True, base_dir: Path | None = None) -> tuple[int, list[str]]:
     """Replace every `com.microsoft.MoE` with `QMoE` holding block-quantized expert weights.
-    Returns (blocks converted, notes on blocks left float because no block size fits)."""
+    Returns (blocks converted, notes on blocks left float because no block size fits).
+    `base_dir`: where the external data of a model loaded without it lies; each block's float
+    experts are then read when it is converted, and dropped after."""
+    where = str(base_dir) if base_dir is not None else ""
     inits = _initializers(model)
     count, notes = 0, []
     for idx, node in enumerate(list(model.graph.node)):
         if node.op_type != "MoE" or node.domain != "com.microsoft":
             continue
         ins = list(node.input) + [""] * (6 - len(node.input))
-        fc1, fc2 = numpy_helper.to_array(inits[ins[2]]), numpy_helper.to_array(inits[ins[4]])
+        fc1, fc2 = numpy_helper.to_array(inits[ins[2]], where), numpy_helper.to_array(inits[ins[4]], where)
         block = _qmoe_block(block_size, (fc1.shape[2], fc2.shape[2]))
         if block is None:
             notes.append(f"{node.name}: experts kept float (widths {fc1.shape[2]}, {fc2.shape[2]} have no "
@@ -265,8 +268,12 @@ SCHEMES = {"int8": ("block", "tensor"), "int4": ("hqq", "rtn", "rtn-asym")}
 
 def quantize_model(model: onnx.ModelProto, mode: str, *, scheme: str | None = None, block_size: int = 32,
                    accuracy_level: int = 4, keep_float: set[str] = frozenset(), quantize_head: bool = True,
-                   head_bits: int = 8, work_dir: Path | None = None) -> tuple[onnx.ModelProto, QuantResult]:
-    """Quantize a float model (in memory) to `mode`; the input proto is modified.
+                   head_bits: int = 8, work_dir: Path | None = None,
+                   base_dir: Path | None = None) -> tuple[onnx.ModelProto, QuantResult]:
+    """Quantize a float model (in memory) to `mode`; the input proto is modified. `base_dir`: the
+    model was loaded without its external data, which lies there: the fused experts (most of an
+    MoE's bytes) are read block by block as they are quantized, the rest is loaded after, so the
+    float model is never in memory whole.
 
     Schemes (first is the default):
     - int8 `block`: `MatMulNBits` 8-bit, block-wise symmetric weights; with `accuracy_level=4`
@@ -289,9 +296,12 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, scheme: str | None = No
     scheme = scheme or SCHEMES[mode][0]
     if scheme not in SCHEMES[mode]:
         raise ConfigError(f"{mode} scheme must be one of {', '.join(SCHEMES[mode])}, not {scheme!r}")
-    gemm_to_matmul(model)
     _ensure_names(model)
-    qmoe, notes = fused_to_qmoe(model, 8 if mode == "int8" else 4, block_size, accuracy_level)
+    qmoe, notes = fused_to_qmoe(model, 8 if mode == "int8" else 4, block_size, accuracy_level, base_dir=base_dir)
+    if base_dir is not None:
+        from moeconv.onnx.graph import load_remaining_external_data
+        load_remaining_external_data(model, base_dir)
+    gemm_to_matmul(model)  # Gemm nodes only: independent of the MoE blocks converted above
     if qmoe and mode == "int4":
         notes.append(f"{qmoe} fused MoE blocks hold round-to-nearest int4 experts (QMoE has integer zero "
                      "points); the portable strategy quantizes experts with HQQ, more accurately")

