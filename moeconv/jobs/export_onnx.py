@@ -40,7 +40,9 @@ def export_onnx_to_dir(src, out, cfg: ExportOnnxConfig, *, force: bool = False, 
             from moeconv.onnx.genai_config import write_model_files
             # what loaders (onnxruntime-genai, optimum, a hand-written loop) read beside the graph
             files += write_model_files(tmp, loaded.module, with_past=cfg.with_past)
-        return JobResult({"status": "ok", "passes": [pass_report], "files": files}, loaded.source)
+        written = {"format": "onnx" + (" (KV cache)" if cfg.with_past else ""), "consumer": "onnxruntime"}
+        return JobResult({"status": "ok", "passes": [pass_report], "files": files, "written": written},
+                         loaded.source)
     try:
         return run_job(src, out, force=force, recipe=[{"pass": ExportOnnx.name, **cfg.model_dump()}], work=work)
     except ParityError as exc:
