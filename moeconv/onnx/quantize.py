@@ -305,14 +305,7 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, scheme: str | None = No
     if qmoe and mode == "int4":
         notes.append(f"{qmoe} fused MoE blocks hold round-to-nearest int4 experts (QMoE has integer zero "
                      "points); the portable strategy quantizes experts with HQQ, more accurately")
-    if model.graph.output and model.graph.output[0].name == "logits" and lm_head_weight(model) is None:
-        if quantize_head and untie_output_projection(model):
-            notes.append("tied embedding / output projection untied: the projection is quantized"
-                         + ("; the embedding table too (GatherBlockQuantized, int4 round-to-nearest)"
-                            if mode == "int4" else "; the embedding table stays float"))
-        else:
-            notes.append("the output projection shares the embedding matrix (tied weights): it stays float, "
-                         "stored once")
+    notes += _tied_head_notes(model, mode, quantize_head)
     exclude = float_nodes(model, set(keep_float))
     bits = 8 if mode == "int8" else 4
     # the output projection at its own bit width: held out of the main pass, quantized after it
@@ -333,6 +326,18 @@ def quantize_model(model: onnx.ModelProto, mode: str, *, scheme: str | None = No
             out = _gather4(out, block_size)
     after = sum(1 for n in out.graph.node if n.op_type == "MatMul")
     return out, QuantResult(mode, before - after, sorted(exclude), qmoe, notes, scheme)
+
+
+def _tied_head_notes(model: onnx.ModelProto, mode: str, quantize_head: bool) -> list[str]:
+    """An output projection tied to the embedding is untied (and quantized) with `quantize_head`;
+    the note says which happened (none when the head is not tied)."""
+    if not (model.graph.output and model.graph.output[0].name == "logits" and lm_head_weight(model) is None):
+        return []
+    if quantize_head and untie_output_projection(model):
+        return ["tied embedding / output projection untied: the projection is quantized"
+                + ("; the embedding table too (GatherBlockQuantized, int4 round-to-nearest)"
+                   if mode == "int4" else "; the embedding table stays float")]
+    return ["the output projection shares the embedding matrix (tied weights): it stays float, stored once"]
 
 
 def _int8_tensor(model: onnx.ModelProto, exclude: list[str], work_dir: Path | None) -> onnx.ModelProto:
