@@ -60,9 +60,10 @@ def chain_command(moe: str = "OUT/moe", dest: str = "OUT/compressed") -> str:
     return f"moeconv export onnx {moe} {dest} --quantize int8 --with-past --atol 0.001"
 
 
-def run_demo(out: Path, *, upcycle_fn, config, force: bool = False, progress=None, new_tokens: int = NEW_TOKENS,
-             chain: bool = True) -> dict:
-    """`upcycle_fn(src, out, config, force=…, progress=…)` is the upcycle job (injected by the CLI).
+def run_demo(out: Path, *, upcycle_fn, compress_fn=None, config, force: bool = False, progress=None,
+             new_tokens: int = NEW_TOKENS, chain: bool = True) -> dict:
+    """`upcycle_fn(src, out, config, progress=…)` is the upcycle job and `compress_fn(src, out,
+    CHAIN, progress=…)` the ONNX export job (injected by the CLI: the core does not import passes).
     Returns the demo report (also OUT/report.json): the upcycle report, the chain report (with
     `chain`), the prompt and one row per model (text, perplexity, bytes, speed)."""
     from moeconv.stream.allocator import fixed_mmap_threshold
@@ -80,7 +81,7 @@ def run_demo(out: Path, *, upcycle_fn, config, force: bool = False, progress=Non
     try:  # OUT/moe and OUT/compressed are each atomic; a failed demo removes the OUT it created
         result, probe = _upcycle_and_compare(gguf, out, upcycle_fn, config, progress, new_tokens)
         if chain:
-            _compress(out, result, probe, progress)
+            _compress(out, result, probe, compress_fn, progress)
         result["seconds"] = round(time.perf_counter() - t0, 1)
         _write_report(out, result)
     except BaseException:
@@ -118,13 +119,11 @@ def _upcycle_and_compare(gguf: Path, out: Path, upcycle_fn, config, progress, ne
     return result, probe
 
 
-def _compress(out: Path, result: dict, probe: dict, progress) -> None:
+def _compress(out: Path, result: dict, probe: dict, compress_fn, progress) -> None:
     """OUT/compressed from OUT/moe (`chain_command`), then measured in onnxruntime; its perplexity
     must stay within `MAX_PERPLEXITY_RATIO` of the dense model's."""
-    from moeconv.jobs.export_onnx import export_onnx_to_dir
     from moeconv.stream.allocator import free_memory
-    from passes.export_onnx import ExportOnnxConfig
-    result["chain"] = export_onnx_to_dir(out / "moe", out / "compressed", ExportOnnxConfig(**CHAIN), progress=progress)
+    result["chain"] = compress_fn(out / "moe", out / "compressed", CHAIN, progress=progress)
     result["chain_out"] = str(out / "compressed")
     result["chain_command"] = chain_command(str(out / "moe"), str(out / "compressed"))
     free_memory()

@@ -39,7 +39,13 @@ def register(app: typer.Typer) -> None:
                 from moeconv.errors import ConfigError
                 raise ConfigError(f"demo: {' '.join(str(exc).split())[:200]}") from None
             with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
-                result = run_demo(out_dir, upcycle_fn=upcycle_checkpoint, config=cfg, force=force, progress=progress,
-                                  chain=not upcycle_only)
+                result = run_demo(out_dir, upcycle_fn=upcycle_checkpoint, compress_fn=_export_onnx, config=cfg,
+                                  force=force, progress=progress, chain=not upcycle_only)
             render_demo(cli.out, result)
         cli._run(go)
+
+
+def _export_onnx(src, out, fields: dict, *, progress=None) -> dict:
+    from moeconv.jobs.export_onnx import export_onnx_to_dir
+    from passes.export_onnx import ExportOnnxConfig
+    return export_onnx_to_dir(src, out, ExportOnnxConfig(**fields), progress=progress)
