@@ -10,7 +10,6 @@ from moeconv.instruments import Instrument, ModelBytes, NumericCheck, Timing
 from moeconv.pass_base import Pass
 from moeconv.report import RunReport
 from moeconv.state import ModelState
-from moeconv.stream.allocator import free_memory
 
 @dataclass
 class PlanStep:
@@ -85,7 +84,5 @@ class Pipeline:
             result = p(state, ctx, instruments=self.instruments)  # the pass enforces its own contract
             report.passes.append(result.report)
             state = result.state
-            result = None
-            free_memory()  # what the pass left in reference cycles goes before the next pass starts
         ctx.report_progress("pipeline", len(self.passes), len(self.passes))
         return PipelineResult(state, report)

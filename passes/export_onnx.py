@@ -40,7 +40,7 @@ from moeconv.onnx.exporter import export_program
 from moeconv.onnx.moe_export import custom_translation_table, lowered, plan_lowering
 from moeconv.nn.moe import MoEBlock
 from moeconv.onnx.spill import ParameterSpill
-from moeconv.stream.allocator import free_memory
+from moeconv.stream.allocator import free_memory, module_bytes
 from moeconv.onnx.quantize import lm_head_weight, quantize_model
 from moeconv.onnx.signature import build_signature
 from moeconv.pass_base import Contract, Pass, PassConfig, PassResult
@@ -182,6 +182,7 @@ class _ExportRun:
         self.int8 = None
         self.carried = None
         self.aside = ParameterSpill(out_dir / ".experts-aside")
+        self.held = module_bytes(module)  # how big a model `free_memory` is cleaning up after
         self.session_config = FLOAT_ARITHMETIC if layers else None
 
     # -- the graph -----------------------------------------------------------------------------
@@ -216,10 +217,10 @@ class _ExportRun:
             rewritten = bool(self.layers) or cfg.quantize is not None
             self.external = graph.save_program(program, self.float_path, external=True if rewritten else None)
             del program
-            free_memory()  # the exported IR is full of reference cycles that hold the stacked experts
+            free_memory(self.held)  # the exported IR is full of reference cycles that hold the stacked experts
             if self.layers:
                 self._carry_int8()
-                free_memory()
+                free_memory(self.held)
         finally:
             if self.swap is not None:
                 self.swap.rebuild()
@@ -261,7 +262,7 @@ class _ExportRun:
             generation["torch"] = runtime.greedy_torch(self.module, generation["prompt"], generation["tokens"])
         for block in (m for m in self.module.modules() if isinstance(m, MoEBlock)):
             self.aside.spill(block.experts)
-        free_memory()
+        free_memory(self.held)
         self.sess = runtime.session(self.float_path, self.threads, config=self.session_config)
         self.rows, self.refs = parity.compare(self.sess, sig, self.cases, baseline=baseline, atol=cfg.atol,
                                               torch_results=torch_results)
@@ -284,8 +285,10 @@ class _ExportRun:
         # float arithmetic.
         sig, cases, report, int8 = self.sig, self.cases, self.report, self.int8
         self.step("measuring: onnxruntime vs the bitsandbytes model")
-        # from here on only the bitsandbytes layers run in PyTorch: the float copy goes
-        # (self.refs already hold what the float model computed)
+        # PyTorch runs again: every expert weight set aside comes back (a layer the quantizer left
+        # in float runs as it is), then the float copies of the int8 layers go, since only their
+        # bitsandbytes form runs from here on (self.refs hold what the float model computed)
+        self.aside.restore()
         self.swap.release_all()
         with self.swap.bnb():
             bnb_refs = [runtime.run_torch(sig, c.ids, c.mask, c.past) for c in cases]
@@ -341,7 +344,7 @@ class _ExportRun:
         self.step(f"quantizing ({cfg.quantize}, onnxruntime)")
         del self.sess
         self.final_sess = None
-        free_memory()
+        free_memory(self.held)
         model = graph.load_model(self.float_path, external_data=False)  # read as it is quantized
         keep = set()
         if not cfg.quantize_lm_head and self.sig.output_is_logits:
@@ -356,7 +359,7 @@ class _ExportRun:
         self.final_path = self.out_dir / MODEL_FILE
         graph.save_model(qmodel, self.final_path, {**self.props, "moeconv.quantization": json.dumps(qres.to_dict())})
         del qmodel
-        free_memory()
+        free_memory(self.held)
         shutil.rmtree(self.float_path.parent)
         self.step("measuring quantized error")
         self.final_sess = runtime.session(self.final_path, self.threads, config=self.session_config)

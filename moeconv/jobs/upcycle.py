@@ -38,7 +38,7 @@ from moeconv.patterns import find_ffn_sites
 from moeconv.pipeline import Pipeline
 from moeconv.sites import expert_rel_names, role_paths, select_sites
 from moeconv.state import SourceInfo, model_outputs, vocab_size
-from moeconv.stream.allocator import free_memory
+from moeconv.stream.allocator import free_memory, module_bytes
 from moeconv.summary import model_summary, summary_inputs
 from moeconv.units import parse_size
 from moeconv.verify import EXACT, check_inputs, compare_outputs, load_consumer
@@ -137,8 +137,9 @@ def _in_memory(src, tmp: Path, cfg: UpcycleConfig, family: MoeFormat | None, dty
     # MoE: 1.4 GB each, plus the pages of the file being read).
     vocab = vocab_size(state.module, state.config)
     reference = _reference_outputs(state.module, vocab, cfg.seed)
+    held = module_bytes(state.module)
     del state, result
-    free_memory()
+    free_memory(held)
     report["verification"] = _verify_reload(tmp, reference, family, cfg, vocab=vocab, exact=True, what="in-memory MoE")
     report["verification"]["dense_vs_moe_rel_max_diff"] = pass_report.metrics.get("rel_max_diff")
     return JobResult(report, source_info)
