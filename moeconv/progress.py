@@ -49,8 +49,8 @@ class LogProgress:
     """Progress for a log file, where bars cannot be drawn: plain lines, each stamped with the time
     since the run started.
 
-    - Nothing in the run's first `after` seconds (a refused run prints its error line alone); the
-      step running then is said at the first call after.
+    - Steps are not said in the run's first `quiet` seconds (a run refused while it loads prints
+      its error line alone); the step running then is said at the first call after.
     - A step (`total is None`, e.g. "generate (dense)", or a one-item task) prints one line when it
       starts; a one-item step that took `after` seconds prints another when it ends.
     - A counted task with at most `per_item` items (layers, passes, training steps) prints one
@@ -60,8 +60,9 @@ class LogProgress:
     Counted lines carry done/total, the task's elapsed time and the time left at the rate so far."""
 
     def __init__(self, console: Console, *, after: float = 2.0, every: float = 10.0, per_item: int = 200,
-                 clock=time.monotonic):
+                 quiet: float = 10.0, clock=time.monotonic):
         self.console, self.after, self.every, self.per_item, self.clock = console, after, every, per_item, clock
+        self.quiet = quiet
         self._t0 = clock()
         self._start: dict[str, float] = {}
         self._last: dict[str, tuple[float, int]] = {}
@@ -69,14 +70,14 @@ class LogProgress:
 
     def __call__(self, task: str, done: int, total: int | None) -> None:
         now = self.clock()
-        if self._pending is not None and now - self._t0 >= self.after:
+        if self._pending is not None and now - self._t0 >= self.quiet:
             self._print(*self._pending)  # the step that was running when the quiet start ended
             self._pending = None
         if total is None or (total == 1 and done == 0):  # a step: said once, when it starts
             if task not in self._start:
                 self._start[task] = now
-                if now - self._t0 < self.after:
-                    # a quiet start: a run refused within `after` seconds prints its one error line only
+                if now - self._t0 < self.quiet:
+                    # a quiet start: a run refused within `quiet` seconds prints its one error line only
                     self._pending = (now, f"{task} …")
                 else:
                     self._print(now, f"{task} …")
@@ -92,7 +93,7 @@ class LogProgress:
             due = finished or (done > printed[1] and (total <= self.per_item or now - printed[0] >= self.every))
         else:  # a task that took `after` seconds says so when it ends, even if it never got to a line
             due = now - start >= self.after
-        if due:
+        if due and now - self._t0 >= self.quiet:
             self._last[task] = (now, done)
             self._print(now, progress_line(task, done, total, now - start))
         if finished:

@@ -18,7 +18,7 @@ class _Clock:
 
 def _log(**kw):
     out, clock = io.StringIO(), _Clock()
-    return LogProgress(Console(file=out, width=200), clock=clock, **kw), out, clock
+    return LogProgress(Console(file=out, width=200), clock=clock, **{"quiet": 2, **kw}), out, clock
 
 
 def test_a_layer_task_prints_one_line_per_layer_after_a_quiet_start_and_a_quick_task_nothing():
