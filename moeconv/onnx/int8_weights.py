@@ -121,16 +121,16 @@ class Swap:
 
     def release_under(self, prefix: str) -> None:
         """Free the float weights of the int8 layers under module path `prefix`."""
-        for path, lin in self.float_modules.items():
-            if path.startswith(prefix + ".") and path not in self.released:
-                lin.weight = nn.Parameter(torch.empty(0), requires_grad=False)
-                self.released.add(path)
+        self._release(p for p in self.float_modules if p.startswith(prefix + "."))
 
     def release_all(self) -> None:
         """Free every float weight (nothing reads them while the bitsandbytes layers are in place)."""
-        for path, lin in self.float_modules.items():
+        self._release(self.float_modules)
+
+    def _release(self, paths) -> None:
+        for path in paths:
             if path not in self.released:
-                lin.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+                self.float_modules[path].weight = nn.Parameter(torch.empty(0), requires_grad=False)
                 self.released.add(path)
 
     def rebuild(self) -> None:
