@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from moeconv.nn.moe import MoEBlock
+from moeconv.sparsity import zero_count
 from moeconv.state import call_model
 
 
@@ -57,7 +58,7 @@ def expert_sparsity(model: nn.Module) -> dict[str, list[float]]:
                 ws = [p for n, p in e.named_parameters() if n.endswith("weight") and p.dim() == 2
                       and (p.is_floating_point() or p.dtype == torch.int8)]
                 total = sum(w.numel() for w in ws)
-                zeros = sum(int((w == 0).sum()) for w in ws)
+                zeros = sum(zero_count(w) for w in ws)
                 fr.append(zeros / total if total else 0.0)
             out[path] = fr
     return out
@@ -82,7 +83,7 @@ def layer_sparsity(model: nn.Module, prefix: str = "") -> dict[str, float]:
         layer = _LAYER.match(name)
         if layer is None or _group(name, module_of) not in FFN_GROUPS:
             continue
-        zeros[layer.group(1)] += int((w == 0).sum())
+        zeros[layer.group(1)] += zero_count(w)
         total[layer.group(1)] += w.numel()
     return {k: round(zeros[k] / total[k], 4) for k in total if total[k]}
 

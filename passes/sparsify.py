@@ -43,7 +43,7 @@ from moeconv.pass_base import Contract, LayerJob, Pass, PassConfig, PassResult
 from moeconv.report import PassReport
 from moeconv.selectors import Selection, Selectors, absent_note
 from moeconv.sparse_cuda import speed_note
-from moeconv.sparsity import SparsityPattern, check_pattern
+from moeconv.sparsity import SparsityPattern, check_pattern, zero_count
 from moeconv.state import ModelState
 from moeconv.hessian import InputStats
 from passes.sparsify_methods import magnitude, reconstruction_error, sparsegpt, wanda
@@ -475,7 +475,7 @@ class _Job(LayerJob):
         stored = weight_out_in(m).detach()
         sp = check_pattern(stored, self.pat, name)
         row = {"matrix": name, "shape": list(stored.shape), "sparsity": round(sp, 4), "stats": source,
-               "rel_error": err, "params": stored.numel(), "zeros": int((stored == 0).sum())}
+               "rel_error": err, "params": stored.numel(), "zeros": zero_count(stored)}
         self.bytes[name] = (stored.numel() * stored.element_size(), compressed_nbytes(m.weight.detach()))
         if damp is not None:
             row["dampening"] = damp

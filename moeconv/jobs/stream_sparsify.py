@@ -26,7 +26,7 @@ from moeconv.jobs.stream_report import compare_and_summarise
 from moeconv.nn.linear_like import is_conv1d
 from moeconv.report import PassReport
 from moeconv.sparse_cuda import speed_note
-from moeconv.sparsity import SparsityPattern, check_pattern
+from moeconv.sparsity import SparsityPattern, check_pattern, zero_count
 from moeconv.stream.allocator import fixed_mmap_threshold, release_freed
 from moeconv.stream.skeleton import Skeleton
 from passes.sparsify import SparsifyConfig, select_targets
@@ -97,7 +97,7 @@ class _Pruner:
         sp = check_pattern(stored, self.pat, path)
         self.seconds += time.perf_counter() - t0
         self.rows[path] = {"matrix": path, "shape": list(stored.shape), "sparsity": round(sp, 4), "stats": "none",
-                           "rel_error": None, "params": stored.numel(), "zeros": int((stored == 0).sum())}
+                           "rel_error": None, "params": stored.numel(), "zeros": zero_count(stored)}
         self.compressed += compressed_nbytes(stored)
         return (stored.t() if conv else stored).contiguous()
 
