@@ -47,6 +47,11 @@ class Context:
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randint(0, vocab_size, (batch, seq), generator=gen)
 
-    def report_progress(self, task: str, done: int, total: int) -> None:
-        if self.progress is not None:
+    def report_progress(self, task: str, done: int, total: int, detail: str | None = None) -> None:
+        """`detail`: what the task is doing now (the current pass, bytes written), shown beside it."""
+        if self.progress is None:
+            return
+        if detail is None:  # callbacks written for (task, done, total) keep working
             self.progress(task, done, total)
+        else:
+            self.progress(task, done, total, detail=detail)

@@ -31,9 +31,9 @@ class Progress:
         if self.enabled:
             self._p.__exit__(*exc)
 
-    def __call__(self, task: str, done: int, total: int | None) -> None:
+    def __call__(self, task: str, done: int, total: int | None, detail: str | None = None) -> None:
         if self._log is not None:
-            self._log(task, done, total)
+            self._log(task, done, total, detail)
         if not self.enabled:
             return
         if total is None:  # a new step marker replaces the last one (a spinner that never ends)
@@ -42,7 +42,8 @@ class Progress:
             self._markers = [task]
         if task not in self._tasks:
             self._tasks[task] = self._p.add_task(task, total=total)
-        self._p.update(self._tasks[task], completed=done, total=total)
+        description = f"{task} · {detail}" if detail else task
+        self._p.update(self._tasks[task], completed=done, total=total, description=description)
 
 
 class LogProgress:
@@ -57,7 +58,8 @@ class LogProgress:
       line per item once it has run `after` seconds, so a quick task prints nothing.
     - A task with more items (tensors) prints a line at most every `every` seconds.
     - A task that printed anything, or ran `after` seconds, prints a last line when it finishes.
-    Counted lines carry done/total, the task's elapsed time and the time left at the rate so far."""
+    Counted lines carry done/total, the task's elapsed time, the time left at the rate so far, and
+    the caller's detail (a streamed sweep's current pass and bytes written) when given."""
 
     def __init__(self, console: Console, *, after: float = 2.0, every: float = 10.0, per_item: int = 200,
                  quiet: float = 10.0, clock=time.monotonic):
@@ -68,7 +70,7 @@ class LogProgress:
         self._last: dict[str, tuple[float, int]] = {}
         self._pending: tuple[float, str] | None = None
 
-    def __call__(self, task: str, done: int, total: int | None) -> None:
+    def __call__(self, task: str, done: int, total: int | None, detail: str | None = None) -> None:
         now = self.clock()
         if self._pending is not None and now - self._t0 >= self.quiet:
             self._print(*self._pending)  # the step that was running when the quiet start ended
@@ -95,7 +97,7 @@ class LogProgress:
             due = now - start >= self.after
         if due and now - self._t0 >= self.quiet:
             self._last[task] = (now, done)
-            self._print(now, progress_line(task, done, total, now - start))
+            self._print(now, progress_line(task, done, total, now - start, detail))
         if finished:
             self._start.pop(task, None)
             self._last.pop(task, None)
@@ -104,14 +106,15 @@ class LogProgress:
         self.console.print(f"[{_duration(now - self._t0)}] {line}", markup=False, highlight=False)
 
 
-def progress_line(task: str, done: int, total: int | None, elapsed: float) -> str:
-    """'TASK: 12/178 (6.7%), 3m10s elapsed, about 44m left'."""
+def progress_line(task: str, done: int, total: int | None, elapsed: float, detail: str | None = None) -> str:
+    """'TASK: 12/178 (6.7%), 3m10s elapsed, about 44m left · DETAIL'."""
     if not total:
-        return f"{task}: {done} done, {_duration(elapsed)} elapsed"
-    line = f"{task}: {done}/{total} ({done / total:.1%}), {_duration(elapsed)} elapsed"
-    if 0 < done < total:
-        line += f", about {_duration(elapsed / done * (total - done))} left"
-    return line
+        line = f"{task}: {done} done, {_duration(elapsed)} elapsed"
+    else:
+        line = f"{task}: {done}/{total} ({done / total:.1%}), {_duration(elapsed)} elapsed"
+        if 0 < done < total:
+            line += f", about {_duration(elapsed / done * (total - done))} left"
+    return f"{line} · {detail}" if detail else line
 
 
 def _duration(seconds: float) -> str:

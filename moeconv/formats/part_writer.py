@@ -26,6 +26,7 @@ class PartWriter:
         self.specs: list[TensorSpec] = []
         self.checksums: dict[str, str] = {}
         self.files: list[tuple[str, list[str]]] = []  # temporary file name, its tensor names
+        self.bytes_written = 0  # tensor bytes in the shards written so far (for progress)
 
     def write(self, tensors: list[tuple[str, torch.Tensor]]) -> int:
         """Write one part's tensors (in order) as one shard; returns its bytes."""
@@ -40,7 +41,9 @@ class PartWriter:
                                           on_tensor=self.on_tensor))
         self.specs.extend(specs)
         self.files.append((fname, [s.name for s in specs]))
-        return sum(s.nbytes for s in specs)
+        nbytes = sum(s.nbytes for s in specs)
+        self.bytes_written += nbytes
+        return nbytes
 
     def finish(self, config: dict) -> dict:
         """Name the shards, write the index and config.json, re-read and check every tensor;

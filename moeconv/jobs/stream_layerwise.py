@@ -43,6 +43,7 @@ from moeconv.jobs.stream_quantize import group_bytes, measured
 from moeconv.jobs.stream_report import compare_and_summarise
 from moeconv.pass_base import Pass
 from moeconv.pipeline import Pipeline
+from moeconv.report_format import fmt_bytes
 from moeconv.stream.allocator import fixed_mmap_threshold
 from moeconv.stream.residency import StreamedLayers
 from moeconv.stream.skeleton import Skeleton
@@ -88,7 +89,7 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
     recipe = [{"pass": p.name, **p.config.model_dump()} for p in passes]
 
     def work(tmp: Path) -> JobResult:
-        sweep = _Sweep(skel, jobs, output, PartWriter(tmp), ctx)
+        sweep = _Sweep(skel, jobs, output, PartWriter(tmp), ctx, names=[p.name for p in body])
         sweep.run()
         results = [sweep.timed(i, job.finish) for i, job in enumerate(jobs)]
         config, fmt, consumer = output.config()
@@ -131,8 +132,13 @@ def _plan(skel: Skeleton, passes: list[Pass], ctx: Context) -> None:
 class _Sweep:
     """One pass over the layers: every job's per-layer step, each final part checked and written."""
 
-    def __init__(self, skel: Skeleton, jobs: list, output: StreamOutput, writer: PartWriter, ctx: Context):
+    TASK = "layers (read, changed, written)"
+
+    def __init__(self, skel: Skeleton, jobs: list, output: StreamOutput, writer: PartWriter, ctx: Context,
+                 names: list[str]):
         self.skel, self.jobs, self.output, self.writer, self.ctx = skel, jobs, output, writer, ctx
+        self.names = names  # each job's pass, for progress
+        self._index = 0  # the decoder layer being worked on
         size = jobs[0].batch_size
         if any(j.batch_size != size for j in jobs):
             raise ConfigError("the streamed passes must share one batch_size (they run on the same batches)")
@@ -152,13 +158,17 @@ class _Sweep:
             raise UnsupportedError("internal: a pass that needs a sweep before its own is not streamed")
         run_layerwise(self.skel.module, self.batches, self._on_layer, after_layer=self._after_layer,
                       residency=StreamedLayers(self.skel, on_final=self._final),
-                      progress=self._progress("layers (read, changed, written)"))
+                      progress=self._progress)
 
-    def _progress(self, task: str):
-        return lambda _task, done, total: self.ctx.report_progress(task, done, total)
+    def _progress(self, _task: str, done: int, total: int, now: str | None = None) -> None:
+        """Layers done, with the pass at work (`now`) and the bytes written so far beside them."""
+        written = f"{fmt_bytes(self.writer.bytes_written)} written"
+        self.ctx.report_progress(self.TASK, done, total, detail=f"{now} · {written}" if now else written)
 
     def _on_layer(self, index, path, layer, forward) -> None:
+        self._index = index
         for i, job in enumerate(self.jobs):
+            self._progress(self.TASK, index, self.skel.num_layers, now=self.names[i])
             self.timed(i, job.on_layer, index, path, layer, forward)
 
     def _after_layer(self, index, path, layer, outputs) -> None:
@@ -169,6 +179,9 @@ class _Sweep:
     def _final(self, path: str | None, part) -> None:
         for i, job in enumerate(self.jobs):
             self.timed(i, job.part_checks, path, part)
+        if path is not None:
+            self._progress(self.TASK, self._index, self.skel.num_layers,
+                           now="quantize and write" if self.output.quantized else "write")
         self.writer.write(self.output.tensors(path, part))
 
 

@@ -30,6 +30,7 @@ from moeconv.jobs.stream_report import compare_and_summarise
 from moeconv.module_groups import GROUPS, module_groups
 from moeconv.nn.linear_like import in_out_features, is_conv1d
 from moeconv.nn.quantized import QuantSpec, layer_record, quantize_linear, serialized
+from moeconv.report_format import fmt_bytes
 from moeconv.stream.allocator import fixed_mmap_threshold, release_freed
 from moeconv.stream.skeleton import Skeleton
 from passes.quantize import Quantize, QuantizeConfig
@@ -155,11 +156,12 @@ class _Plan:
             self.skel.release(names)
 
     def on_tensor(self, ctx: Context):
-        done = [0]
+        done, written = [0], [0]
 
-        def step(_spec):
+        def step(spec):
             done[0] += 1
-            ctx.report_progress("quantize (streamed)", done[0], len(self.specs))
+            written[0] += spec.nbytes
+            ctx.report_progress("quantize (streamed)", done[0], len(self.specs), detail=f"{fmt_bytes(written[0])} written")
         return step
 
     def report(self):

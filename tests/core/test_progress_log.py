@@ -93,3 +93,13 @@ def test_nothing_in_a_quiet_start_and_the_step_running_then_is_said_after():
     clock.t = 30.0
     log("writing", 0, None)
     assert out.getvalue().splitlines() == ["[1s] checking …", "[30s] writing …"]
+
+
+def test_a_detail_rides_on_the_counted_line():
+    """A streamed sweep's pass at work and bytes written (`detail`) follow the counts."""
+    assert progress_line("layers", 3, 10, 30.0, "sparsify · 1.2 GB written") == (
+        "layers: 3/10 (30.0%), 30s elapsed, about 1m10s left · sparsify · 1.2 GB written")
+    log, out, clock = _log(after=0, per_item=200)
+    clock.t = 3.0
+    log("layers", 1, 4, "prune-experts · 10 MB written")
+    assert out.getvalue().splitlines() == ["[3s] layers: 1/4 (25.0%), 0s elapsed, about 0s left · prune-experts · 10 MB written"]

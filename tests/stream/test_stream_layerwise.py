@@ -71,8 +71,16 @@ def test_a_recipe_is_one_sweep_with_one_layer_in_memory(source, tmp_path, monkey
                             for layer in self.skel.module.get_submodule(self.skel.prefix)))
     monkeypatch.setattr(residency.StreamedLayers, "enter", counting)
     passes = [PruneExperts(keep=3), Sparsify(method="wanda"), Quantize(method="int8")]
-    report = run_streamed(source, tmp_path / "out", passes, ctx=Context(calibration=CALIB))
+    said = []
+    report = run_streamed(source, tmp_path / "out", passes,
+                          ctx=Context(calibration=CALIB, progress=lambda *a, **kw: said.append((a, kw))))
     assert entered == [0, 1, 2] and resident == [1, 1, 1]  # three layers, one sweep, one layer at a time
+    # progress names the pass at work on each layer and the bytes written so far
+    sweep = [(a[1], kw["detail"]) for a, kw in said if a[0] == "layers (read, changed, written)"]
+    assert [d for done, d in sweep if done == 0] == ["0 B written", "prune-experts · 0 B written",
+                                                     "sparsify · 0 B written", "quantize and write · 0 B written"], sweep
+    after_first = [d for done, d in sweep if done == 1][1]  # layer 0 is on disk by then
+    assert after_first.startswith("prune-experts · ") and after_first.endswith("KiB written"), sweep
     assert [p["pass_name"] for p in report["passes"]] == ["prune-experts", "sparsify", "quantize"]
     assert all(p["metrics"]["route"] == "streaming" for p in report["passes"])
     # one sweep, yet each row has its own time (its per-layer work, summed): no "-" in report.html
