@@ -47,9 +47,20 @@ def bytes_per_group(model: nn.Module) -> dict[str, int]:
     return dict(out)
 
 
-def expert_sparsity(model: nn.Module) -> dict[str, list[float]]:
+def _zeros(w: torch.Tensor, memo: dict[int, int] | None) -> int:
+    """`zero_count(w)`, counted once per tensor when `memo` is given (expert weights are counted
+    for both the per-expert and the per-layer sparsity)."""
+    if memo is None:
+        return zero_count(w)
+    if id(w) not in memo:
+        memo[id(w)] = zero_count(w)
+    return memo[id(w)]
+
+
+def expert_sparsity(model: nn.Module, memo: dict[int, int] | None = None) -> dict[str, list[float]]:
     """Per MoE layer, the fraction of zero weights in each expert's projections (bitsandbytes int8
-    weights included: a zero there is a zero weight; packed 4-bit weights are not counted)."""
+    weights included: a zero there is a zero weight; packed 4-bit weights are not counted).
+    `memo`: see `_zeros`."""
     out = {}
     for path, m in model.named_modules():
         if isinstance(m, MoEBlock):
@@ -58,7 +69,7 @@ def expert_sparsity(model: nn.Module) -> dict[str, list[float]]:
                 ws = [p for n, p in e.named_parameters() if n.endswith("weight") and p.dim() == 2
                       and (p.is_floating_point() or p.dtype == torch.int8)]
                 total = sum(w.numel() for w in ws)
-                zeros = sum(zero_count(w) for w in ws)
+                zeros = sum(_zeros(w, memo) for w in ws)
                 fr.append(zeros / total if total else 0.0)
             out[path] = fr
     return out
@@ -69,7 +80,7 @@ FFN_GROUPS = ("experts", "shared expert", "dense ffn")
 _LAYER = re.compile(r"^(.*?\.\d+)\.")
 
 
-def layer_sparsity(model: nn.Module, prefix: str = "") -> dict[str, float]:
+def layer_sparsity(model: nn.Module, prefix: str = "", memo: dict[int, int] | None = None) -> dict[str, float]:
     """Per decoder layer, the fraction of zero weights in its FFN matrices (all experts of an MoE
     layer together; int8 weights counted, packed 4-bit ones not); `prefix`: the path `model` has in
     the whole model (a streamed layer). A 2:4 model reads 0.5 in every pruned layer."""
@@ -83,7 +94,7 @@ def layer_sparsity(model: nn.Module, prefix: str = "") -> dict[str, float]:
         layer = _LAYER.match(name)
         if layer is None or _group(name, module_of) not in FFN_GROUPS:
             continue
-        zeros[layer.group(1)] += zero_count(w)
+        zeros[layer.group(1)] += _zeros(w, memo)
         total[layer.group(1)] += w.numel()
     return {k: round(zeros[k] / total[k], 4) for k in total if total[k]}
 
@@ -91,10 +102,11 @@ def layer_sparsity(model: nn.Module, prefix: str = "") -> dict[str, float]:
 def model_summary(state, batches: torch.Tensor | None) -> dict:
     """Everything the report shows about one model (`state`: a `ModelState`), expert load measured
     on `batches` (token ids; None: not measured)."""
+    memo: dict[int, int] = {}
     out = {"parameters": state.parameter_count(), "active_parameters": state.active_parameter_count(),
-           "bytes_per_group": bytes_per_group(state.module), "layer_sparsity": layer_sparsity(state.module)}
+           "bytes_per_group": bytes_per_group(state.module), "layer_sparsity": layer_sparsity(state.module, memo=memo)}
     if any(isinstance(m, MoEBlock) for m in state.module.modules()):
-        out["expert_sparsity"] = expert_sparsity(state.module)
+        out["expert_sparsity"] = expert_sparsity(state.module, memo)
         if batches is not None:
             out["expert_load"] = expert_load(state.module, batches)
     return out
@@ -125,11 +137,12 @@ class LayerFacts:
 
     def __call__(self, path: str, layer: nn.Module) -> None:
         self._remove_hooks()  # the previous layer has run: its counters are complete
-        self.sparsity.update(layer_sparsity(layer, prefix=path))
+        memo: dict[int, int] = {}  # the layer's weights live until it is dropped: ids stay theirs
+        self.sparsity.update(layer_sparsity(layer, prefix=path, memo=memo))
         for rel, m in layer.named_modules():
             if isinstance(m, MoEBlock):
                 full = f"{path}.{rel}" if rel else path
-                self.expert_sparsity[full] = expert_sparsity(m)[""]
+                self.expert_sparsity[full] = expert_sparsity(m, memo)[""]
                 counts = self.load.setdefault(full, [0] * m.num_experts)
                 self._handles.append(m.register_forward_pre_hook(_counter(counts)))
 
