@@ -29,6 +29,11 @@ file. The **floor**, measured in the same run on the same source, is a child tha
 transformers, reads every tensor with `safe_open` and writes it back as safetensors shards of the
 same size: what any disk → disk command pays at least.
 
+With `quantize-int8` selected, a second floor runs too, **floor-int8**: the same read and write
+with bitsandbytes' own int8 quantization (`int8_vectorwise_quant`, what `Int8Params` runs) of every
+matrix the command quantizes, and nothing else (no model, no checks): what any bitsandbytes int8
+converter pays at least. The table gives quantize-int8's ratio to both.
+
 Targets (issue #16), each marked met / NOT MET in the table and the JSON:
 
 - RSS(deep) / RSS(shallow) ≤ 1.3 for every command: memory independent of depth;
@@ -268,11 +273,12 @@ def parse_size(text: str) -> int:
     return size
 
 
-def floor_copy(src: str | Path, dst: str | Path, shard_size: str) -> dict:
+def floor_copy(src: str | Path, dst: str | Path, shard_size: str, transform=None) -> dict:
     """Import torch and transformers (the real Mixtral modules, as every command does), read every
     tensor of `src` with `safe_open` and write them, in index order, into safetensors shards of at
     most `shard_size` in `dst` (with an index and the non-weight files). Returns {tensors, bytes, shards}.
-    Holds at most one output shard in memory."""
+    Holds at most one output shard in memory. `transform(name, tensor) -> {name: tensor}`: what is
+    written for each source tensor (default: the tensor itself)."""
     import torch  # noqa: F401
     import transformers  # noqa: F401
     from safetensors import safe_open
@@ -309,7 +315,8 @@ def floor_copy(src: str | Path, dst: str | Path, shard_size: str) -> dict:
             with safe_open(str(src / fname), framework="pt") as f:
                 for sf, name in shard:
                     if sf == fname:
-                        tensors[name] = f.get_tensor(name)
+                        t = f.get_tensor(name)
+                        tensors.update(transform(name, t) if transform is not None else {name: t})
         save_file(tensors, str(dst / oname), metadata={"format": "pt"})
         for name, t in tensors.items():
             out_map[name] = oname
@@ -321,6 +328,25 @@ def floor_copy(src: str | Path, dst: str | Path, shard_size: str) -> dict:
         if p.is_file() and not p.name.endswith(".safetensors") and p.name != "model.safetensors.index.json":
             shutil.copy2(p, dst / p.name)
     return {"tensors": len(out_map), "bytes": total, "shards": len(plan)}
+
+
+def floor_int8(src: str | Path, dst: str | Path, shard_size: str) -> dict:
+    """`floor_copy` with every matrix `quantize --method int8` quantizes (the 2-D weights of the
+    linear layers: attention and experts; not the embeddings, the head or the routers) run through
+    bitsandbytes' `int8_vectorwise_quant` as `Int8Params` runs it (fp16 in; int8 rows and fp32
+    scales out, both written). Imported through moeconv's gateway, which keeps bitsandbytes from
+    fetching kernels from the Hub."""
+    import torch
+    from moeconv.nn.quantized import _bnb
+    bnb = _bnb()
+
+    def quantized(name: str, t):
+        skip = ("embed_tokens", "lm_head", ".gate.weight")
+        if t.dim() != 2 or not name.endswith(".weight") or any(k in name for k in skip):
+            return {name: t}
+        rows, scales, _ = bnb.functional.int8_vectorwise_quant(t.to(torch.float16))
+        return {name: rows, name[:-len("weight")] + "SCB": scales}
+    return floor_copy(src, dst, shard_size, transform=quantized)
 
 
 def write_calib_ids(text: str | Path, src: str | Path, out: str | Path, samples: int, seq_len: int) -> list[int]:
@@ -447,15 +473,15 @@ def bench_depth(layers: int, *, ckpt: Path, work: Path, commands: list[str], val
     """The floor, then every command in `commands`, on the checkpoint `ckpt` of depth `layers`.
     Each output is measured (bytes on disk) and removed. Returns {"floor" | command: Measurement}."""
     results: dict[str, Measurement] = {}
-    todo = ["floor"] + commands
+    todo = ["floor"] + (["floor-int8"] if FLOOR_COMMAND in commands else []) + commands
     outputs = work / "outputs"
     outputs.mkdir(exist_ok=True)
     for name in todo:
         out = outputs / f"{name}-L{layers}"
         _remove_output(out)
         logs = work / "logs" / f"{name}-L{layers}"
-        if name == "floor":
-            m = run_child_helper("floor", [str(ckpt), str(out), shard_size], timeout, logs)
+        if name in ("floor", "floor-int8"):
+            m = run_child_helper(name.replace("-", "_"), [str(ckpt), str(out), shard_size], timeout, logs)
         else:
             m = measure(command_argv(name, dict(values, src=str(ckpt), out=str(out))), timeout=timeout, log_dir=logs)
         m.out_bytes = dir_bytes(out) if out.exists() else None
@@ -491,6 +517,9 @@ def summarize(results: dict[int, dict[str, Measurement]], shallow: int, deep: in
         if name == FLOOR_COMMAND:
             row["floor_target"] = FLOOR_TARGET
             row["floor_met"] = None if row["floor_ratio"] is None else row["floor_ratio"] <= FLOOR_TARGET
+            kernel = results[deep].get("floor-int8")
+            row["int8_floor_ratio"] = (ratio(d.wall_s, kernel.wall_s) if d is not None and d.ok and kernel is not None
+                                       and kernel.ok else None)
         out[name] = row
     return out
 
@@ -527,6 +556,12 @@ def format_table(results: dict[int, dict[str, Measurement]], summary: dict, shal
                      f"{_mark(row['rss_met']):<8} {wall(a):>9} {wall(b):>9} {_num(row['wall_ratio'], '.2f'):>6} "
                      f"{_mark(row['wall_met']):<8} {_num(row['floor_ratio'], '.2f'):>7} {floor_mark:<8} "
                      f"{anon(a):>10} {anon(b):>10}")
+    row = summary.get(FLOOR_COMMAND, {})
+    if row.get("int8_floor_ratio") is not None:
+        lines.append("")
+        lines.append(f"{FLOOR_COMMAND} at {d}: {_num(row['floor_ratio'], '.2f')}x the read+write floor, "
+                     f"{_num(row['int8_floor_ratio'], '.2f')}x floor-int8 (read, bitsandbytes int8 of every "
+                     "matrix, write; no model, no checks)")
     failures = [(L, n, m.error) for L, per in results.items() for n, m in per.items() if not m.ok]
     if failures:
         lines.append("")
@@ -643,6 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--_floor"]:
         sys.path.insert(0, str(ROOT))
         print(json.dumps(floor_copy(*argv[1:4])))
+        return 0
+    if argv[:1] == ["--_floor_int8"]:
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(floor_int8(*argv[1:4])))
         return 0
     if argv[:1] == ["--_tokenize"]:
         sys.path.insert(0, str(ROOT))

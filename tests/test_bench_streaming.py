@@ -77,6 +77,32 @@ def test_floor_is_measured_and_copies_every_tensor(tiny_mixtral, tmp_path):
         assert torch.equal(a.get_tensor(name), b.get_tensor(name))
 
 
+def test_the_int8_floor_quantizes_what_the_command_quantizes_as_bitsandbytes_does(tiny_mixtral, tmp_path):
+    """floor-int8 writes bitsandbytes' int8 rows and scales for every attention and expert matrix
+    (the same rows moeconv's quantize stores), and copies the rest."""
+    from safetensors import safe_open
+
+    from moeconv.nn.quantized import QuantSpec, quantize_linear, serialized
+    out = tmp_path / "floor-int8"
+    m = bench.run_child_helper("floor_int8", [str(tiny_mixtral), str(out), "150KB"], 300, tmp_path / "logs")
+    assert m.ok, m.error
+    dst = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    src = json.loads((tiny_mixtral / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    with safe_open(str(tiny_mixtral / src[name]), "pt") as f:
+        weight = f.get_tensor(name)
+    with safe_open(str(out / dst[name]), "pt") as f:
+        rows, scales = f.get_tensor(name), f.get_tensor(name.replace(".weight", ".SCB"))
+    linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
+    linear.weight.data.copy_(weight)
+    stored = serialized(quantize_linear(linear, QuantSpec(method="int8")))
+    assert rows.dtype == torch.int8 and torch.equal(rows, stored["weight"]) and torch.equal(scales, stored["SCB"])
+    kept = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.0.block_sparse_moe.gate.weight"]
+    with safe_open(str(out / dst[kept[0]]), "pt") as f:
+        assert f.get_tensor(kept[0]).dtype == torch.bfloat16
+    assert all(not n.endswith(".SCB") or n[:-4] + ".weight" in src for n in dst) and all(k in dst for k in kept)
+
+
 def test_rss_is_the_childs_own_not_the_parents():
     # This process holds torch and transformers (hundreds of MiB); a bare `python -c pass` child
     # measured through the runner must not inherit that high-water mark.
