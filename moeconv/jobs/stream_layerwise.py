@@ -161,7 +161,9 @@ class _Sweep:
                       progress=self._progress)
 
     def _progress(self, _task: str, done: int, total: int, now: str | None = None) -> None:
-        """Layers done, with the pass at work (`now`) and the bytes written so far beside them."""
+        """Layers done, with the pass at work (`now`; at a layer's start, its first pass) and the
+        bytes written so far beside them. A log prints the first call of each layer."""
+        now = now or (self.names[0] if done < total and self.names else None)
         written = f"{fmt_bytes(self.writer.bytes_written)} written"
         self.ctx.report_progress(self.TASK, done, total, detail=f"{now} · {written}" if now else written)
 
