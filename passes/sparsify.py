@@ -125,7 +125,7 @@ class Sparsify(Pass):
         return job.finish()
 
     def layer_job(self, state: ModelState, ctx: Context) -> LayerJob | None:
-        if ctx.calibration is None:
+        if ctx.calibration is None and self.config.method != "magnitude":
             return None
         job = self._job(state, ctx)
         job.refuse_outside("a layer-by-layer sweep prunes inside the decoder layers")
@@ -292,6 +292,13 @@ class _Job(LayerJob):
         if not mine:
             return
         blocks = self._blocks(mine)
+        if self.ctx.calibration is None:  # magnitude without data (a data-free sweep): what `prune_without_data` does
+            for name, m in mine.items():
+                self._apply(name, m, magnitude(weight_out_in(m).detach().float(), self.pat), None, "none")
+            for bpath, block in blocks:
+                for e in range(block.num_experts):
+                    self._expert_row(None, bpath, block, e, None, 0, False)
+            return
         seen = self._observe(layer, mine, blocks, forward)
         t_observe = time.perf_counter()
         source, layer_fallback = self._routing_aware(mine, blocks, seen)

@@ -28,6 +28,9 @@ def choose_route(src, command: str, *, method: str | None = None, passes: list |
     why = why_not_streamed(passes or [], calibrated) or _plan_problem(path, passes)
     if why is not None:
         return "in-memory", why
+    if not calibrated:
+        return "streaming", ("a safetensors checkpoint and data-free passes: each decoder layer read, changed by "
+                             "every pass in turn, and written, one at a time")
     return "streaming", ("a safetensors checkpoint: each decoder layer read, calibrated and changed by every pass "
                          "in turn, and written, one at a time")
 

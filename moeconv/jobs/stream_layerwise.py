@@ -1,8 +1,9 @@
 """Calibrated passes streamed: disk → one decoder layer → disk, several passes in one sweep.
 
-`run_streamed(src, out, passes)` runs `prune-experts` and `sparsify --method wanda|sparsegpt`
-(any chain of passes with a `LayerJob`), optionally followed by a data-free `quantize`, on a
-safetensors checkpoint bigger than memory:
+`run_streamed(src, out, passes)` runs `prune-experts` and `sparsify` (any chain of passes with a
+`LayerJob`), optionally followed by a data-free `quantize`, on a safetensors checkpoint bigger than
+memory. Without calibration data the recipe must be data-free (magnitude sparsify, quantize):
+the sweep then reads, changes and writes each layer without running it.
 
 1. The model is a skeleton on `meta` (`moeconv.stream.skeleton`); the recipe's contract is planned
    against its facts and every pass's `check` runs before any weight is read.
@@ -51,12 +52,13 @@ from passes.quantize import Quantize
 
 
 def why_not_streamed(passes: list[Pass], calibrated: bool) -> str | None:
-    """Why `passes` cannot run as one streamed sweep (None when they can)."""
-    if not calibrated:
+    """Why `passes` cannot run as one streamed sweep (None when they can). Without calibration
+    data the sweep runs no forward: data-free passes only (magnitude sparsify, a final quantize)."""
+    if not passes:
+        return "no pass"
+    body = passes[:-1] if isinstance(passes[-1], Quantize) else passes
+    if not calibrated and any("calibration" in p.contract().requires for p in body):
         return "the layer-by-layer passes need calibration data (--calib)"
-    body = passes[:-1] if passes and isinstance(passes[-1], Quantize) else passes
-    if not body:
-        return "no layer-by-layer pass"
     for p in body:
         if type(p).layer_job is Pass.layer_job:
             return f"{p.name} is not streamed (it works on the whole model)"
@@ -140,10 +142,12 @@ class _Sweep:
         self.skel, self.jobs, self.output, self.writer, self.ctx = skel, jobs, output, writer, ctx
         self.names = names  # each job's pass, for progress
         self._index = 0  # the decoder layer being worked on
-        size = jobs[0].batch_size
-        if any(j.batch_size != size for j in jobs):
+        sizes = {j.batch_size for j in jobs}
+        if len(sizes) > 1:
             raise ConfigError("the streamed passes must share one batch_size (they run on the same batches)")
-        self.batches = list(ctx.calibration.split(size))
+        # no calibration data: a data-free recipe, whose sweep reads, changes and writes each layer
+        # without running it
+        self.batches = list(ctx.calibration.split(sizes.pop())) if ctx.calibration is not None and sizes else []
         self.seconds = [0.0] * len(jobs)  # each job's own time, summed over the layers (`timed`)
 
     def timed(self, i: int, step, *args):

@@ -110,11 +110,31 @@ def test_what_cannot_stream_is_named(source, tmp_path):
     assert why_not_streamed([Sparsify(method="wanda")], calibrated=False).startswith("the layer-by-layer passes need")
     assert "whole model" in why_not_streamed([Upcycle(num_experts=2), Sparsify(method="wanda")], calibrated=True)
     assert "global" in why_not_streamed([PruneExperts(ratio=0.5, per_layer="global")], calibrated=True)
-    assert why_not_streamed([Quantize(method="int8")], calibrated=True) == "no layer-by-layer pass"
+    assert why_not_streamed([], calibrated=True) == "no pass"
     assert why_not_streamed([PruneExperts(keep=2), Quantize(method="int8")], calibrated=True) is None
+    assert why_not_streamed([PruneExperts(keep=2)], calibrated=False).startswith("the layer-by-layer passes need")
+    # data-free recipes stream without calibration data: the sweep runs no forward
+    assert why_not_streamed([Quantize(method="int8")], calibrated=False) is None
+    assert why_not_streamed([Sparsify(method="magnitude"), Quantize(method="nf4")], calibrated=False) is None
     with pytest.raises(UnsupportedError, match="cannot stream this recipe"):
         run_streamed(source, tmp_path / "out", [Sparsify(method="wanda")], ctx=Context())
     assert not (tmp_path / "out").exists()
+
+
+def test_a_data_free_recipe_streams_without_calibration(source, tmp_path):
+    """magnitude 2:4 writes the in-memory route's tensors; magnitude → int8 and int8 alone stream too
+    (one decoder layer at a time, no forward), and what they write loads with its consumer."""
+    streamed = run_streamed(source, tmp_path / "s", [Sparsify(method="magnitude")], ctx=Context())
+    in_memory = run_to_dir(source, tmp_path / "m", [Sparsify(method="magnitude")], ctx=Context())
+    _same_tensors(tmp_path / "s", tmp_path / "m")
+    assert streamed["written"]["route"] == "streaming"
+    assert streamed["passes"][0]["summary"] == in_memory["passes"][0]["summary"]
+    for name, passes in {"sq": [Sparsify(method="magnitude"), Quantize(method="int8")],
+                         "q": [Quantize(method="int8")]}.items():
+        report = run_streamed(source, tmp_path / name, passes, ctx=Context())
+        assert [p["pass_name"] for p in report["passes"]] == [p.name for p in passes]
+        assert report["written"]["route"] == "streaming" and report["verification"]["max_abs_diff"] > 0
+        assert "quantized" in moeconv.load(tmp_path / name).facts()
 
 
 def _cli(*args, cwd=ROOT):
