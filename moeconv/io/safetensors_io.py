@@ -126,6 +126,11 @@ class SourceCheckpoint:
             raise InputError(f"{fname}: truncated safetensors file (tensor {name})")
         return buf.view(spec.dtype).reshape(spec.shape) if spec.shape else buf.view(spec.dtype).reshape(())
 
+    def location(self, name: str) -> tuple[Path, int]:
+        """(shard file, byte offset) where tensor `name`'s bytes start."""
+        fname = self.files[name]
+        return fname, self._offsets(fname)[name][0]
+
     def _offsets(self, fname: Path) -> dict[str, tuple[int, int]]:
         """{name: (first byte, end byte)} of the tensors of shard `fname`, as file positions."""
         cache = self.__dict__.setdefault("_offset_cache", {})
@@ -143,7 +148,7 @@ def validate_checkpoint(path: Path) -> SourceCheckpoint:
     return SourceCheckpoint(path)
 
 
-def _header_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[int, int]]]:
+def header_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None) -> tuple[bytes, list[tuple[int, int]]]:
     header: dict = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -209,7 +214,7 @@ def write_shard(path: Path, specs: list[TensorSpec], produce: Callable[[TensorSp
     """One safetensors file holding `specs` in order, each tensor asked of `produce` when its turn
     comes; returns {name: sha256 of its bytes}. Every produced tensor must match its spec."""
     checksums = {}
-    header, _ = _header_bytes(specs, metadata or {"format": "pt"})
+    header, _ = header_bytes(specs, metadata or {"format": "pt"})
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(header)))
         fh.write(header)

@@ -9,9 +9,10 @@ Two routes, same numbers for the same seed (both call `moeconv.expert_init`):
 - **in memory** (GGUF, built-in and other models, `router_init=hidden`, or `--format moeconv`):
   load → `Pipeline([Upcycle])` (its numeric check proves exactness) → write.
 
-Either way every tensor is re-read and checksummed, the output is loaded with the consumer users
-have (stock transformers or `moeconv.load`) and compared with the dense model (`moeconv.verify`),
-and only then renamed into place.
+Either way every tensor is re-read and checked (checksummed; on the streaming route, compared
+with the bytes produced, which are mostly source bytes copied by the kernel), the output is loaded
+with the consumer users have (stock transformers or `moeconv.load`) and compared with the dense
+model (`moeconv.verify`), and only then renamed into place.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from moeconv.errors import UnsupportedError, VerificationError
 from moeconv.formats.hf import hf_config
 from moeconv.formats.hf_moe import MoeFormat, check_representable, format_for, moe_config_dict, rename
 from moeconv.formats.native import save_moeconv
+from moeconv.formats.stream_writer import write_copying
 from moeconv.formats.writer import module_source, write_checkpoint
 from moeconv.io.config_checks import check_fits_disk, check_layers_present
 from moeconv.io.json_files import read_json_object
@@ -214,8 +216,8 @@ def _stream_hf(src: Path, raw: dict, tmp: Path, cfg: UpcycleConfig, family: MoeF
         dense_dict["dtype"] = str(dtype).replace("torch.", "")
     moe_cfg = moe_config_dict(family, dense_dict, **_moe_args(cfg, sites, chosen, dense_dict))
     source, accounting = streaming_source(ckpt, meta_model, chosen, cfg, family, dtype)
-    stats = write_checkpoint(tmp, source, moe_cfg, shard_bytes=shard_bytes,
-                             on_tensor=_tensor_progress(progress, len(source.specs)))
+    stats = write_copying(tmp, source, moe_cfg, shard_bytes=shard_bytes,
+                          on_tensor=_tensor_progress(progress, len(source.specs)))
     stats["notes"] = source.notes
     report = {"route": "streaming", "format": family.name,
               "consumer": f"transformers.AutoModelForCausalLM ({family.architecture})",
@@ -234,7 +236,7 @@ def _stream_hf(src: Path, raw: dict, tmp: Path, cfg: UpcycleConfig, family: MoeF
         n_dense = sum(p.numel() for p in dense.parameters())
         del dense
     else:
-        report["verification"] = {"mode": "weights", "detail": "every tensor re-read and checksummed; functional "
+        report["verification"] = {"mode": "weights", "detail": "every tensor re-read and compared; functional "
                                   "check skipped above {:.1f} GiB (use --verify full)".format(FULL_VERIFY_MAX_BYTES / 2**30)}
     report["params"] = {"before": n_dense, "after": sum(int(torch.Size(s.shape).numel()) for s in source.specs)}
     report.update(upcycle_streamed_fields(report, tmp, cfg.seed))  # report.html's table and plots

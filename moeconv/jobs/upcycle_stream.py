@@ -1,10 +1,12 @@
 """The streaming route of `moeconv upcycle`: every output tensor planned from the source's
-safetensors headers, then produced one at a time (a `TensorSource` for the sharded writer).
+safetensors headers, then produced one at a time (a `LocatedSource` for the sharded writer).
 
 Peak memory is about one FFN of the source plus one output tensor, whatever the model or shard
 size: source tensors are read lazily (`SourceCheckpoint`), one FFN site's dense weights are cached
 while its experts are produced, and each expert's tensors are made together (the same numbers the
-in-memory route makes, from `moeconv.expert_init`, for the same seed).
+in-memory route makes, from `moeconv.expert_init`, for the same seed). An exact expert copy is the
+dense weight itself, not a clone, and its bytes are where the source has them (`locate`): the
+writer copies them file to file (`moeconv.formats.stream_writer`).
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import torch
 from moeconv.errors import InputError, VerificationError
 from moeconv.expert_init import expert_tensors, router_weight, split_partition
 from moeconv.formats.hf_moe import MoeFormat, rename
-from moeconv.formats.writer import TensorSource
-from moeconv.io.load import refuse_nonfinite
+from moeconv.formats.stream_writer import LocatedSource
+from moeconv.io.load import all_finite, refuse_nonfinite
 from moeconv.io.safetensors_io import SourceCheckpoint, TensorSpec
 from moeconv.sites import expert_rel_names, role_paths
 from moeconv.stream.skeleton import tied_parameter_names
@@ -36,14 +38,14 @@ class Accounting:
 
 
 def streaming_source(ckpt: SourceCheckpoint, meta_model, chosen, cfg, family: MoeFormat, dtype):
-    """(TensorSource, accounting dict): every output tensor planned from the checkpoint headers,
+    """(LocatedSource, accounting dict): every output tensor planned from the checkpoint headers,
     each produced on demand. `cfg` is the `UpcycleConfig`; `chosen` the (index, site) to convert."""
     check_against_skeleton(ckpt, meta_model)
     plan = _Plan(ckpt, meta_model, chosen, cfg, family, dtype)
     plan.build()
     producer = _Producer(ckpt, cfg, plan.plan)
     notes = [f"dropped {d}" for d in plan.accounting.dropped]
-    return TensorSource(plan.specs, producer.produce, notes), plan.accounting.to_dict()
+    return LocatedSource(plan.specs, producer.produce, notes, producer.locate), plan.accounting.to_dict()
 
 
 def check_against_skeleton(ckpt: SourceCheckpoint, meta_model) -> None:
@@ -135,19 +137,30 @@ class _Producer:
     def __init__(self, ckpt: SourceCheckpoint, cfg, plan: dict[str, tuple]):
         self.ckpt, self.cfg, self.plan = ckpt, cfg, plan
         self.init_spec = cfg.init_spec()
+        # copy init, unscaled: `expert_tensors` would return clones of the dense weights
+        self.exact_copies = self.init_spec.method == "copy" and self.init_spec.routed_scale == 1.0
         self.site = None
         self.dense: dict[str, torch.Tensor] = {}
+        self.finite: dict[int, bool] = {}  # id of a dense tensor (held in `dense`) → all finite
         self.partition = None
         self.expert: tuple = (None, None)
+
+    def _read_dense(self, name: str) -> torch.Tensor:
+        t = self.ckpt.get(name)
+        finite = not t.is_floating_point() or all_finite(t)
+        if not finite:
+            refuse_nonfinite(self.ckpt.path, name, t)  # raises unless --allow-nonfinite
+        self.finite[id(t)] = finite
+        return t
 
     def _dense_for(self, index: int, site) -> dict[str, torch.Tensor]:
         if self.site != site.path:
             self.site = site.path
-            self.dense = {}
+            self.dense, self.finite = {}, {}
             for role, p in role_paths(site).items():
-                self.dense[role] = refuse_nonfinite(self.ckpt.path, f"{p}.weight", self.ckpt.get(f"{p}.weight"))
+                self.dense[role] = self._read_dense(f"{p}.weight")
                 if f"{p}.bias" in self.ckpt.specs:
-                    self.dense[f"{role}.bias"] = refuse_nonfinite(self.ckpt.path, f"{p}.bias", self.ckpt.get(f"{p}.bias"))
+                    self.dense[f"{role}.bias"] = self._read_dense(f"{p}.bias")
             self.partition = (split_partition(self.dense, site.intermediate_size, self.cfg.num_experts,
                                               self.init_spec, index) if self.cfg.expert_init == "split" else None)
             self.expert = (None, None)
@@ -163,6 +176,8 @@ class _Producer:
         if how[0] == "expert":
             _, index, site, e, role = how
             dense = self._dense_for(index, site)
+            if self.exact_copies:
+                return dense[role]
             if self.expert[0] != (site.path, e):
                 self.expert = ((site.path, e), expert_tensors(dense, e, cfg.num_experts, site.intermediate_size,
                                                               self.init_spec, index, self.partition))
@@ -172,10 +187,25 @@ class _Producer:
             return self._dense_for(index, site)[role]
         return torch.zeros(1, how[2].hidden_size)  # the shared expert's gate: closed (exact)
 
+    def locate(self, s: TensorSpec) -> tuple | None:
+        """(source file, byte offset) of output tensor `s` when its bytes are a source tensor's
+        verbatim (a copied tensor, an exact expert copy, a shared expert, in the source's dtype);
+        None otherwise."""
+        how = self.plan[s.name]
+        if how[0] == "copy":
+            name = how[1]
+        elif how[0] == "shared" or (how[0] == "expert" and self.exact_copies):
+            name = f"{role_paths(how[2])[how[-1]]}.weight"
+        else:
+            return None
+        spec = self.ckpt.specs[name]
+        return self.ckpt.location(name) if (spec.dtype, spec.shape) == (s.dtype, s.shape) else None
+
     def produce(self, s: TensorSpec) -> torch.Tensor:
         how = self.plan[s.name]
-        t = self._make(how).to(s.dtype)
-        if how[0] != "copy" and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        t = self._make(how).to(s.dtype)  # the made tensor itself when the dtype is already right
+        finite = self.finite.get(id(t))  # a dense tensor written as it is: checked once, when read
+        if how[0] != "copy" and t.is_floating_point() and not (finite if finite is not None else all_finite(t)):
             # finite source weights made non-finite (noise of absurd scale, or overflow in the
             # output dtype): never written, whatever --verify says
             raise VerificationError(f"upcycling produced NaN/Inf in {s.name} ({s.dtype}); nothing was written")
