@@ -61,6 +61,17 @@ class ReportedVerificationError(VerificationError):
         self.report = report
 
 
+class ParityError(ReportedVerificationError):
+    """onnxruntime disagrees with PyTorch beyond the tolerance; carries the full report (the job
+    driver keeps the failed export as OUT.failed/ with it)."""
+
+    what = "parity check"
+
+    def __init__(self, message: str, report: dict, output_dir):
+        super().__init__(message, report)
+        self.output_dir = output_dir
+
+
 class MemoryPlanError(MoeconvError):
     """The run's estimated peak memory (`moeconv.memory_plan`) exceeds what it may use; refused
     before any tensor is read, with the estimate and the fixes in one line."""

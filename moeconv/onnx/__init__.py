@@ -11,3 +11,5 @@
 - `genai_config`: config.json / generation_config.json (and genai_config.json with past) beside the
   graph, checked against it.
 """
+
+MODEL_FILE = "model.onnx"  # the graph's file name in an export directory

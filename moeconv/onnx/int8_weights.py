@@ -32,15 +32,17 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import torch
-from onnx import helper, numpy_helper
 from torch import nn
 
 from moeconv.errors import UnsupportedError
 from moeconv.nn.quantized import method_of, serialized
+
+if TYPE_CHECKING:
+    import onnx
 
 FOURBIT_HINT = ("export the float model and let onnxruntime quantize it: `moeconv export onnx SRC OUT "
                 "--quantize int4` (recipe: `quantize: int4` on export-onnx), or quantize with `method: int8`")
@@ -182,6 +184,8 @@ def carry_int8(model: onnx.ModelProto, layers: list[Int8Layer], base_dir=None) -
     """Replace, in place, every float initializer made of dequantized int8 rows (see module doc).
     `base_dir`: where the external data of a model loaded without it lies; each initializer is
     then read when it is examined, so the float weights are never all in memory at once."""
+    import onnx  # here, not at the top: the pass registry imports this module for its checks
+    from onnx import numpy_helper
     table, per_layer = _row_table(layers)
     widths = {l.q.shape[1] for l in layers}
     res = CarryResult(layers=len(layers))
@@ -255,6 +259,7 @@ def _find_int8_rows(arr: np.ndarray, dims: list[int], widths: set[int], table: d
 def _dequantize_linear(name: str, q: np.ndarray, s: np.ndarray, dims: list[int], *, transposed: bool):
     """(initializers, nodes) producing the float tensor `name` (shape `dims`) from int8 rows `q`
     and their scales `s`: one `DequantizeLinear`, plus a `Reshape` for stacked experts."""
+    from onnx import helper, numpy_helper
     if transposed:  # 2-D stored (in, out): columns are the rows of W
         inits = [numpy_helper.from_array(np.ascontiguousarray(q.T), name + "_int8"),
                  numpy_helper.from_array(s, name + "_scale")]
