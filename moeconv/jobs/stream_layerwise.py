@@ -45,7 +45,7 @@ from moeconv.jobs.stream_report import compare_and_summarise
 from moeconv.pass_base import Pass
 from moeconv.pipeline import Pipeline
 from moeconv.report_format import fmt_bytes
-from moeconv.stream.allocator import bounded_kernel_cache, fixed_mmap_threshold
+from moeconv.stream.allocator import prepare_streaming
 from moeconv.stream.residency import StreamedLayers
 from moeconv.stream.skeleton import Skeleton
 from passes.quantize import Quantize
@@ -82,8 +82,7 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
     if why is not None:
         raise UnsupportedError(f"cannot stream this recipe: {why}")
     check_output(src, out, force=force)
-    bounded_kernel_cache()  # one compiled kernel per matmul shape, and every layer brings new ones
-    fixed_mmap_threshold()  # freed layers go back to the system: memory stays flat with depth
+    prepare_streaming()  # freed layers go back to the system, kernels kept bounded: memory flat with depth
     skel = skeleton or Skeleton.open(Path(src))
     body, quantize = (passes[:-1], passes[-1]) if isinstance(passes[-1], Quantize) else (passes, None)
     _plan(skel, passes, ctx)

@@ -31,7 +31,7 @@ from moeconv.module_groups import GROUPS, module_groups
 from moeconv.nn.linear_like import in_out_features, is_conv1d
 from moeconv.nn.quantized import QuantSpec, layer_record, quantize_linear, serialized
 from moeconv.report_format import fmt_bytes
-from moeconv.stream.allocator import bounded_kernel_cache, fixed_mmap_threshold, release_freed
+from moeconv.stream.allocator import fixed_mmap_threshold, prepare_streaming, release_freed
 from moeconv.stream.skeleton import Skeleton
 from passes.quantize import Quantize, QuantizeConfig
 
@@ -44,11 +44,9 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
     `skeleton`: `src` opened already (its config and headers checked before other inputs are read)."""
     ctx = ctx or Context()
     check_output(src, out, force=force)
-    # freed layers go back to the system: memory stays flat with depth. One matrix is in memory
-    # at a time, so its temporaries (a 2816x1024 expert matrix: 5.8 MB) are served from the heap
-    # and reused rather than mapped and faulted in afresh for every matrix
-    bounded_kernel_cache()  # one compiled kernel per matmul shape, and every layer brings new ones
-    fixed_mmap_threshold(QUANTIZE_MMAP_THRESHOLD)
+    # one matrix is in memory at a time, so its temporaries (a 2816x1024 expert matrix: 5.8 MB)
+    # are served from the heap and reused rather than mapped and faulted in afresh for every matrix
+    prepare_streaming(mmap_threshold=QUANTIZE_MMAP_THRESHOLD)
     skel = skeleton or Skeleton.open(Path(src))
     plan = _Plan(skel, cfg)
 

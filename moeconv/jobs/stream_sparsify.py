@@ -27,7 +27,7 @@ from moeconv.nn.linear_like import is_conv1d
 from moeconv.report import PassReport
 from moeconv.sparse_cuda import speed_note
 from moeconv.sparsity import SparsityPattern, check_pattern, zero_count
-from moeconv.stream.allocator import bounded_kernel_cache, fixed_mmap_threshold, release_freed
+from moeconv.stream.allocator import prepare_streaming, release_freed
 from moeconv.stream.skeleton import Skeleton
 from passes.sparsify import SparsifyConfig, select_targets
 from passes.sparsify_methods import magnitude
@@ -42,8 +42,7 @@ def sparsify_streamed(src, out, cfg: SparsifyConfig, *, force: bool = False, sha
         raise ConfigError(f"sparsify: the streamed route prunes by magnitude only, not {cfg.method}")
     ctx = ctx or Context()
     check_output(src, out, force=force)
-    bounded_kernel_cache()  # one compiled kernel per matmul shape, and every layer brings new ones
-    fixed_mmap_threshold()  # freed layers go back to the system: memory stays flat with depth
+    prepare_streaming()  # freed layers go back to the system, kernels kept bounded: memory flat with depth
     skel = Skeleton.open(Path(src))
     pat = cfg.sparsity_pattern()
     pruner = _Pruner(skel, cfg, pat, ctx)

@@ -57,12 +57,20 @@ def bounded_kernel_cache(capacity: int = KERNEL_CACHE_CAPACITY) -> None:
     """Keep at most `capacity` compiled oneDNN kernels (a user's own `ONEDNN_PRIMITIVE_CACHE_CAPACITY`
     wins). oneDNN, which runs torch's bf16 matmuls on CPU, keeps one kernel per matmul shape, 1024
     by default, at ~0.85 MB each (measured: 600 shapes of a 1024 x 2816 bf16 matmul grew RSS by 513
-    MB, 210 MB with the cache off). An MoE's experts see a different token count in every layer, so
-    a streamed sweep met new shapes with every layer and grew by ~20 MB per layer until 1024 kernels
-    (the bench's wanda at hidden 1024: 1149 MiB at 4 layers, 1771 MiB at 32). 128 holds the shapes
-    one layer's repeated forwards reuse. oneDNN reads the variable when it first compiles a kernel,
-    so this must run before the first bf16 matmul of the process (streamed jobs call it first)."""
+    MB, 210 MB with the cache off), and an MoE's experts see a different token count in every
+    layer. 128 holds the shapes one layer's repeated forwards reuse. (It is not the whole of a
+    streamed sweep's growth: the bench's wanda still grows with depth with it.) oneDNN reads the
+    variable when it first compiles a kernel, so this must run before the process's first bf16
+    matmul."""
     os.environ.setdefault(KERNEL_CACHE_VARIABLE, str(int(capacity)))
+
+
+def prepare_streaming(mmap_threshold: int = 128 * 1024) -> None:
+    """What a streamed job sets for its process before it reads a layer, so memory stays flat
+    with depth: freed layers go back to the system (`fixed_mmap_threshold`), and oneDNN keeps a
+    bounded number of kernels (`bounded_kernel_cache`)."""
+    bounded_kernel_cache()
+    fixed_mmap_threshold(mmap_threshold)
 
 
 LARGE_BYTES = 256 * 2**20
