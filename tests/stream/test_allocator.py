@@ -1,6 +1,6 @@
 """moeconv/stream/allocator.py: what a streamed run does so its memory stays flat with depth. Here,
-the bound on oneDNN's compiled-kernel cache: an MoE's experts meet a new matmul shape in every
-layer, and each shape kept costs ~0.85 MB."""
+the bound on the compiled-kernel caches (oneDNN's and ideep's) torch's bf16 matmuls fill: an MoE's
+experts meet a new matmul shape in every layer, and each shape kept costs memory."""
 import json
 import os
 import subprocess
@@ -32,7 +32,7 @@ print(json.dumps(rss() - before))
 
 
 def _growth(mode: str) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")}
     p = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, p.stderr
@@ -49,10 +49,21 @@ def test_the_kernel_cache_is_bounded_so_new_shapes_do_not_grow_memory():
 
 
 def test_a_users_own_setting_wins(monkeypatch):
-    from moeconv.stream.allocator import KERNEL_CACHE_VARIABLE, bounded_kernel_cache
+    from moeconv.stream.allocator import IDEEP_CACHE_VARIABLE, KERNEL_CACHE_VARIABLE, bounded_kernel_cache
     monkeypatch.setenv(KERNEL_CACHE_VARIABLE, "7")
+    monkeypatch.setenv(IDEEP_CACHE_VARIABLE, "9")
     bounded_kernel_cache()
-    assert os.environ[KERNEL_CACHE_VARIABLE] == "7"
+    assert (os.environ[KERNEL_CACHE_VARIABLE], os.environ[IDEEP_CACHE_VARIABLE]) == ("7", "9")
     monkeypatch.delenv(KERNEL_CACHE_VARIABLE)
+    monkeypatch.delenv(IDEEP_CACHE_VARIABLE)
     bounded_kernel_cache()
-    assert os.environ[KERNEL_CACHE_VARIABLE] == "128"
+    assert (os.environ[KERNEL_CACHE_VARIABLE], os.environ[IDEEP_CACHE_VARIABLE]) == ("128", "128")
+
+
+def test_ideeps_cache_is_never_set_to_zero(monkeypatch):
+    """torch's ideep crashes (SIGSEGV) on its first bf16 matmul with a cache of 0 entries."""
+    from moeconv.stream.allocator import IDEEP_CACHE_VARIABLE, KERNEL_CACHE_VARIABLE, bounded_kernel_cache
+    monkeypatch.delenv(KERNEL_CACHE_VARIABLE, raising=False)
+    monkeypatch.delenv(IDEEP_CACHE_VARIABLE, raising=False)
+    bounded_kernel_cache(capacity=0)
+    assert (os.environ[KERNEL_CACHE_VARIABLE], os.environ[IDEEP_CACHE_VARIABLE]) == ("0", "1")
