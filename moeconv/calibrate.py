@@ -51,15 +51,29 @@ def _call(model, batch):
 class LayerInputs:
     args: list[tuple]      # per batch: positional args of the layer call (hidden states first)
     kwargs: list[dict]     # per batch: keyword args
+    # when set, batch i's hidden states are hidden[i] (bounded in memory, see
+    # `moeconv.stream.activations`) and args[i][0] is None
+    hidden: object | None = None
+
+    def batch(self, i: int) -> tuple[tuple, dict]:
+        """(positional args, keyword args) of batch `i`'s layer call."""
+        a = self.args[i]
+        return ((self.hidden[i],) + a[1:] if self.hidden is not None else a), self.kwargs[i]
 
 
-def capture_first_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) -> LayerInputs:
+def capture_first_layer_inputs(model: nn.Module, batches: list[torch.Tensor], hidden=None) -> LayerInputs:
+    """The first decoder layer's call arguments for each batch (the model run up to that layer).
+    `hidden`: a `moeconv.stream.activations.HiddenStates` to keep the hidden states in."""
     _, layers = decoder_layers(model)
     first = layers[0]
     args, kwargs = [], []
 
     def pre_hook(_m, a, kw):
-        args.append(tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in a))
+        a = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in a)
+        if hidden is not None:
+            hidden.append(a[0])
+            a = (None,) + a[1:]
+        args.append(a)
         kwargs.append(dict(kw))
         raise _Stop
 
@@ -73,7 +87,7 @@ def capture_first_layer_inputs(model: nn.Module, batches: list[torch.Tensor]) ->
                     pass
     finally:
         handle.remove()
-    return LayerInputs(args, kwargs)
+    return LayerInputs(args, kwargs, hidden)
 
 
 def _hidden(out):
@@ -104,16 +118,20 @@ def run_layerwise(model: nn.Module, batches: list[torch.Tensor],
                   on_layer: Callable[[int, str, nn.Module, Callable[[], None]], None],
                   progress: Callable[[str, int, int], None] | None = None,
                   after_layer: Callable[[int, str, nn.Module, list[torch.Tensor]], None] | None = None,
-                  residency: Residency = IN_MEMORY) -> None:
+                  residency: Residency = IN_MEMORY, activations=None) -> None:
     """For each decoder layer: `on_layer(index, path, layer, forward)` where `forward()` runs the
     layer on every cached batch (the caller installs its hooks around it, and may change the layer
     afterwards). The next layer then gets the outputs of the (possibly modified) layer; with
-    `after_layer`, the caller sees those outputs too (one hidden-state tensor per batch), e.g. to
-    measure how much its change moved them. `residency` brings each layer's weights in before it
-    is used and takes them out once it is final (one layer in memory at a time when streaming)."""
+    `after_layer`, the caller sees those outputs too (one hidden-state tensor per batch, a list or
+    a store that iterates like one), e.g. to measure how much its change moved them. `residency`
+    brings each layer's weights in before it is used and takes them out once it is final (one
+    layer in memory at a time when streaming). `activations`: a
+    `moeconv.stream.activations.ActivationBudget`; the cached hidden states are then kept within
+    it, the rest written to files and read back one batch at a time."""
     prefix, layers = decoder_layers(model)
+    new_store = activations.store if activations is not None else (lambda: None)
     residency.enter_outer()
-    inputs = capture_first_layer_inputs(model, batches)
+    inputs = capture_first_layer_inputs(model, batches, hidden=new_store())
     for i, layer in enumerate(layers):
         path = f"{prefix}.{i}" if prefix else str(i)
         if progress:
@@ -122,19 +140,29 @@ def run_layerwise(model: nn.Module, batches: list[torch.Tensor],
 
         def forward(layer=layer):
             with torch.inference_mode():
-                for a, kw in zip(inputs.args, inputs.kwargs):
+                for b in range(len(inputs.args)):
+                    a, kw = inputs.batch(b)
                     layer(*a, **kw)
 
         on_layer(i, path, layer, forward)
+        nxt = new_store()
         with torch.inference_mode():
             new_args = []
-            for a, kw in zip(inputs.args, inputs.kwargs):
+            for b in range(len(inputs.args)):
+                a, kw = inputs.batch(b)
                 h = _hidden(layer(*a, **kw))
+                if nxt is not None:
+                    nxt.append(h)
+                    h = None
                 new_args.append((h,) + tuple(a[1:]))
-        inputs.args = new_args
+        if inputs.hidden is not None:
+            inputs.hidden.release()
+        inputs = LayerInputs(new_args, inputs.kwargs, nxt)
         if after_layer is not None:
-            after_layer(i, path, layer, [a[0] for a in new_args])
+            after_layer(i, path, layer, nxt if nxt is not None else [a[0] for a in new_args])
         residency.leave(i, path, layer)
+    if inputs.hidden is not None:
+        inputs.hidden.release()
     residency.leave_outer()
     if progress:
         progress("calibrate", len(layers), len(layers))

@@ -34,6 +34,13 @@ class Context:
     # Held-out (batches, seq) token ids for lossy passes to report perplexity on (`--eval FILE`);
     # disjoint from `calibration`, never used to fit anything.
     evaluation: torch.Tensor | None = field(default=None, compare=False)
+    # A streamed sweep's bound on the calibration hidden states it caches (and the passes' own
+    # copies of them): a `moeconv.stream.activations.ActivationBudget`, None for no bound.
+    activations: object | None = field(default=None, compare=False)
+
+    def hidden_store(self):
+        """A list for per-batch hidden states, or a store within `activations` when it is set."""
+        return self.activations.store() if self.activations is not None else []
 
     def __post_init__(self):
         check_seed(self.seed)

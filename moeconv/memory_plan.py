@@ -14,7 +14,12 @@ Promises:
   prune-experts; the whole-model passes (export onnx, distill) are estimated from what they hold
   and say so (`MemoryPlan.whole_model`).
 - `check_plan(plan, max_memory)` raises `MemoryPlanError` (exit code 2, one line: the estimate, its
-  largest parts, the limit and the fixes that apply) when the estimate exceeds the limit.
+  largest parts, the limit and the fixes that apply) when the estimate exceeds the limit, or when
+  what the plan puts on the GPU (`MemoryPlan.on_device`, `device="cuda"`) exceeds the GPU's free
+  memory. `--max-memory` is host memory: `total` never counts what sits on the GPU.
+- `plan_streaming(source, passes, device=…)`: the streamed route; with "cuda" the layer at work,
+  the embeddings and head and the per-layer working set are on the GPU (`on_device`), and the host
+  holds the runtime, the CUDA runtime and each tensor on its way between disk and GPU.
 
 Only the in-memory route exists today (`MemoryPlan.route == "in-memory"`: every command loads the
 whole model). `MemoryPlan.streaming` is the extension point: a later change that streams a pass
@@ -97,6 +102,11 @@ ONNX = "ONNX export graph"
 TEACHER = "teacher + optimizer state"
 PRUNING = "pruning working copies (one layer, fp32)"
 FRAGMENTED = "heap left by per-layer Hessians"
+# the streamed route's (`plan_streaming`)
+STREAM_LAYER = "one decoder layer at a time (fp32 working copies)"
+STREAM_OUTER = "embeddings, final norm and head"
+STREAM_TRANSIT = "tensors between disk and GPU (one layer, read then written)"
+CUDA_RUNTIME = "CUDA runtime (host side)"
 
 
 @dataclass
@@ -125,6 +135,9 @@ class MemoryPlan:
     on_device: dict[str, int] = field(default_factory=dict)  # parts held on the accelerator, not in `total`
     streaming: int | None = None  # extension point: a streaming route's estimate (a later change)
     training: dict | None = None  # distill: per-process memory of ddp and fsdp (`moeconv.train.memory.both`)
+    # bytes of `total` a streamed sweep writes to its offload directory when they do not fit: the
+    # cached calibration hidden states (`moeconv.stream.activations`); see `activation_budget`
+    spillable: int = 0
 
     def breakdown(self, limit: int | None = None) -> str:
         """'weights 1.2 GiB, …': the weights, then the largest other parts (`limit` parts in all)."""
@@ -138,7 +151,7 @@ class MemoryPlan:
                 "route": self.route,
                 "parts": dict(self.parts), "whole_model": dict(self.whole_model), "fixes": list(self.fixes),
                 "notes": list(self.notes), "device": self.device, "on_device": dict(self.on_device),
-                "streaming": self.streaming, "training": self.training}
+                "streaming": self.streaming, "training": self.training, "spillable_bytes": self.spillable}
 
 
 _SHORT = {WEIGHTS: "weights", RUNTIME: "runtime", LOADING: "loading", CHECK: "numeric check",
@@ -699,14 +712,57 @@ def parse_max_memory(text: str | int | None) -> int | None:
 def check_plan(plan: MemoryPlan, max_memory: int | None = None, *, given: str | None = None) -> None:
     """Raise `MemoryPlanError` (one line: the estimate, its largest parts, the limit, the fixes)
     when `plan.total` exceeds `max_memory` (None: `memory_available()`). `given`: the limit as the
-    user wrote it, quoted in the message."""
+    user wrote it, quoted in the message. A plan on a GPU is checked against its free memory
+    first (`check_device_plan`)."""
+    check_device_plan(plan)
     limit = max_memory if max_memory else memory_available()
-    if plan.total <= limit:
+    if plan.total - plan.spillable <= limit:  # the hidden states that do not fit go to disk
         return
     where = f"--max-memory {given or format_bytes(limit)}" if max_memory else "--max-memory"
     raise MemoryPlanError(f"needs about {format_bytes(plan.total)} of memory ({plan.breakdown(4)}), more than the "
                           f"{format_bytes(limit)} available ({where}); no weight was read, nothing written; "
                           f"fix: {'; or '.join(plan.fixes)}")
+
+
+def check_device_plan(plan: MemoryPlan, capacity: int | None = None) -> None:
+    """Raise `MemoryPlanError` (one line) when what `plan` holds on the GPU (`on_device`) exceeds
+    `capacity` (None: the GPU's free memory now, `gpu_memory_free`); a CPU plan passes."""
+    need = sum(plan.on_device.values())
+    if not need or not plan.device.startswith("cuda"):
+        return
+    capacity = gpu_memory_free() if capacity is None else capacity
+    if capacity is None or need <= capacity:
+        return
+    largest = sorted(((v, k) for k, v in plan.on_device.items() if v > 0), reverse=True)[:3]
+    fixes = ["fewer calibration tokens (--calib-samples / --calib-seq-len)"] if plan.on_device.get(ACTIVATIONS) else []
+    fixes += ["--device cpu", "a GPU with more memory"]
+    raise MemoryPlanError(f"needs about {format_bytes(need)} of GPU memory ("
+                          + ", ".join(f"{_short(k)} {format_bytes(v)}" for v, k in largest)
+                          + f"), more than the {format_bytes(capacity)} free on the GPU; no weight was read, nothing "
+                          f"written; fix: {'; or '.join(fixes)}")
+
+
+MIN_ACTIVATION_BUDGET = 64 * 2**20
+
+
+def activation_budget(plan: MemoryPlan, max_memory: str | None) -> int | None:
+    """The memory a streamed sweep may keep calibration hidden states in (beyond it they are
+    written to the offload directory): what `--max-memory` (default: the memory available) leaves
+    after the rest of `plan`, at least `MIN_ACTIVATION_BUDGET`; None when nothing can spill (no
+    calibration, or the hidden states are on the GPU)."""
+    if not plan.spillable:
+        return None
+    limit = parse_max_memory(max_memory) or memory_available()
+    return max(MIN_ACTIVATION_BUDGET, limit - (plan.total - plan.spillable))
+
+
+def gpu_memory_free() -> int | None:
+    """Free memory of the current CUDA GPU in bytes (None without one)."""
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    return int(free)
 
 
 def calibration_size(path, num_samples: int | None, seq_len: int | None) -> tuple[int, int]:
@@ -740,15 +796,24 @@ def _safetensors_shape(path: Path) -> list[int] | None:
 # layers, 570 / 526 MiB at 8; this estimate says 1.0 GiB for both depths.
 STREAM_LAYER_COPIES = 4   # one layer in fp32 units: read, fp32 working copy, result, comparison
 STREAM_OUTER_COPIES = 2   # embeddings + head: the source's, then the output's (and a cast)
+# With --device cuda (not measured: no GPU where these were calibrated), the copies above are on the
+# GPU; the host holds what passes through it (each tensor read from disk before it is copied to
+# the GPU, each output tensor copied back before it is written: one layer in half precision is
+# half of its fp32 units) and the CUDA runtime (context, cuBLAS, bitsandbytes' kernels: a
+# typical host-side figure).
+STREAM_HOST_LAYER_COPIES = 1
+CUDA_RUNTIME_BYTES = 2**30
 
 
-def plan_streaming(source, passes=(), *, calib_tokens: int | None = None,
-                   calib_seq_len: int | None = None, flags: dict[str, str] | None = None) -> MemoryPlan:
+def plan_streaming(source, passes=(), *, calib_tokens: int | None = None, calib_seq_len: int | None = None,
+                   flags: dict[str, str] | None = None, device: str = "cpu") -> MemoryPlan:
     """The streamed route's peak from the safetensors headers: the runtime, the largest decoder
     layer (parameters grouped by the layer number in their names) and everything outside layers;
     with calibrated `passes` (one sweep, `moeconv.jobs.stream_layerwise`), the largest working set
     of one pass on one layer (its statistics, the calibration hidden states) on top. `flags`: as
-    for `plan_memory` (the options behind the fixes)."""
+    for `plan_memory` (the options behind the fixes). `device` "cuda": the layer, the parts outside
+    the layers and the working set are counted in `on_device`, not in `total` (see
+    `_streamed_on_gpu`)."""
     from moeconv.io.safetensors_io import SourceCheckpoint
     ckpt = SourceCheckpoint(Path(str(source)))
     layers: dict[str, int] = {}
@@ -762,15 +827,40 @@ def plan_streaming(source, passes=(), *, calib_tokens: int | None = None,
             key = spec.name[: m.end()]
             layers[key] = layers.get(key, 0) + 4 * elements
     largest = max(layers.values(), default=0)
-    parts = {RUNTIME: RUNTIME_BYTES, "one decoder layer at a time (fp32 working copies)": STREAM_LAYER_COPIES * largest,
-             "embeddings, final norm and head": STREAM_OUTER_COPIES * outer}
+    parts = {RUNTIME: RUNTIME_BYTES, STREAM_LAYER: STREAM_LAYER_COPIES * largest,
+             STREAM_OUTER: STREAM_OUTER_COPIES * outer}
     work, work_name = _streamed_work(source, passes, calib_tokens, calib_seq_len)
     parts.update(work)
+    on_device: dict[str, int] = {}
+    if str(device).startswith("cuda"):
+        parts, on_device = _streamed_on_gpu(parts, largest, outer)
     total = sum(parts.values())
-    plan = MemoryPlan(total=total, parts=parts, route="streaming", source=str(source),
-                      peak=f"per layer, during {work_name}" if work_name else "per layer", streaming=total)
+    plan = MemoryPlan(total=total, parts=parts, route="streaming", source=str(source), device=str(device),
+                      on_device=on_device, peak=f"per layer, during {work_name}" if work_name else "per layer",
+                      streaming=total)
+    if ACTIVATIONS in parts:  # on the host: the hidden-state copies beyond the budget spill to disk
+        plan.spillable = min(parts[ACTIVATIONS], _hidden_cache_bytes(source, calib_tokens))
     plan.fixes = _fixes(plan, flags or {})
     return plan
+
+
+def _streamed_on_gpu(parts: dict[str, int], largest: int, outer: int) -> tuple[dict[str, int], dict[str, int]]:
+    """(host parts, GPU parts) of a streamed plan on one GPU: the layer's working copies, the parts
+    outside the layers and the passes' per-layer working set (`_DEVICE_PARTS`) are on the GPU; the
+    host keeps the runtime and adds the CUDA runtime and the tensors in transit."""
+    gpu = {k: v for k, v in parts.items() if k in (STREAM_LAYER, STREAM_OUTER, *_DEVICE_PARTS)}
+    host = {k: v for k, v in parts.items() if k not in gpu}
+    host.update({CUDA_RUNTIME: CUDA_RUNTIME_BYTES, STREAM_TRANSIT: STREAM_HOST_LAYER_COPIES * largest + outer})
+    return host, gpu
+
+
+def _hidden_cache_bytes(source, calib_tokens: int | None) -> int:
+    """The calibration hidden states a sweep caches (`HIDDEN_COPIES` of every token's), the part
+    of `_activations` that can be written to disk (the rest is one forward's temporaries)."""
+    if not calib_tokens:
+        return 0
+    src = source_size(source)
+    return HIDDEN_COPIES * int(calib_tokens) * src.hidden * src.model.elem
 
 
 def _streamed_work(source, passes, calib_tokens, calib_seq_len) -> tuple[dict[str, int], str]:
@@ -798,7 +888,8 @@ def plan_and_check(source, passes, *, max_memory: str | None, route: str = "in-m
     before loading anything."""
     if route == "streaming":
         plan = plan_streaming(source, passes, calib_tokens=kwargs.get("calib_tokens"),
-                              calib_seq_len=kwargs.get("calib_seq_len"), flags=kwargs.get("flags"))
+                              calib_seq_len=kwargs.get("calib_seq_len"), flags=kwargs.get("flags"),
+                              device=kwargs.get("device", "cpu"))
     else:
         plan = plan_memory(source, passes, **kwargs)
     return refuse_over(plan, max_memory)

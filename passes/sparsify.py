@@ -192,6 +192,14 @@ def _candidates_note(selection: Selection, linears: dict[str, nn.Module], groups
 
 # ---- the work ------------------------------------------------------------------------------------
 
+def _release(batches) -> None:
+    """Free per-batch tensors kept for a layer: a list, or a bounded store (its files deleted)."""
+    if hasattr(batches, "release"):
+        batches.release()
+    else:
+        batches.clear()
+
+
 def _set_weight(m: nn.Module, w_out_in: torch.Tensor) -> None:
     with torch.no_grad():
         w = w_out_in.t() if is_conv1d(m) else w_out_in
@@ -202,8 +210,8 @@ def _set_weight(m: nn.Module, w_out_in: torch.Tensor) -> None:
 class _Observed:
     """What one forward of a decoder layer showed (`_Job._observe`)."""
     stats: InputStats
-    block_inputs: dict[str, list[torch.Tensor]] | None  # MoE block → its input rows; freed after use
-    outputs: list[torch.Tensor] = field(default_factory=list)  # the layer's outputs, before pruning
+    block_inputs: dict[str, list[torch.Tensor]] | None  # MoE block → its input rows (a list or a bounded store)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # the layer's outputs, before pruning (idem)
     resid: float = 0.0  # Σ ‖layer output − layer input‖²: the scale of the layer's update
     counts: dict[str, dict[int, int]] = field(default_factory=dict)  # MoE block → expert → tokens routed to it
 
@@ -302,7 +310,9 @@ class _Job(LayerJob):
         seen = self._observe(layer, mine, blocks, forward)
         t_observe = time.perf_counter()
         source, layer_fallback = self._routing_aware(mine, blocks, seen)
-        seen.block_inputs = None  # every routed token of the layer: free it before pruning
+        for kept in seen.block_inputs.values():  # every routed token of the layer: free it before pruning
+            _release(kept)
+        seen.block_inputs = None
         t_stats = time.perf_counter()
         self._prune(mine, seen.stats, source)
         t_prune = time.perf_counter()
@@ -333,7 +343,7 @@ class _Job(LayerJob):
     def _observe(self, layer: nn.Module, mine: dict[str, nn.Module], blocks, forward) -> _Observed:
         """One forward of the layer: the targets' input statistics, each MoE block's inputs and
         expert token counts, the layer's outputs and the energy of its residual update."""
-        seen = _Observed(InputStats(), {p: [] for p, _ in blocks})
+        seen = _Observed(InputStats(), {p: self.ctx.hidden_store() for p, _ in blocks}, self.ctx.hidden_store())
 
         def keep_block_input(name, x):
             seen.block_inputs[name].append(x.clone())
@@ -411,6 +421,7 @@ class _Job(LayerJob):
                             "seconds": round(time.perf_counter() - p.t0, 3),
                             **{k: round(v, 3) for k, v in p.phases.items()},
                             "next_inputs_s": round(time.perf_counter() - p.t_end, 3)})
+        _release(p.outputs)
         self._pending = None
 
     def _prune(self, mine: dict[str, nn.Module], stats: InputStats, source: dict[str, str]) -> None:

@@ -84,3 +84,38 @@ MAX_MEMORY_HELP = ("Refuse, before reading any weight, a run whose estimated pea
 
 def max_memory_option(help: str = MAX_MEMORY_HELP):
     return typer.Option(None, "--max-memory", metavar="SIZE", help=help, show_default="the memory available")
+
+
+DEVICE_HELP = ("Where each decoder layer is computed: cpu, or cuda (one GPU). With cuda one decoder layer at a time "
+               "is read onto the GPU and calibrated, changed and checked there, beside the embeddings and head; "
+               "every other layer stays on disk, and the output is written from CPU memory. Needs the streamed "
+               "route (a safetensors checkpoint) and a GPU torch can see.")
+
+
+def device_option(help: str = DEVICE_HELP):
+    """`--device cpu|cuda`: where the streamed route materialises each layer (checked, before any
+    tensor is read, by `moeconv.stream.skeleton.stream_device` and `moeconv.jobs.routes.refuse_off_route`)."""
+    return typer.Option("cpu", "--device", metavar="cpu|cuda", help=help)
+
+
+OFFLOAD_HELP = ("Layer-wise passes (wanda, sparsegpt, prune-experts) cache every calibration token's hidden "
+                "state; what does not fit in the memory --max-memory leaves (default: the memory available) is "
+                "written here and read back a batch at a time. Default: inside the output's hidden temporary "
+                "directory. Pick a disk with room for a few copies of tokens x hidden size x 2 bytes.")
+
+
+def offload_dir_option(help: str = OFFLOAD_HELP):
+    return typer.Option(None, "--offload-dir", metavar="DIR", help=help, show_default="inside the temporary output")
+
+
+def activation_spill(plan, max_memory: str | None, offload_dir: Path | None) -> dict:
+    """`run_streamed`'s `activation_budget` and `offload_dir` for a run planned as `plan`: the
+    hidden states get what `--max-memory` leaves after the rest of the plan
+    (`moeconv.memory_plan.activation_budget`). A `--offload-dir` that is not a directory is a
+    `ConfigError` (one line), raised before any tensor is read."""
+    from moeconv.errors import ConfigError
+    from moeconv.memory_plan import activation_budget
+    if offload_dir is not None and not Path(offload_dir).is_dir():
+        raise ConfigError(f"--offload-dir {str(offload_dir)[:200]}: no such directory (create it, or leave the option "
+                          "out to use the output's temporary directory)")
+    return {"activation_budget": activation_budget(plan, max_memory), "offload_dir": offload_dir}

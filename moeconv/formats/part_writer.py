@@ -6,6 +6,9 @@ size) before its data. So each part (a decoder layer, the parts outside the laye
 its own shard the moment it is final, and `finish` names the shards `model-0000i-of-0000N`,
 writes the index and config, and re-reads every tensor (names, shapes, dtypes, SHA-256) as
 `write_checkpoint` does. Memory: one part's tensors, whatever the model's depth.
+
+The tensors may be on any device (a sweep on a GPU hands over the GPU's tensors): each is copied
+to CPU memory as its turn comes (`tensor_bytes`), so the CPU holds one tensor of the part at a time.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ class PartWriter:
         self.bytes_written = 0  # tensor bytes in the shards written so far (for progress)
 
     def write(self, tensors: list[tuple[str, torch.Tensor]]) -> int:
-        """Write one part's tensors (in order) as one shard; returns its bytes."""
+        """Write one part's tensors (in order, on any device) as one shard; returns its bytes."""
         if not tensors:
             return 0
         by_name = dict(tensors)

@@ -1,6 +1,9 @@
 """Which route a command takes: streamed (disk → one layer → disk, memory independent of depth)
 whenever the source and the options allow it, else in memory. The choice and its reason go into
-the report, so a user sees why a run held the whole model."""
+the report, so a user sees why a run held the whole model.
+
+`--device cuda` exists on the streamed route only (one decoder layer at a time on the GPU): a run
+that takes the in-memory route with it is refused, with the reason the source is not streamed."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,6 +36,15 @@ def choose_route(src, command: str, *, method: str | None = None, passes: list |
                              "every pass in turn, and written, one at a time")
     return "streaming", ("a safetensors checkpoint: each decoder layer read, calibrated and changed by every pass "
                          "in turn, and written, one at a time")
+
+
+def refuse_off_route(device: str, route: str, why: str) -> None:
+    """`ConfigError` (one line) for `--device cuda` on a run whose `route` is not "streaming"
+    (`why`: the reason `choose_route` gave): the in-memory route loads the whole model on the CPU."""
+    if device != "cpu" and route != "streaming":
+        from moeconv.errors import ConfigError
+        raise ConfigError(f"--device {device} runs the streamed route (one decoder layer at a time on the GPU); "
+                          f"this run loads the whole model on the CPU ({why}): use --device cpu")
 
 
 def _plan_problem(path: Path, passes: list) -> str | None:

@@ -18,7 +18,10 @@ the sweep then reads, changes and writes each layer without running it.
    side on held-out tokens, one layer of each at a time (`moeconv.stream.compare`).
 
 Peak memory: the embeddings and head, one decoder layer with its pass statistics, and the
-calibration hidden states (in the model's dtype), whatever the depth.
+calibration hidden states (in the model's dtype), whatever the depth. With `ctx.device` "cuda"
+all of that is on the GPU (the skeleton materialises each part there, the calibration batches are
+moved there, so the statistics are computed there); the CPU holds each tensor on its way from the
+source to the GPU and from the GPU to the output shard.
 
 For one pass, the layer-by-layer work is the pass's own (`Pass.run` runs the same `LayerJob`), so
 the tensors equal the in-memory route's bit for bit. A chain differs from running its passes one
@@ -28,6 +31,9 @@ already pruned *and* sparsified), which is the model that is written.
 """
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +51,7 @@ from moeconv.jobs.stream_report import compare_and_summarise
 from moeconv.pass_base import Pass
 from moeconv.pipeline import Pipeline
 from moeconv.report_format import fmt_bytes
+from moeconv.stream.activations import ActivationBudget
 from moeconv.stream.allocator import prepare_streaming
 from moeconv.stream.residency import StreamedLayers
 from moeconv.stream.skeleton import Skeleton
@@ -72,19 +79,26 @@ def why_not_streamed(passes: list[Pass], calibrated: bool) -> str | None:
 
 
 def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = False,
-                 extra_report: dict | None = None, extra_outputs=None, skeleton: Skeleton | None = None) -> dict:
+                 extra_report: dict | None = None, extra_outputs=None, skeleton: Skeleton | None = None,
+                 activation_budget: int | None = None, offload_dir: Path | None = None) -> dict:
     """Run `passes` on `src` (an HF safetensors checkpoint) in one streamed sweep into `out`;
     returns the report (each decoder layer is one shard). `extra_report`: more fields for
     report.json; `extra_outputs(state, tmp_dir) -> dict`: writes more files once the checkpoint is
     verified (e.g. a compressed form), its dict under report["extra_outputs"]; `skeleton`: `src`
-    opened already (its config and headers checked before the calibration data was read)."""
+    opened already (its config and headers checked before the calibration data was read);
+    `ctx.device`: where each layer is calibrated, changed and compared (cpu, or cuda);
+    `activation_budget`: bytes of calibration hidden states (the sweep's and the passes' copies) kept
+    in memory, the rest written to `offload_dir` (default: inside the hidden temporary output
+    directory) and read back a batch at a time (`moeconv.stream.activations`); None: no bound."""
     why = why_not_streamed(passes, ctx.calibration is not None)
     if why is not None:
         raise UnsupportedError(f"cannot stream this recipe: {why}")
     check_output(src, out, force=force)
     prepare_streaming()  # freed layers go back to the system, kernels kept bounded: memory flat with depth
-    skel = skeleton or Skeleton.open(Path(src))
+    skel = (skeleton or Skeleton.open(Path(src))).on(ctx.device)
     body, quantize = (passes[:-1], passes[-1]) if isinstance(passes[-1], Quantize) else (passes, None)
+    budget = ActivationBudget(activation_budget, offload_dir) if activation_budget is not None else None
+    ctx = dataclasses.replace(ctx, activations=budget)
     _plan(skel, passes, ctx)
     jobs = [p.layer_job(skel.state(), ctx) for p in body]
     output = StreamOutput(skel, quantize.config if quantize else None)
@@ -92,7 +106,12 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
 
     def work(tmp: Path) -> JobResult:
         sweep = _Sweep(skel, jobs, output, PartWriter(tmp), ctx, names=[p.name for p in body])
-        sweep.run()
+        spill = _spill_dir(budget, tmp)
+        try:
+            sweep.run()
+        finally:
+            if spill is not None and spill.exists():
+                shutil.rmtree(spill)  # the hidden states are deleted as the sweep goes; no stray file either
         results = [sweep.timed(i, job.finish) for i, job in enumerate(jobs)]
         config, fmt, consumer = output.config()
         written = sweep.writer.finish(config)
@@ -100,7 +119,8 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
             write_generation_config(skel.module, tmp)
         written.update({"format": fmt, "consumer": consumer, "route": "streaming",
                         "sharding": "one shard per decoder layer, the parts outside the layers in one more"})
-        compared = compare_and_summarise(Skeleton.open(Path(src)), output.reading(tmp), evaluation=ctx.evaluation,
+        source = Skeleton.open(Path(src), device=ctx.device)
+        compared = compare_and_summarise(source, output.reading(tmp), evaluation=ctx.evaluation,
                                          seed=ctx.seed, what="float source", progress=ctx.report_progress)
         verification = compared["verification"]
         reports = [r.report for r in results]
@@ -114,10 +134,24 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
             rep.seconds = round(seconds, 4)
         reports[-1].metrics.update(measured(verification), model_bytes=written["bytes"])
         report = {"passes": [r.to_dict() for r in reports], "written": written, **compared, **(extra_report or {})}
+        if budget is not None:  # (the budget itself is left out: it follows the memory free at the start)
+            report["activations"] = {"spilled_peak_bytes": budget.spilled_bytes,
+                                     "offload_dir": str(offload_dir) if offload_dir else "inside the temporary output"}
         if extra_outputs is not None:
             report["extra_outputs"] = extra_outputs(skel.state(), tmp)
         return JobResult(report, skel.state().source)
     return run_job(src, out, force=force, recipe=recipe, work=work)
+
+
+def _spill_dir(budget: ActivationBudget | None, tmp: Path) -> Path | None:
+    """Where the sweep writes hidden states beyond the budget: the user's `--offload-dir` (a
+    directory of its own inside it, so nothing else there is touched), else inside the temporary
+    output (removed with it if the run fails, and before it is published if it succeeds)."""
+    if budget is None:
+        return None
+    base = budget.spill_dir if budget.spill_dir is not None else tmp
+    budget.spill_dir = Path(tempfile.mkdtemp(prefix=".moeconv-activations-", dir=base))
+    return budget.spill_dir
 
 
 def _plan(skel: Skeleton, passes: list[Pass], ctx: Context) -> None:
@@ -145,8 +179,9 @@ class _Sweep:
         if len(sizes) > 1:
             raise ConfigError("the streamed passes must share one batch_size (they run on the same batches)")
         # no calibration data: a data-free recipe, whose sweep reads, changes and writes each layer
-        # without running it
-        self.batches = list(ctx.calibration.split(sizes.pop())) if ctx.calibration is not None and sizes else []
+        # without running it; the batches go where the layers are materialised
+        self.batches = ([b.to(skel.device) for b in ctx.calibration.split(sizes.pop())]
+                        if ctx.calibration is not None and sizes else [])
         self.seconds = [0.0] * len(jobs)  # each job's own time, summed over the layers (`timed`)
 
     def timed(self, i: int, step, *args):
@@ -162,7 +197,7 @@ class _Sweep:
             raise UnsupportedError("internal: a pass that needs a sweep before its own is not streamed")
         run_layerwise(self.skel.module, self.batches, self._on_layer, after_layer=self._after_layer,
                       residency=StreamedLayers(self.skel, on_final=self._final),
-                      progress=self._progress)
+                      progress=self._progress, activations=self.ctx.activations)
 
     def _progress(self, _task: str, done: int, total: int, now: str | None = None) -> None:
         """Layers done, with the pass at work (`now`; at a layer's start, its first pass) and the

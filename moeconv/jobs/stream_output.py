@@ -7,6 +7,9 @@ stores them), a dense model under its module names. When the recipe ends with `q
 final, with the pass's own selection and `quantize_linear`, and written in the layout of
 `moeconv.formats.quantized` (module names; hf-bitsandbytes for dense models, moeconv-quantized for
 MoE models), the same tensors `quantize_streamed` writes.
+
+The tensors are on the device the sweep runs on (`Skeleton.device`; a part quantized on a GPU is
+quantized by bitsandbytes' CUDA kernels); the writer copies each to CPU memory as it writes it.
 """
 from __future__ import annotations
 
@@ -122,4 +125,4 @@ class StreamOutput:
         """The written output as a skeleton (quantized layers rebuilt from their stored tensors)."""
         if self.quantized:
             return self.skel.reading(out_dir, self.records)
-        return Skeleton.open(out_dir)
+        return Skeleton.open(out_dir, device=self.skel.device)

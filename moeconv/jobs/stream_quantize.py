@@ -11,6 +11,11 @@ for dense models, moeconv's format with a `quantization` section for MoE models)
 are equal to it bit for bit. Verification: every tensor re-read and checksummed; source and output
 run side by side on held-out tokens, one decoder layer of each at a time (the output's layers
 rebuilt from the written tensors), and the measured change reported.
+
+With `ctx.device` "cuda", each quantized layer's float weight is read onto the GPU and quantized
+there by bitsandbytes (its CUDA kernels: the values may differ from the CPU's in the last bit of a
+scale), its stored tensors copied back to the CPU for writing; float tensors go from source to
+output without visiting the GPU; the comparison runs one layer of each model at a time on the GPU.
 """
 from __future__ import annotations
 
@@ -41,13 +46,14 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
                       skeleton: Skeleton | None = None) -> dict:
     """Quantize `src` (an HF safetensors checkpoint) into `out` one layer at a time; returns the
     report. `extra_report`: more fields for report.json (the memory plan, the route and why);
-    `skeleton`: `src` opened already (its config and headers checked before other inputs are read)."""
+    `skeleton`: `src` opened already (its config and headers checked before other inputs are read);
+    `ctx.device`: where each layer is quantized and compared (cpu, or cuda: one layer at a time)."""
     ctx = ctx or Context()
     check_output(src, out, force=force)
     # one matrix is in memory at a time, so its temporaries (a 2816x1024 expert matrix: 5.8 MB)
     # are served from the heap and reused rather than mapped and faulted in afresh for every matrix
     prepare_streaming(mmap_threshold=QUANTIZE_MMAP_THRESHOLD)
-    skel = skeleton or Skeleton.open(Path(src))
+    skel = (skeleton or Skeleton.open(Path(src))).on(ctx.device)
     plan = _Plan(skel, cfg)
 
     def work(tmp: Path) -> JobResult:
@@ -149,6 +155,7 @@ class _Plan:
         try:
             t0 = time.perf_counter()
             stored = serialized(quantize_linear(self.skel.module.get_submodule(path), self.spec))
+            stored = {rel: t.cpu() for rel, t in stored.items()}  # written from CPU memory
             self.seconds += time.perf_counter() - t0
             return stored
         finally:

@@ -7,7 +7,8 @@ source's own layout and names. Then the output is re-read and checksummed tensor
 pruned matrix is checked against the pattern, and source and output are compared on held-out
 tokens one decoder layer of each at a time (`moeconv.stream.compare`). Peak memory: one source
 tensor and its pruned copy during the write, one decoder layer of each model during the check,
-whatever the depth.
+whatever the depth. With `ctx.device` "cuda", each selected matrix is pruned on the GPU (ties in
+|w| may break otherwise than on the CPU) and copied back for writing, and the check runs there.
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def sparsify_streamed(src, out, cfg: SparsifyConfig, *, force: bool = False, sha
     ctx = ctx or Context()
     check_output(src, out, force=force)
     prepare_streaming()  # freed layers go back to the system, kernels kept bounded: memory flat with depth
-    skel = Skeleton.open(Path(src))
+    skel = Skeleton.open(Path(src), device=ctx.device)
     pat = cfg.sparsity_pattern()
     pruner = _Pruner(skel, cfg, pat, ctx)
 
@@ -92,14 +93,14 @@ class _Pruner:
             return t
         path, conv = self.targets[spec.name]
         t0 = time.perf_counter()
-        w = t.t() if conv else t
+        w = (t.t() if conv else t).to(self.skel.device)
         stored = magnitude(w.float(), self.pat).to(t.dtype)
         sp = check_pattern(stored, self.pat, path)
         self.seconds += time.perf_counter() - t0
         self.rows[path] = {"matrix": path, "shape": list(stored.shape), "sparsity": round(sp, 4), "stats": "none",
                            "rel_error": None, "params": stored.numel(), "zeros": zero_count(stored)}
         self.compressed += compressed_nbytes(stored)
-        return (stored.t() if conv else stored).contiguous()
+        return (stored.t() if conv else stored).contiguous().cpu()  # written from CPU memory
 
     def on_tensor(self, spec) -> None:
         if spec.name in self.targets:

@@ -6,6 +6,10 @@ inputs are captured with the usual forward (it stops at the first decoder layer,
 run on `meta`); then each layer is materialised, run on every batch, and released; the final
 hidden states go through the model's own tail (final norm, head) by replaying them in place of
 the layer stack. The result equals `model_outputs` of the loaded model up to summation order.
+
+Each skeleton runs on its own device (`Skeleton.device`: the CPU, or one GPU holding one layer at a
+time): the token ids go there, the logits come back to the CPU, so `compare_logits` and the
+perplexities are computed the same way whichever device ran the layers.
 """
 from __future__ import annotations
 
@@ -48,9 +52,11 @@ class _Through(nn.Module):
 
 @torch.inference_mode()
 def streamed_logits(skel: Skeleton, batches: list[torch.Tensor], progress=None, observe=None) -> list[torch.Tensor]:
-    """The model's outputs (logits) on each batch, one decoder layer in memory at a time.
-    `observe(path, layer)` is called with each layer once its weights are read, before it runs
-    (`moeconv.summary.LayerFacts`: the report's expert load and sparsity without another sweep)."""
+    """The model's outputs (logits, on the CPU) on each batch, one decoder layer in memory at a
+    time, computed on `skel.device`. `observe(path, layer)` is called with each layer once its
+    weights are read, before it runs (`moeconv.summary.LayerFacts`: the report's expert load and
+    sparsity without another sweep)."""
+    batches = [b.to(skel.device) for b in batches]
     skel.load_part(None)
     try:
         inputs = capture_first_layer_inputs(skel.module, batches)
@@ -67,7 +73,7 @@ def streamed_logits(skel: Skeleton, batches: list[torch.Tensor], progress=None, 
             release_freed()
             kind = tuple if isinstance(outs[0], (tuple, list)) else torch.Tensor
             hidden = [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
-        return _tail(skel, batches, hidden, kind)
+        return [logits.cpu() for logits in _tail(skel, batches, hidden, kind)]
     finally:
         skel.drop_part(None)
 

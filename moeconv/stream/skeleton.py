@@ -6,6 +6,11 @@ float dtype, routers of linearised MoE blocks in fp32), and `release(path)` retu
 parameters to `meta`, so peak memory is the largest submodule materialised at once, whatever the
 model's depth. Native MoE blocks (Mixtral, Qwen-MoE) are linearised on `meta` as `moeconv.load`
 does, and each of their parameters is read from the per-expert tensor the family stores.
+
+Device: parts are materialised on `Skeleton.device` (`on(device)`): the CPU by default, or one
+CUDA GPU, which then holds the part being worked on and nothing else of the weights (the rest
+stays on disk; each tensor is read into CPU memory and copied over). The values are the same
+checkpoint tensors, cast the same way, wherever they land.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import torch
 from torch import nn
 
 from moeconv.calibrate import decoder_layers
-from moeconv.errors import InputError, UnsupportedError
+from moeconv.errors import ConfigError, InputError, UnsupportedError
 from moeconv.formats.hf import hf_config, plain_hf_config
 from moeconv.formats.hf_moe import MoeFormat, family_for_config, gated_rename
 from moeconv.io.json_files import read_json_object
@@ -46,6 +51,22 @@ def parameters_on_meta():
         yield
     finally:
         nn.Module.register_parameter = register
+
+
+DEVICES = ("cpu", "cuda")
+
+
+def stream_device(name: str | torch.device = "cpu") -> torch.device:
+    """The device a streamed run materialises its parts on: "cpu" (the default) or "cuda" (the
+    current GPU). Any other name, or "cuda" where torch sees no GPU, is a `ConfigError` in one
+    line naming the fix (the CLI's `--device`, checked before any tensor is read)."""
+    text = str(name)
+    if text not in DEVICES:
+        raise ConfigError(f"--device must be cpu or cuda, not {text[:40]!r}")
+    if text == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: torch sees no CUDA GPU on this machine (torch.cuda.is_available() is "
+                          "False); use --device cpu (the default), or a machine with a GPU and a CUDA build of torch")
+    return torch.device(text)
 
 
 def streamable(path: Path) -> str | None:
@@ -77,14 +98,16 @@ class Skeleton:
     _float_layers: dict[str, nn.Module] = field(default_factory=dict)  # meta layers a quantized one stands in for
     _loaded: dict[str | None, list] = field(default_factory=dict)  # part → (owner module, name) read by load_part
     _alias_map: dict[str, list[str]] | None = None  # see `_aliases`
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where parts are materialised
 
     @classmethod
     def open(cls, path: Path, *, config=None, dtype: torch.dtype | None = None,
-             quantized: dict[str, dict] | None = None) -> Skeleton:
+             quantized: dict[str, dict] | None = None, device: str | torch.device | None = None) -> Skeleton:
         """The skeleton of checkpoint `path`. `config` (a transformers config) and `dtype` build
         the model when the directory's own config.json does not describe the float model (a
         quantized output); `quantized` (layer path → bitsandbytes record) names the layers stored
-        as bitsandbytes tensors under `{path}.{name}`, rebuilt by `load_part`."""
+        as bitsandbytes tensors under `{path}.{name}`, rebuilt by `load_part`; `device`: see `on`
+        (None: the CPU)."""
         path = Path(path)
         if config is None:
             why = streamable(path)
@@ -100,7 +123,18 @@ class Skeleton:
         prefix, layers = decoder_layers(module)
         skel = cls(path, ckpt, config, module.eval(), family, prefix, len(layers), quantized=dict(quantized or {}))
         skel.tensor_of = skel._map_tensors(linearised)
-        return skel
+        return skel.on(device) if device is not None else skel
+
+    def on(self, device: str | torch.device) -> Skeleton:
+        """This skeleton, its parts materialised on `device` from now on (`stream_device`: cpu or
+        cuda) and its real buffers (rotary tables, computed by constructors) moved there, so a
+        part runs where it is read to. Call it while no part is loaded."""
+        self.device = stream_device(device)
+        for m in self.module.modules():
+            for key, b in m._buffers.items():
+                if b is not None and b.device != self.device:
+                    m._buffers[key] = b.to(self.device)
+        return self
 
     def dtype(self) -> torch.dtype:
         """The dtype the model's float weights are held in (routers of linearised blocks aside)."""
@@ -164,11 +198,13 @@ class Skeleton:
 
     @torch.no_grad()
     def materialize(self, names: list[str]) -> None:
-        """Read the parameters `names` from the checkpoint into the module (cast to its dtypes);
-        a parameter tied to one of them (lm_head to the embeddings) gets the same tensor."""
+        """Read the parameters `names` from the checkpoint into the module (cast to its dtypes, on
+        `self.device`); a parameter tied to one of them (lm_head to the embeddings) gets the same
+        tensor."""
         for name in names:
             p = self._parameter(name)
-            t = nn.Parameter(self.read(self.tensor_of[name]).to(p.dtype), requires_grad=False)
+            t = nn.Parameter(self.read(self.tensor_of[name]).to(device=self.device, dtype=p.dtype),
+                             requires_grad=False)
             for n in [name, *self._aliases().get(name, [])]:
                 _set_parameter(self.module, n, t)
 
@@ -203,11 +239,12 @@ class Skeleton:
         """A skeleton of the same model over `out_dir`, a checkpoint written from this one under
         the module's own parameter names (or the family's, as this one reads them), with the
         layers `quantized` (path → record) stored as bitsandbytes tensors under `{path}.{name}`."""
-        return Skeleton.open(out_dir, config=copy.deepcopy(self.config), dtype=self.dtype(), quantized=quantized)
+        return Skeleton.open(out_dir, config=copy.deepcopy(self.config), dtype=self.dtype(), quantized=quantized,
+                             device=self.device)
 
     def load_part(self, path: str | None) -> None:
-        """Materialise every parameter under `path` (None: everything outside the decoder layers),
-        quantized layers rebuilt from their stored tensors."""
+        """Materialise every parameter under `path` (None: everything outside the decoder layers)
+        on `self.device`, quantized layers rebuilt there from their stored tensors."""
         names = self._part(path)
         floats = [n for n in names if not self._in_quantized(n)]
         self.materialize(floats)
@@ -216,7 +253,7 @@ class Skeleton:
         self._loaded[path] = [(self.module.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in floats]
         for lp in self._quantized_in(path):
             rel = {n[len(lp) + 1:]: n for n in self.ckpt.names() if n.startswith(lp + ".")}
-            tensors = {r: self.ckpt.get(n) for r, n in rel.items()}
+            tensors = {r: self.ckpt.get(n).to(self.device) for r, n in rel.items()}
             self._float_layers[lp] = self.module.get_submodule(lp)
             self.module.set_submodule(lp, rebuild(self.quantized[lp], tensors, where=f"{self.path}: {lp}"))
 

@@ -282,3 +282,18 @@ def test_plan_of_a_distill_recipe_shows_each_process_under_ddp_and_fsdp(work, tm
     assert r.exit_code == 0, r.output
     flat = " ".join(r.stdout.split())
     assert "distill, per process with 4 processes" in flat and "--strategy fsdp" in flat and "optimizer state" in flat
+
+
+def test_hidden_states_that_can_spill_do_not_refuse_a_streamed_plan():
+    """A streamed sweep writes the calibration hidden states that do not fit to its offload
+    directory: a plan over the limit by no more than them passes, and they get what is left."""
+    from moeconv.errors import MemoryPlanError
+    from moeconv.memory_plan import MIN_ACTIVATION_BUDGET, activation_budget
+    gib = 2**30
+    plan = MemoryPlan(total=10 * gib, parts={WEIGHTS: 2 * gib, ACTIVATIONS: 8 * gib}, route="streaming", spillable=7 * gib)
+    check_plan(plan, 4 * gib)  # 3 GiB stay in memory: fits
+    assert activation_budget(plan, "4GiB") == gib  # 4 GiB − (10 − 7) GiB
+    assert activation_budget(plan, "3GiB") == MIN_ACTIVATION_BUDGET
+    with pytest.raises(MemoryPlanError):
+        check_plan(plan, 2 * gib)  # what cannot spill is over the limit
+    assert activation_budget(MemoryPlan(total=gib, parts={WEIGHTS: gib}, route="streaming"), "4GiB") is None

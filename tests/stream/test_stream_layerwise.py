@@ -193,3 +193,45 @@ def test_memory_does_not_grow_when_a_pass_drops_modules(tmp_path):
     finally:
         gc.enable()
     assert len(alive) == 6 and len(set(alive)) == 1, alive  # the embeddings and head only, after every layer
+
+
+@pytest.mark.parametrize("make", [lambda: [Sparsify(method="wanda")],
+                                  lambda: [PruneExperts(keep=3), Sparsify(method="sparsegpt"), Quantize(method="int8")]],
+                         ids=["wanda", "recipe"])
+def test_hidden_states_over_the_budget_spill_to_disk_and_change_nothing(source, make, tmp_path, monkeypatch):
+    """With no memory for hidden states at all, every batch the sweep and the passes cache goes to
+    the offload directory and is read back: the written tensors are the unbounded run's, bit for
+    bit, and no file is left behind."""
+    from moeconv.stream import activations
+    written = []
+    spill = activations._Spilled.write
+    monkeypatch.setattr(activations._Spilled, "write",
+                        classmethod(lambda cls, path, t: written.append(path) or spill.__func__(cls, path, t)))
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    ctx = Context(calibration=CALIB)
+    bounded = run_streamed(source, tmp_path / "b", make(), ctx=ctx, activation_budget=0, offload_dir=offload)
+    free = run_streamed(source, tmp_path / "f", make(), ctx=ctx)
+    _same_tensors(tmp_path / "b", tmp_path / "f")
+    assert len(written) > 0 and all(p.parent.parent == offload for p in written)
+    assert bounded["activations"]["spilled_peak_bytes"] > 0 and "activations" not in free
+    assert not list(offload.iterdir())
+    assert bounded["verification"]["max_abs_diff"] == free["verification"]["max_abs_diff"]
+
+
+def test_the_cli_takes_an_offload_dir_and_refuses_a_missing_one(tmp_path):
+    from safetensors.torch import save_file
+    src = _mixtral(tmp_path / "src")
+    ids = tmp_path / "ids.safetensors"
+    save_file({"ids": CALIB}, ids)
+    r = _cli("sparsify", src, tmp_path / "bad", "--method", "wanda", "--calib", ids, "--offload-dir", tmp_path / "nope")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--offload-dir" in r.stderr
+    assert not (tmp_path / "bad").exists()
+    offload = tmp_path / "offload"
+    offload.mkdir()
+    r = _cli("sparsify", src, tmp_path / "out", "--method", "wanda", "--calib", ids, "--offload-dir", offload)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["activations"] == {"spilled_peak_bytes": 0, "offload_dir": str(offload)}  # a tiny model fits
+    assert report["memory_plan"]["spillable_bytes"] > 0
+    assert not list(offload.iterdir()) and not [p for p in (tmp_path / "out").iterdir() if "activations" in p.name]

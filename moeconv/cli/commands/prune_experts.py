@@ -7,8 +7,9 @@ from typing import Optional
 
 import typer
 
-from moeconv.cli.common import (calib_option, calib_samples_option, calib_seq_len_option, force_option,
-                                format_of, ignore_option, max_memory_option, seed_option, targets_option)
+from moeconv.cli.common import (offload_dir_option, calib_option, calib_samples_option, calib_seq_len_option, device_option,
+                                force_option, format_of, ignore_option, max_memory_option, seed_option,
+                                targets_option)
 
 
 def parse_per_layer(text: str | None):
@@ -52,6 +53,8 @@ def register(app: typer.Typer) -> None:
         seed: int = seed_option("Seed for the held-out split and the check inputs."),
         force: bool = force_option(),
         max_memory: Optional[str] = max_memory_option(),
+        device: str = device_option(),
+        offload_dir: Optional[Path] = offload_dir_option(),
     ):
         """Drop (or merge) the least important experts of every MoE layer and repair the router.
 
@@ -62,6 +65,7 @@ def register(app: typer.Typer) -> None:
         def go():
             from moeconv.io.atomic import check_new_output
             from moeconv.errors import ConfigError, InputError
+            from moeconv.stream.skeleton import stream_device
             from passes.prune_experts import PruneExperts
             p = PruneExperts(keep=keep, ratio=ratio, per_layer=parse_per_layer(per_layer), criterion=criterion,
                              targets=targets or None, ignore=ignore or [], merge=merge,
@@ -69,45 +73,51 @@ def register(app: typer.Typer) -> None:
                              recalib_steps=recalib_steps, seed=seed)
             if calib_samples < 1 or calib_seq_len < 2:
                 raise ConfigError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+            stream_device(device)  # before anything is read
             check_new_output(out_dir, force=force)
             if not Path(src).exists():
                 raise InputError(f"{src}: no such file or directory")
-            report = _prune(src, out_dir, p, calib, calib_samples, calib_seq_len, max_memory, seed, force)
+            report = _prune(src, out_dir, p, calib, calib_samples, calib_seq_len, max_memory, seed, force, device,
+                            offload_dir)
             render_prune(cli.out, report)
         cli._run(go)
 
 
 def _prune(src: str, out_dir: Path, p, calib: Path, samples: int, seq_len: int, max_memory: str | None, seed: int,
-           force: bool) -> dict:
+           force: bool, device: str = "cpu", offload_dir: Path | None = None) -> dict:
     """Run the pass on the route `moeconv.jobs.routes` picks (streamed for a safetensors
-    checkpoint); returns the report."""
+    checkpoint; `device` cuda and `offload_dir` on that route only); returns the report."""
     from moeconv import Context, cli
     from moeconv.data import calibration_tokens
-    from moeconv.jobs.routes import choose_route
+    from moeconv.jobs.routes import choose_route, refuse_off_route
     from moeconv.progress import Progress
     route, why = choose_route(src, "prune-experts", passes=[p], calibrated=True)
-    plan, state = _planned_load(src, p, calib, samples, seq_len, max_memory, route)
+    refuse_off_route(device, route, why)
+    plan, state = _planned_load(src, p, calib, samples, seq_len, max_memory, route, device)
+    from moeconv.cli.common import activation_spill
+    spill = activation_spill(plan, max_memory, offload_dir) if route == "streaming" else {}
     calibration = calibration_tokens(calib, src, num_samples=samples, seq_len=seq_len,
                                      seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
     extra = {"memory_plan": plan.to_dict(), "route": {"route": route, "why": why}}
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
-        ctx = Context(calibration=calibration, seed=seed, progress=progress)
+        ctx = Context(calibration=calibration, seed=seed, progress=progress, device=device)
         if route == "streaming":
             from moeconv.jobs.stream_layerwise import run_streamed
-            return run_streamed(src, out_dir, [p], ctx=ctx, force=force, extra_report=extra, skeleton=state)
+            return run_streamed(src, out_dir, [p], ctx=ctx, force=force, extra_report=extra, skeleton=state, **spill)
         from moeconv.jobs.pipeline_job import run_to_dir
         return run_to_dir(src, out_dir, [p], ctx=ctx, fmt=format_of(src), force=force, state=state,
                           extra_report=extra)
 
 
-def _planned_load(src: str, p, calib: Path, samples: int, seq_len: int, max_memory: str | None, route: str):
+def _planned_load(src: str, p, calib: Path, samples: int, seq_len: int, max_memory: str | None, route: str,
+                  device: str = "cpu"):
     """(the run's memory plan, the loaded model or, streamed, its skeleton): a plan over --max-memory
     is refused (exit 2, one line) before any tensor is read."""
     from moeconv import load
     from moeconv.memory_plan import calibration_size, plan_and_check
     tokens, seq = calibration_size(calib, samples, seq_len)
     plan = plan_and_check(src, [p], max_memory=max_memory, calib_tokens=tokens, calib_seq_len=seq, route=route,
-                          flags={"calib": "--calib-samples / --calib-seq-len"})
+                          device=device, flags={"calib": "--calib-samples / --calib-seq-len"})
     if route == "streaming":
         from moeconv.stream.skeleton import Skeleton
         return plan, Skeleton.open(Path(src))  # the config and headers checked, no weight read

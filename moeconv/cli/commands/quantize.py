@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from moeconv.cli.common import (calib_option, calib_samples_option, calib_seq_len_option, eval_option,
+from moeconv.cli.common import (calib_option, calib_samples_option, calib_seq_len_option, device_option, eval_option,
                                 eval_samples_option, force_option, ignore_option, max_memory_option, seed_option,
                                 shard_size_option, targets_option)
 
@@ -61,6 +61,7 @@ def quantize(
     seed: int = seed_option("Seed of the example inputs the output error is measured on."),
     force: bool = force_option(),
     max_memory: Optional[str] = max_memory_option(),
+    device: str = device_option(),
 ):
     """Quantize a model and write a checkpoint its users can load: compressed-tensors (w4a16, w8a16,
     fp8; what vLLM serves, transformers loads it; --algorithm gptq with --calib) or bitsandbytes.
@@ -105,6 +106,7 @@ class QuantizeArgs:
     seed: int
     force: bool
     max_memory: Optional[str]
+    device: str
 
 
 def _quantize_config(a: QuantizeArgs):
@@ -135,7 +137,11 @@ def _reload_tolerance(state) -> float:
 def _run_quantize(a: QuantizeArgs) -> None:
     from moeconv import cli
     from moeconv.formats.compressed_tensors_io import METHODS as CT_METHODS
+    from moeconv.jobs.routes import refuse_off_route
+    from moeconv.stream.skeleton import stream_device
+    stream_device(a.device)  # before anything is read
     if a.method in CT_METHODS:
+        refuse_off_route(a.device, "in-memory", f"quantize --method {a.method} is not streamed")
         return _run_compressed_tensors(a)
     from moeconv.context import check_seed
     from moeconv.io.atomic import check_new_output
@@ -149,7 +155,9 @@ def _run_quantize(a: QuantizeArgs) -> None:
     check_seed(a.seed)  # before any loading: it reaches every generator of the run
     check_new_output(a.out_dir, force=a.force)
     route, why = choose_route(a.src, "quantize")
-    plan = plan_and_check(a.src, [Quantize(cfg)], max_memory=a.max_memory, route=route)  # before any tensor is read
+    refuse_off_route(a.device, route, why)
+    plan = plan_and_check(a.src, [Quantize(cfg)], max_memory=a.max_memory, route=route,
+                          device=a.device)  # before any tensor is read
     extra = {"memory_plan": plan.to_dict(), "route": {"route": route, "why": why}}
     report = (_quantize_streamed if route == "streaming" else _quantize_in_memory)(a, cfg, shard_bytes, extra)
     render_quantize(cli.out, report)
@@ -234,7 +242,7 @@ def _quantize_streamed(a: QuantizeArgs, cfg, shard_bytes: int, extra: dict) -> d
     skel = Skeleton.open(Path(a.src))  # the checkpoint is refused as such before its tokenizer is used
     evaluation = _evaluation(a)
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
-        ctx = Context(seed=a.seed, progress=progress, evaluation=evaluation)
+        ctx = Context(seed=a.seed, progress=progress, evaluation=evaluation, device=a.device)
         return quantize_streamed(a.src, a.out_dir, cfg, force=a.force, shard_bytes=shard_bytes, ctx=ctx,
                                  extra_report=extra, skeleton=skel)
 

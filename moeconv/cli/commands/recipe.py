@@ -9,8 +9,8 @@ import typer
 
 from typer.core import TyperCommand
 
-from moeconv.cli.common import (calib_option, calib_samples_option, calib_seq_len_option, force_option,
-                                max_memory_option, seed_option)
+from moeconv.cli.common import (offload_dir_option, calib_option, calib_samples_option, calib_seq_len_option, device_option,
+                                force_option, max_memory_option, seed_option)
 
 # What a dense Hugging Face checkpoint offers before any pass: the default for `plan` without --model.
 DENSE_FACTS = {"dense-ffn", "float-weights", "hf-config"}
@@ -70,12 +70,14 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: check the recipe against the model."),
     force: bool = force_option(),
     max_memory: Optional[str] = max_memory_option(),
+    device: str = device_option(),
+    offload_dir: Optional[Path] = offload_dir_option(),
 ):
     """Run a recipe's passes on a model and write the verified result with report.json."""
     from moeconv import cli
     calibration = _Calibration(calib, calib_samples, calib_seq_len, given=calib is not None)
     cli._run(lambda: _run_recipe(recipe, model, out_dir, calibration, set_ or [], fmt, seed, dry_run, force,
-                                 max_memory))
+                                 max_memory, device, offload_dir))
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,10 @@ def render_memory(console, plan) -> None:
     from rich.table import Table
 
     from moeconv.io.config_checks import format_bytes
-    t = Table(title=f"memory: about {format_bytes(plan.total)} at the peak ({plan.peak}; {plan.route} route, "
+    # with a GPU, `total` is host memory and what sits on the GPU is counted apart
+    gpu = f" of host memory, {format_bytes(sum(plan.on_device.values()))} on the {plan.device} GPU,"
+    gpu = gpu if plan.on_device else ""
+    t = Table(title=f"memory: about {format_bytes(plan.total)}{gpu} at the peak ({plan.peak}; {plan.route} route, "
                     "estimated from the checkpoint's headers)")
     t.add_column("held by")
     t.add_column("estimate", justify="right")
@@ -187,25 +192,34 @@ def render_training_memory(console, training: dict) -> None:
 
 
 def _run_recipe(recipe: Path, model: str, out_dir: Path, calib: _Calibration, overrides: list[str], fmt: str, seed: int,
-                dry_run: bool, force: bool, max_memory: str | None = None) -> None:
+                dry_run: bool, force: bool, max_memory: str | None = None, device: str = "cpu",
+                offload_dir: Path | None = None) -> None:
     from moeconv import Context, cli, load
+    from moeconv.jobs.routes import refuse_off_route
     from moeconv.progress import Progress
     from moeconv.render import render_run
+    from moeconv.stream.skeleton import stream_device
+    stream_device(device)  # before anything is read
     _check_seed(seed)
     passes = _passes(recipe, overrides)
     route, why = _route(model, passes, calib, fmt)
-    memory = _memory_plan(model, passes, calib, max_memory, show=dry_run, route=route)  # before any tensor is read
+    refuse_off_route(device, route, why)
+    memory = _memory_plan(model, passes, calib, max_memory, show=dry_run, route=route,
+                          device=device)  # before any tensor is read
     skeleton = _skeleton(model) if route == "streaming" else None  # a broken model named before its text is read
+    from moeconv.cli.common import activation_spill
+    spill = activation_spill(memory, max_memory, offload_dir) if route == "streaming" else {}
     calibration = calib.tokens(model) if calib.file is not None else None
     if dry_run:
         _render_plan(passes, load(model).facts() | ({"calibration"} if calibration is not None else set()))
         return
     extra = {"memory_plan": memory.to_dict(), "route": {"route": route, "why": why}}
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
-        ctx = Context(calibration=calibration, seed=seed, progress=progress)
+        ctx = Context(calibration=calibration, seed=seed, progress=progress, device=device)
         if route == "streaming":
             from moeconv.jobs.stream_layerwise import run_streamed
-            report = run_streamed(model, out_dir, passes, ctx=ctx, force=force, extra_report=extra, skeleton=skeleton)
+            report = run_streamed(model, out_dir, passes, ctx=ctx, force=force, extra_report=extra, skeleton=skeleton,
+                                  **spill)
         else:
             from moeconv.jobs.pipeline_job import run_to_dir
             report = run_to_dir(model, out_dir, passes, ctx=ctx, fmt=fmt, force=force, extra_report=extra)
@@ -236,16 +250,17 @@ def _skeleton(model: str):
 
 
 def _memory_plan(model: str, passes: list, calib: _Calibration, max_memory: str | None, *, show: bool,
-                 route: str = "in-memory"):
-    """The run's memory plan (printed with `show`), refused (exit 2, one line) over --max-memory."""
+                 route: str = "in-memory", device: str = "cpu"):
+    """The run's memory plan (printed with `show`; with `device` cuda, what sits on the GPU apart),
+    refused (exit 2, one line) over --max-memory or over the GPU's free memory."""
     from moeconv import cli
     from moeconv.memory_plan import check_plan, parse_max_memory, plan_memory, plan_streaming
     limit = parse_max_memory(max_memory)
     tokens, seq = calib.size()
     if route == "streaming":
-        plan = plan_streaming(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS)
+        plan = plan_streaming(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS, device=device)
     else:
-        plan = plan_memory(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS)
+        plan = plan_memory(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS, device=device)
     if show:
         render_memory(cli.out, plan)
     check_plan(plan, limit, given=max_memory)

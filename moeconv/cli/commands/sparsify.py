@@ -10,8 +10,9 @@ from typing import Optional
 
 import typer
 
-from moeconv.cli.common import (calib_option, calib_samples_option, calib_seq_len_option, force_option,
-                                ignore_option, max_memory_option, seed_option, shard_size_option, targets_option)
+from moeconv.cli.common import (offload_dir_option, calib_option, calib_samples_option, calib_seq_len_option, device_option,
+                                force_option, ignore_option, max_memory_option, seed_option, shard_size_option,
+                                targets_option)
 
 
 def register(app: typer.Typer) -> None:
@@ -41,6 +42,8 @@ def sparsify(
     seed: int = seed_option("Seed for the check inputs."),
     force: bool = force_option(),
     max_memory: Optional[str] = max_memory_option(),
+    device: str = device_option(),
+    offload_dir: Optional[Path] = offload_dir_option(),
 ):
     """Prune expert weights to 2:4 (N:M / unstructured) with the least damage, verified on reload.
 
@@ -76,6 +79,8 @@ class SparsifyArgs:
     seed: int
     force: bool
     max_memory: Optional[str]
+    device: str
+    offload_dir: Optional[Path]
 
 
 def _sparsify_pass(a: SparsifyArgs):
@@ -95,20 +100,20 @@ def _sparsify_pass(a: SparsifyArgs):
     return p, parse_size(a.shard_size)
 
 
-def _run_streamed(a: SparsifyArgs, p, shard_bytes: int, extra: dict) -> dict:
+def _run_streamed(a: SparsifyArgs, p, shard_bytes: int, extra: dict, spill: dict) -> dict:
     """Magnitude pruning of a safetensors checkpoint, one tensor at a time (`moeconv.jobs.stream_sparsify`)."""
     from moeconv import Context, cli
     from moeconv.jobs.stream_sparsify import sparsify_streamed
     from moeconv.progress import Progress
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
         return sparsify_streamed(a.src, a.out_dir, p.config, force=a.force, shard_bytes=shard_bytes,
-                                 ctx=Context(seed=a.seed, progress=progress), compressed=a.compressed,
+                                 ctx=Context(seed=a.seed, progress=progress, device=a.device), compressed=a.compressed,
                                  extra_report=extra)
 
 
-def _run_streamed_layers(a: SparsifyArgs, p, shard_bytes: int, extra: dict) -> dict:
+def _run_streamed_layers(a: SparsifyArgs, p, shard_bytes: int, extra: dict, spill: dict) -> dict:
     """Wanda / SparseGPT on a safetensors checkpoint, one decoder layer at a time
-    (`moeconv.jobs.stream_layerwise`)."""
+    (`moeconv.jobs.stream_layerwise`); `spill`: its hidden states' budget and offload directory."""
     from moeconv import Context, cli
     from moeconv.jobs.stream_layerwise import run_streamed
     from moeconv.progress import Progress
@@ -117,8 +122,9 @@ def _run_streamed_layers(a: SparsifyArgs, p, shard_bytes: int, extra: dict) -> d
     calibration = _calibration(a)
     more = _compressed_output(p, shard_bytes) if a.compressed else None
     with Progress(cli.err, enabled=not cli._state["verbose"]) as progress:
-        return run_streamed(a.src, a.out_dir, [p], ctx=Context(calibration=calibration, seed=a.seed, progress=progress),
-                            force=a.force, extra_report=extra, extra_outputs=more, skeleton=skeleton)
+        ctx = Context(calibration=calibration, seed=a.seed, progress=progress, device=a.device)
+        return run_streamed(a.src, a.out_dir, [p], ctx=ctx, force=a.force, extra_report=extra, extra_outputs=more,
+                            skeleton=skeleton, **spill)
 
 
 def _calibration(a: SparsifyArgs):
@@ -147,9 +153,9 @@ def _memory_plan(a: SparsifyArgs, p, route: str):
     from moeconv.memory_plan import calibration_size, plan_memory, plan_streaming, refuse_over
     tokens, seq = calibration_size(a.calib, a.calib_samples, a.calib_seq_len) if a.calib is not None else (None, None)
     if route == "streaming" and a.method == "magnitude":
-        return refuse_over(plan_streaming(a.src), a.max_memory)
+        return refuse_over(plan_streaming(a.src, device=a.device), a.max_memory)
     if route == "streaming":
-        plan = plan_streaming(a.src, [p], calib_tokens=tokens, calib_seq_len=seq,
+        plan = plan_streaming(a.src, [p], calib_tokens=tokens, calib_seq_len=seq, device=a.device,
                               flags={"calib": "--calib-samples / --calib-seq-len", "method": "--method magnitude"})
         _refuse_over(a, plan)
         return plan
@@ -175,18 +181,23 @@ def _run_sparsify(a: SparsifyArgs) -> None:
     from moeconv.io.atomic import check_new_output
     from moeconv.jobs.pipeline_job import run_to_dir
     from moeconv.progress import Progress
+    from moeconv.stream.skeleton import stream_device
     p, shard_bytes = _sparsify_pass(a)
+    stream_device(a.device)  # before anything is read
     check_seed(a.seed)  # before any loading: it reaches every generator of the run
     check_new_output(a.out_dir, force=a.force)
     if not str(a.src).startswith("builtin:") and ".py" not in str(a.src) and not Path(a.src).exists():
         raise InputError(f"{a.src}: no such file or directory")
-    from moeconv.jobs.routes import choose_route
+    from moeconv.jobs.routes import choose_route, refuse_off_route
     route, why = choose_route(a.src, "sparsify", method=a.method, passes=[p], calibrated=a.calib is not None)
+    refuse_off_route(a.device, route, why)
     plan = _memory_plan(a, p, route)  # from the headers: no tensor is read
     report_extra = {"memory_plan": plan.to_dict(), "route": {"route": route, "why": why}}
     if route == "streaming":
+        from moeconv.cli.common import activation_spill
+        spill = activation_spill(plan, a.max_memory, a.offload_dir)
         run = _run_streamed if a.method == "magnitude" else _run_streamed_layers
-        return render_sparsify(cli.out, run(a, p, shard_bytes, report_extra))
+        return render_sparsify(cli.out, run(a, p, shard_bytes, report_extra, spill))
     _refuse_over(a, plan)  # before any weight is read
     state = load(a.src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
     calibration = _calibration(a)
