@@ -57,7 +57,7 @@ def test_a_users_own_setting_wins(monkeypatch):
     monkeypatch.delenv(KERNEL_CACHE_VARIABLE)
     monkeypatch.delenv(IDEEP_CACHE_VARIABLE)
     bounded_kernel_cache()
-    assert (os.environ[KERNEL_CACHE_VARIABLE], os.environ[IDEEP_CACHE_VARIABLE]) == ("128", "128")
+    assert (os.environ[KERNEL_CACHE_VARIABLE], os.environ[IDEEP_CACHE_VARIABLE]) == ("32", "32")
 
 
 def test_ideeps_cache_is_never_set_to_zero(monkeypatch):
