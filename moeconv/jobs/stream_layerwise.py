@@ -106,12 +106,7 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
 
     def work(tmp: Path) -> JobResult:
         sweep = _Sweep(skel, jobs, output, PartWriter(tmp), ctx, names=[p.name for p in body])
-        spill = _spill_dir(budget, tmp)
-        try:
-            sweep.run()
-        finally:
-            if spill is not None and spill.exists():
-                shutil.rmtree(spill)  # the hidden states are deleted as the sweep goes; no stray file either
+        _run_sweep(sweep, budget, tmp)
         results = [sweep.timed(i, job.finish) for i, job in enumerate(jobs)]
         config, fmt, consumer = output.config()
         written = sweep.writer.finish(config)
@@ -122,17 +117,8 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
         source = Skeleton.open(Path(src), device=ctx.device)
         compared = compare_and_summarise(source, output.reading(tmp), evaluation=ctx.evaluation,
                                          seed=ctx.seed, what="float source", progress=ctx.report_progress)
-        verification = compared["verification"]
-        reports = [r.report for r in results]
-        if quantize is not None:
-            reports.append(_quantize_report(quantize, skel, output))
-        # The passes share one sweep, so no pass has a wall time of its own: each row's time is
-        # what its own per-layer work took, summed over the layers (quantize: its selection and
-        # quantization of each final part); reading, writing and the comparison are in no row.
-        for rep, seconds in zip(reports, sweep.seconds + [output.quantize_seconds]):
-            rep.metrics["route"] = "streaming"
-            rep.seconds = round(seconds, 4)
-        reports[-1].metrics.update(measured(verification), model_bytes=written["bytes"])
+        reports = _pass_reports(results, quantize, skel, output, sweep.seconds)
+        reports[-1].metrics.update(measured(compared["verification"]), model_bytes=written["bytes"])
         report = {"passes": [r.to_dict() for r in reports], "written": written, **compared, **(extra_report or {})}
         if budget is not None:  # (the budget itself is left out: it follows the memory free at the start)
             report["activations"] = {"spilled_peak_bytes": budget.spilled_bytes,
@@ -141,6 +127,30 @@ def run_streamed(src, out, passes: list[Pass], *, ctx: Context, force: bool = Fa
             report["extra_outputs"] = extra_outputs(skel.state(), tmp)
         return JobResult(report, skel.state().source)
     return run_job(src, out, force=force, recipe=recipe, work=work)
+
+
+def _run_sweep(sweep: _Sweep, budget: ActivationBudget | None, tmp: Path) -> None:
+    """`sweep.run()`, its hidden states beyond `budget` in a directory of their own, removed after."""
+    spill = _spill_dir(budget, tmp)
+    try:
+        sweep.run()
+    finally:
+        if spill is not None and spill.exists():
+            shutil.rmtree(spill)  # the hidden states are deleted as the sweep goes; no stray file either
+
+
+def _pass_reports(results, quantize: Quantize | None, skel: Skeleton, output: StreamOutput, seconds: list[float]):
+    """Each pass's report (the final quantize's from what the sweep recorded), with its time.
+    The passes share one sweep, so no pass has a wall time of its own: each row's time is what its
+    own per-layer work took, summed over the layers (quantize: its selection and quantization of
+    each final part); reading, writing and the comparison are in no row."""
+    reports = [r.report for r in results]
+    if quantize is not None:
+        reports.append(_quantize_report(quantize, skel, output))
+    for rep, spent in zip(reports, seconds + [output.quantize_seconds]):
+        rep.metrics["route"] = "streaming"
+        rep.seconds = round(spent, 4)
+    return reports
 
 
 def _spill_dir(budget: ActivationBudget | None, tmp: Path) -> Path | None:
