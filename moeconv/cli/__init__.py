@@ -278,5 +278,16 @@ from moeconv.cli.commands import register_all  # noqa: E402
 register_all(app)
 
 
+def skip_exit_collections() -> None:
+    """Freeze the objects alive at exit, so the interpreter's shutdown collections skip them: they
+    walk every torch and transformers object again, 1.0-1.4 s of each command (measured on the
+    streamed upcycle). moeconv closes its files with context managers and removes its temporary
+    directories itself, so nothing it needs waits on those collections."""
+    import atexit
+    import gc
+    atexit.register(gc.freeze)
+
+
 def main():  # pragma: no cover - console entry point wrapper
+    skip_exit_collections()
     app()

@@ -10,19 +10,24 @@ same bytes), and a read-back compared with memcmp needs no digest on either side
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from moeconv.errors import VerificationError
 from moeconv.formats.writer import TensorSource
 from moeconv.io.safetensors_io import (SINGLE_NAME, SourceCheckpoint, TensorSpec, header_bytes, plan_shards,
                                        tensor_bytes, write_index)
 
-CHUNK = 1 << 23  # read-back buffer: large enough for few syscalls, small enough to stay in cache
+CHUNK = 1 << 23  # read-back buffer (without memcmp): large enough for few syscalls
+WINDOW = 1 << 24  # read-back mapping: bounds the file pages it adds to the process's RSS
 
 
 @dataclass
@@ -113,11 +118,47 @@ def _write_all(fh, data) -> None:
         done += fh.write(view[done:])
 
 
+def _find_memcmp():
+    """The C library's memcmp through ctypes (None where there is none to find)."""
+    try:
+        memcmp = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError, TypeError):
+        return None
+    memcmp.restype, memcmp.argtypes = ctypes.c_int, (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+    return memcmp
+
+
+_MEMCMP = _find_memcmp()
+
+
 def _holds(fd: int, offset: int, data: memoryview, buf: bytearray) -> bool:
-    """Whether file `fd` holds exactly `data` from byte `offset`: read in chunks into `buf`, each
-    compared with memcmp (bytearray == buffer; a memoryview compared with a memoryview goes
-    element by element, ~13x slower)."""
+    """Whether file `fd` holds exactly `data` from byte `offset`.
+
+    The file's pages (the page cache's: just written) are mapped a window at a time and compared
+    where they are with memcmp, not copied into `buf` first: the read-back is as many bytes as the
+    checkpoint (7.3 GB for a 1.4 GB Llama to 8 experts) and took 3.0 s that way, 1.6 s this way.
+    Without a C memcmp, `_holds_read`."""
     data = data.cast("B") if data.format != "B" else data
+    if offset + len(data) > os.fstat(fd).st_size:
+        return False
+    if _MEMCMP is None or not len(data):
+        return _holds_read(fd, offset, data, buf)
+    want = np.frombuffer(data, dtype=np.uint8).ctypes.data  # `data` keeps the memory alive
+    for pos in range(0, len(data), WINDOW):
+        size = min(WINDOW, len(data) - pos)
+        lead = (offset + pos) % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page boundary
+        with mmap.mmap(fd, lead + size, offset=offset + pos - lead, access=mmap.ACCESS_READ) as m:
+            got = np.frombuffer(m, dtype=np.uint8, count=size, offset=lead)
+            same = _MEMCMP(got.ctypes.data, want + pos, size) == 0
+            del got  # a mapping cannot be closed while an array points into it
+        if not same:
+            return False
+    return True
+
+
+def _holds_read(fd: int, offset: int, data: memoryview, buf: bytearray) -> bool:
+    """`_holds` by reading: in chunks into `buf`, each compared with memcmp (bytearray == buffer;
+    a memoryview compared with a memoryview goes element by element, ~13x slower)."""
     for pos in range(0, len(data), len(buf)):
         size = min(len(buf), len(data) - pos)
         chunk = buf if size == len(buf) else bytearray(size)

@@ -16,6 +16,8 @@ model (`moeconv.verify`), and only then renamed into place.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 from pathlib import Path
 from typing import Literal
 
@@ -77,7 +79,25 @@ def upcycle_checkpoint(src, out, cfg: UpcycleConfig, *, fmt: FormatChoice = "aut
             return _stream_hf(src_path, raw, tmp, cfg, family, dtype, shard_bytes, verify, progress)
         return _in_memory(src, tmp, cfg, family if fmt != "moeconv" else None, dtype, shard_bytes,
                           calibration, progress, recipe)
-    return run_job(src, out, force=force, recipe=recipe, work=work)
+    with _collector_paused() if streaming else contextlib.nullcontext():
+        return run_job(src, out, force=force, recipe=recipe, work=work)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """The cyclic garbage collector off for a streamed job. The job imports transformers' modules
+    and builds the skeleton and the plan (several hundred thousand objects that live to the end),
+    then makes tensors that reference counting frees; left on, the collector walks all of those
+    objects again at each full collection (0.8 s of the 14 s a 1.4 GB Llama to 8 experts took).
+    The cycles made meanwhile (~40k objects, ~10 MB: mostly left by tracing the skeleton) are
+    collected once it is back on."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def for_family(cfg: UpcycleConfig, family: MoeFormat) -> UpcycleConfig:

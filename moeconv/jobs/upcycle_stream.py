@@ -2,11 +2,12 @@
 safetensors headers, then produced one at a time (a `LocatedSource` for the sharded writer).
 
 Peak memory is about one FFN of the source plus one output tensor, whatever the model or shard
-size: source tensors are read lazily (`SourceCheckpoint`), one FFN site's dense weights are cached
-while its experts are produced, and each expert's tensors are made together (the same numbers the
-in-memory route makes, from `moeconv.expert_init`, for the same seed). An exact expert copy is the
-dense weight itself, not a clone, and its bytes are where the source has them (`locate`): the
-writer copies them file to file (`moeconv.formats.stream_writer`).
+size: source tensors are read lazily (`SourceCheckpoint.mapped`: each mapped from its shard, not
+copied), one FFN site's dense weights are cached while its experts are produced, and each
+expert's tensors are made together (the same numbers the in-memory route makes, from
+`moeconv.expert_init`, for the same seed). An exact expert copy is the dense weight itself, not a
+clone, and its bytes are where the source has them (`locate`): the writer copies them file to
+file (`moeconv.formats.stream_writer`).
 """
 from __future__ import annotations
 
@@ -146,7 +147,7 @@ class _Producer:
         self.expert: tuple = (None, None)
 
     def _read_dense(self, name: str) -> torch.Tensor:
-        t = self.ckpt.get(name)
+        t = self.ckpt.mapped(name)
         finite = not t.is_floating_point() or all_finite(t)
         if not finite:
             refuse_nonfinite(self.ckpt.path, name, t)  # raises unless --allow-nonfinite
@@ -169,7 +170,7 @@ class _Producer:
     def _make(self, how: tuple) -> torch.Tensor:
         cfg = self.cfg
         if how[0] == "copy":
-            return refuse_nonfinite(self.ckpt.path, how[1], self.ckpt.get(how[1]))
+            return refuse_nonfinite(self.ckpt.path, how[1], self.ckpt.mapped(how[1]))
         if how[0] == "router":
             _, index, site = how
             return router_weight(cfg.num_experts, site.hidden_size, cfg.router_init, cfg.router_std, cfg.seed, index)

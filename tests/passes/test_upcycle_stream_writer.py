@@ -54,11 +54,14 @@ def test_files_are_byte_identical_to_write_checkpoints(kind, extra, dense_ckpt, 
 
 
 def test_exact_experts_are_copied_from_the_source_file(dense_ckpt, tmp_path, monkeypatch):
-    """Copy init: every tensor but the routers is source bytes, copied by the kernel."""
-    copied, kernel_copy = [], stream_writer._kernel_copy
+    """Copy init: every tensor but the routers is source bytes, copied by the kernel (while the
+    garbage collector is paused: it is back on after the job)."""
+    import gc
+    copied, kernel_copy, collector = [], stream_writer._kernel_copy, []
 
     def record(fh, where, count):
         copied.append(where)
+        collector.append(gc.isenabled())
         return kernel_copy(fh, where, count)
     monkeypatch.setattr(stream_writer, "_kernel_copy", record)
     cli_ok(dense_ckpt("llama"), tmp_path / "moe", *BASE)
@@ -66,6 +69,7 @@ def test_exact_experts_are_copied_from_the_source_file(dense_ckpt, tmp_path, mon
     routers = [n for n in written if n.endswith("block_sparse_moe.gate.weight")]
     assert len(routers) == 2 and len(copied) == len(written) - len(routers)
     assert all(w[0].parent == dense_ckpt("llama") for w in copied)
+    assert not any(collector) and gc.isenabled()
 
 
 def test_without_kernel_copy_the_same_files_are_written(dense_ckpt, tmp_path, monkeypatch):
@@ -78,7 +82,10 @@ def test_without_kernel_copy_the_same_files_are_written(dense_ckpt, tmp_path, mo
 
 
 def test_a_wrong_source_location_fails_the_run_with_nothing_published(dense_ckpt, tmp_path, monkeypatch):
-    """What the kernel copies is compared with the produced tensor: two bytes off, the run fails."""
+    """What the kernel copies is compared with the produced tensor: two bytes off, the run fails
+    (and the garbage collector, paused for the streamed job, is back on)."""
+    import gc
+
     from moeconv.jobs import upcycle_stream
     locate = upcycle_stream._Producer.locate
     monkeypatch.setattr(upcycle_stream._Producer, "locate",
@@ -87,6 +94,7 @@ def test_a_wrong_source_location_fails_the_run_with_nothing_published(dense_ckpt
     r = run_cli(dense_ckpt("llama"), out, *BASE)
     assert r.exit_code != 0 and "reads back different from what was produced" in " ".join(r.stderr.split())
     assert not out.exists() and leftovers(tmp_path) == []
+    assert gc.isenabled()
 
 
 def _source(tensors: dict[str, torch.Tensor]) -> LocatedSource:
@@ -140,3 +148,66 @@ def test_a_shard_that_is_not_what_was_written_fails(where, tmp_path, monkeypatch
     src.produce = produce_then_alter
     with pytest.raises(VerificationError, match="header or size reads back different"):
         write_copying(tmp_path, src, {}, shard_bytes=10**6)
+
+
+# ----------------------------------------------------------------------------- the fast paths' twins
+
+
+def test_without_memcmp_the_same_files_are_written_and_checked(dense_ckpt, tmp_path, monkeypatch):
+    """The read-back compares mapped pages with the C library's memcmp; where ctypes finds none it
+    reads into a buffer: same files, same checks."""
+    src = dense_ckpt("llama")
+    cli_ok(src, tmp_path / "a", *BASE)
+    monkeypatch.setattr(stream_writer, "_MEMCMP", None)
+    cli_ok(src, tmp_path / "b", *BASE)
+    assert _model_files(tmp_path / "a") == _model_files(tmp_path / "b")
+    write_all = stream_writer._write_all
+    monkeypatch.setattr(stream_writer, "_write_all",
+                        lambda fh, data: write_all(fh, b"\1" * len(memoryview(data).cast("B"))))
+    with pytest.raises(VerificationError, match="a reads back different"):
+        write_copying(tmp_path, _source({"a": torch.zeros(10)}), {}, shard_bytes=10**6)
+
+
+@pytest.mark.parametrize("at", [0, 4095, 4096, 9999, 19_999])
+def test_a_byte_off_in_any_window_of_the_read_back_fails(at, tmp_path, monkeypatch):
+    """The file is compared a mapped window at a time: a difference in the first, a later or the
+    last window, at or off a page boundary, is found; so is a file that ends too soon."""
+    monkeypatch.setattr(stream_writer, "WINDOW", 4096)
+    data = bytes(range(256)) * 79  # 20,224 bytes: five windows
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 123 + data)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        buf = bytearray(1 << 12)
+        assert stream_writer._holds(fd, 123, memoryview(data), buf)
+        os.pwrite(fd, bytes([data[at] ^ 1]), 123 + at)
+        assert not stream_writer._holds(fd, 123, memoryview(data), buf)
+        assert not stream_writer._holds(fd, 124, memoryview(data), buf)  # past the end of the file
+    finally:
+        os.close(fd)
+
+
+def test_mapped_source_tensors_equal_the_ones_read(tmp_path):
+    """`SourceCheckpoint.mapped` (the streaming upcycle's reads) gives what `get` gives, for every
+    dtype, a scalar, an empty tensor and a tensor not aligned to its element size; and a shard cut
+    short after it was opened is an error, not a crash."""
+    from moeconv.errors import InputError
+    from moeconv.io.safetensors_io import SourceCheckpoint
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a_odd": torch.arange(3, dtype=torch.uint8), "b_f32": torch.randn(5, 7, generator=g),
+               "c_bf16": torch.randn(300, generator=g).to(torch.bfloat16), "d_scalar": torch.tensor(2.5),
+               "e_empty": torch.zeros(0, 4), "f_i64": torch.arange(6)}
+    write_copying(tmp_path, _source(tensors), {}, shard_bytes=10**6)  # in this order: b_f32 starts at byte 3
+    ckpt = SourceCheckpoint(tmp_path)
+    assert ckpt.location("b_f32")[1] % 4 == 3
+    for name in ckpt.names():
+        got = ckpt.mapped(name)
+        assert got.dtype == tensors[name].dtype and torch.equal(got, ckpt.get(name)), name
+    got = ckpt.mapped("c_bf16")
+    got.zero_()  # a private mapping: the file is not changed
+    assert torch.equal(ckpt.mapped("c_bf16"), tensors["c_bf16"])
+    size = (tmp_path / "model.safetensors").stat().st_size
+    os.truncate(tmp_path / "model.safetensors", size - 8)
+    last = max(ckpt.names(), key=lambda n: ckpt.location(n)[1] + ckpt.specs[n].nbytes)  # the file ends with it
+    with pytest.raises(InputError, match="truncated"):
+        ckpt.mapped(last)
