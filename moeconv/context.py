@@ -39,8 +39,9 @@ class Context:
     activations: object | None = field(default=None, compare=False)
 
     def hidden_store(self):
-        """A list for per-batch hidden states, or a store within `activations` when it is set."""
-        return self.activations.store() if self.activations is not None else []
+        """A store for per-batch hidden states: within `activations` when it is set, else unbounded."""
+        from moeconv.stream.activations import HiddenStates
+        return self.activations.store() if self.activations is not None else HiddenStates()
 
     def __post_init__(self):
         check_seed(self.seed)

@@ -46,6 +46,7 @@ from moeconv.sparse_cuda import speed_note
 from moeconv.sparsity import SparsityPattern, check_pattern, zero_count
 from moeconv.state import ModelState
 from moeconv.hessian import InputStats
+from moeconv.stream.activations import HiddenStates
 from passes.sparsify_methods import magnitude, reconstruction_error, sparsegpt, wanda
 
 MAX_BATCH_BYTES = 256 * 2**20  # one batched SparseGPT solve holds at most this much weight
@@ -192,14 +193,6 @@ def _candidates_note(selection: Selection, linears: dict[str, nn.Module], groups
 
 # ---- the work ------------------------------------------------------------------------------------
 
-def _release(batches) -> None:
-    """Free per-batch tensors kept for a layer: a list, or a bounded store (its files deleted)."""
-    if hasattr(batches, "release"):
-        batches.release()
-    else:
-        batches.clear()
-
-
 def _set_weight(m: nn.Module, w_out_in: torch.Tensor) -> None:
     with torch.no_grad():
         w = w_out_in.t() if is_conv1d(m) else w_out_in
@@ -210,8 +203,8 @@ def _set_weight(m: nn.Module, w_out_in: torch.Tensor) -> None:
 class _Observed:
     """What one forward of a decoder layer showed (`_Job._observe`)."""
     stats: InputStats
-    block_inputs: dict[str, list[torch.Tensor]] | None  # MoE block → its input rows (a list or a bounded store)
-    outputs: list[torch.Tensor] = field(default_factory=list)  # the layer's outputs, before pruning (idem)
+    block_inputs: dict[str, HiddenStates] | None  # MoE block → its input rows (`Context.hidden_store`)
+    outputs: HiddenStates = field(default_factory=HiddenStates)  # the layer's outputs, before pruning
     resid: float = 0.0  # Σ ‖layer output − layer input‖²: the scale of the layer's update
     counts: dict[str, dict[int, int]] = field(default_factory=dict)  # MoE block → expert → tokens routed to it
 
@@ -311,7 +304,7 @@ class _Job(LayerJob):
         t_observe = time.perf_counter()
         source, layer_fallback = self._routing_aware(mine, blocks, seen)
         for kept in seen.block_inputs.values():  # every routed token of the layer: free it before pruning
-            _release(kept)
+            kept.release()
         seen.block_inputs = None
         t_stats = time.perf_counter()
         self._prune(mine, seen.stats, source)
@@ -421,7 +414,7 @@ class _Job(LayerJob):
                             "seconds": round(time.perf_counter() - p.t0, 3),
                             **{k: round(v, 3) for k, v in p.phases.items()},
                             "next_inputs_s": round(time.perf_counter() - p.t_end, 3)})
-        _release(p.outputs)
+        p.outputs.release()
         self._pending = None
 
     def _prune(self, mine: dict[str, nn.Module], stats: InputStats, source: dict[str, str]) -> None:
