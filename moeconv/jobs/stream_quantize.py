@@ -37,7 +37,10 @@ from moeconv.nn.linear_like import in_out_features, is_conv1d
 from moeconv.nn.quantized import QuantSpec, layer_record, quantize_linear, serialized
 from moeconv.report_format import fmt_bytes
 from moeconv.stream.allocator import fixed_mmap_threshold, prepare_streaming, release_freed
+from moeconv.stream.compare import check_batches
 from moeconv.stream.skeleton import Skeleton
+from moeconv.stream.sweep_check import SweepCheck, visits_layers_in_order
+from moeconv.summary import LayerFacts
 from passes.quantize import Quantize, QuantizeConfig
 
 
@@ -54,12 +57,17 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
     # are served from the heap and reused rather than mapped and faulted in afresh for every matrix
     prepare_streaming(mmap_threshold=QUANTIZE_MMAP_THRESHOLD)
     skel = (skeleton or Skeleton.open(Path(src))).on(ctx.device)
-    plan = _Plan(skel, cfg)
+    plan = _Plan(skel, cfg, ctx)
 
     def work(tmp: Path) -> JobResult:
-        written = write_checkpoint(tmp, TensorSource(plan.specs, plan.produce, []), plan.config,
-                                   shard_bytes=shard_bytes, on_tensor=plan.on_tensor(ctx))
-        fixed_mmap_threshold()  # the comparison holds whole layers: each tensor mapped on its own again
+        try:
+            written = write_checkpoint(tmp, TensorSource(plan.specs, plan.produce, []), plan.config,
+                                       shard_bytes=shard_bytes, on_tensor=plan.on_tensor(ctx))
+            fixed_mmap_threshold()  # the comparison holds whole layers: each tensor mapped on its own again
+            reference = plan.check.logits() if plan.check is not None else None
+        finally:
+            if plan.check is not None:
+                plan.check.close()
         release_freed()
         if plan.consumer == "transformers":
             write_generation_config(skel.module, tmp)
@@ -67,7 +75,8 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
         if plan.consumer == "transformers":
             written["expected_class"] = type(skel.module).__name__
         compared = compare_and_summarise(skel, skel.reading(tmp, plan.records), evaluation=ctx.evaluation,
-                                         seed=ctx.seed, what="float source")
+                                         seed=ctx.seed, what="float source", reference=reference,
+                                         before=plan.source_facts)
         verification = compared["verification"]
         rep = plan.report()
         rep.metrics.update(measured(verification), model_bytes=written["bytes"])
@@ -83,9 +92,10 @@ QUANTIZE_MMAP_THRESHOLD = 8 * 2**20
 
 
 class _Plan:
-    """The output's tensors in the in-memory writer's order, and how to make each one."""
+    """The output's tensors in the in-memory writer's order, and how to make each one; with the
+    source side of the check run during the sweep (`check`) when the order allows it."""
 
-    def __init__(self, skel: Skeleton, cfg: QuantizeConfig):
+    def __init__(self, skel: Skeleton, cfg: QuantizeConfig, ctx: Context):
         t0 = time.perf_counter()
         self.skel, self.cfg, self.spec = skel, cfg, cfg.spec()
         state = skel.state()
@@ -107,8 +117,13 @@ class _Plan:
             self.format, self.consumer = "moeconv-quantized", "moeconv"
             self.config = moeconv_quantized_config(state, self.records)
         self.specs, self.how = self._order()
+        self.block = {s.name: skel.block_of(self._module_of(s.name)) for s in self.specs}
+        self.source_facts = LayerFacts()
+        self.check = (SweepCheck(skel, check_batches(skel, ctx.evaluation, ctx.seed), self.source_facts)
+                      if visits_layers_in_order([self.block[s.name] for s in self.specs], skel.layer_paths())
+                      else None)
         self._cache: tuple[str | None, dict] = (None, {})
-        self._block: str | None = None  # the decoder layer of the matrix quantized last
+        self._block: str | None = None  # the decoder layer of the tensor produced last
         # the pass's own work: this plan (selection, probes), then each layer's quantization (`_quantize`)
         self.seconds = time.perf_counter() - t0
 
@@ -132,25 +147,36 @@ class _Plan:
                 how[name] = ("float", name)
         return specs, how
 
+    def _module_of(self, name: str) -> str:
+        how = self.how[name]
+        return how[1] if how[0] == "quantized" else how[1].rpartition(".")[0]
+
     def produce(self, spec: TensorSpec) -> torch.Tensor:
+        self._enter(self.block[spec.name])
         how = self.how[spec.name]
         if how[0] == "float":
             return self.skel.read(self.skel.tensor_of[how[1]]).to(spec.dtype)
         _, path, rel = how
         if self._cache[0] != path:
             self._cache = (None, {})
-            block = self.skel.block_of(path)
-            if block != self._block:
-                # the previous decoder layer's float and quantized copies go back to the system;
-                # per layer, not per matrix: each trim made the next matrix fault its pages in
-                # again (measured: 60 s -> 50 s for a 32-layer bf16 Mixtral, flat RSS)
-                release_freed()
-                self._block = block
             self._cache = (path, self._quantize(path))
         return self._cache[1][rel]
 
+    def _enter(self, block: str | None) -> None:
+        """The sweep reaches `block`: with the check, the layer is materialised whole and run;
+        without, the previous layer's copies go back to the system."""
+        if self.check is not None:
+            self.check.enter(block)
+        elif block != self._block:
+            # the previous decoder layer's float and quantized copies go back to the system;
+            # per layer, not per matrix: each trim made the next matrix fault its pages in
+            # again (measured: 60 s -> 50 s for a 32-layer bf16 Mixtral, flat RSS)
+            release_freed()
+        self._block = block
+
     def _quantize(self, path: str) -> dict[str, torch.Tensor]:
-        names = self.skel.names_under(path)
+        # with the check, the sweep holds the layer's weights already (`SweepCheck.enter`)
+        names = [] if self.check is not None else self.skel.names_under(path)
         self.skel.materialize(names)
         try:
             t0 = time.perf_counter()

@@ -8,11 +8,12 @@ from moeconv.stream.skeleton import Skeleton
 from moeconv.summary import LayerFacts
 
 
-def compare_and_summarise(source: Skeleton, output: Skeleton, **kwargs) -> dict:
+def compare_and_summarise(source: Skeleton, output: Skeleton, *, before: LayerFacts | None = None, **kwargs) -> dict:
     """`compare_models(source, output, **kwargs)` as report fields: `verification`, `input_model`
     and `model` (the facts `moeconv.summary.model_summary` gives for an in-memory model, measured
-    on the comparison's held-out tokens)."""
-    before, after = LayerFacts(), LayerFacts()
+    on the comparison's held-out tokens). `before`: the source's facts, observed already by the
+    run that computed `kwargs["reference"]` (`moeconv.stream.sweep_check`)."""
+    before, after = before or LayerFacts(), LayerFacts()
     verification = compare_models(source, output, observe=(before, after), **kwargs)
     return {"verification": verification, "input_model": before.summary(), "model": after.summary()}
 

@@ -50,30 +50,63 @@ class _Through(nn.Module):
         return (hidden_states,) if self.kind is tuple else hidden_states
 
 
+class LayerByLayer:
+    """One model run on fixed batches one decoder layer at a time, driven from outside: `begin()`
+    while the parts outside the decoder layers are materialised, `step(path)` with each layer
+    materialised in order, `logits()` at the end (the outer parts still materialised). Whoever
+    drives it loads and drops the parts: `streamed_logits` does so for the check alone, and the
+    streamed quantize runs the source's layers while its write sweep holds them anyway (one read
+    of the source instead of two). `observe(path, layer)` is called with each layer before it runs."""
+
+    def __init__(self, skel: Skeleton, batches: list[torch.Tensor], observe=None):
+        self.skel, self.observe = skel, observe
+        self.batches = [b.to(skel.device) for b in batches]
+        self.hidden: list[torch.Tensor] = []
+        self.kind: type = torch.Tensor
+        self.done = 0  # layers run so far
+
+    @torch.inference_mode()
+    def begin(self) -> None:
+        self.inputs = capture_first_layer_inputs(self.skel.module, self.batches)
+        self.hidden = [a[0] for a in self.inputs.args]
+
+    @torch.inference_mode()
+    def step(self, path: str) -> None:
+        if path != self.skel.layer_paths()[self.done]:
+            raise RuntimeError(f"internal: layer {path} run out of order (expected layer {self.done})")
+        layer = self.skel.module.get_submodule(path)
+        if self.observe is not None:
+            self.observe(path, layer)
+        outs = [layer(h, *a[1:], **kw) for h, a, kw in zip(self.hidden, self.inputs.args, self.inputs.kwargs)]
+        self.kind = tuple if isinstance(outs[0], (tuple, list)) else torch.Tensor
+        self.hidden = [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
+        self.done += 1
+
+    @torch.inference_mode()
+    def logits(self) -> list[torch.Tensor]:
+        if self.done != self.skel.num_layers:
+            raise RuntimeError(f"internal: {self.done} of {self.skel.num_layers} layers run")
+        return [out.cpu() for out in _tail(self.skel, self.batches, self.hidden, self.kind)]
+
+
 @torch.inference_mode()
 def streamed_logits(skel: Skeleton, batches: list[torch.Tensor], progress=None, observe=None) -> list[torch.Tensor]:
     """The model's outputs (logits, on the CPU) on each batch, one decoder layer in memory at a
     time, computed on `skel.device`. `observe(path, layer)` is called with each layer once its
     weights are read, before it runs (`moeconv.summary.LayerFacts`: the report's expert load and
     sparsity without another sweep)."""
-    batches = [b.to(skel.device) for b in batches]
+    run = LayerByLayer(skel, batches, observe)
     skel.load_part(None)
     try:
-        inputs = capture_first_layer_inputs(skel.module, batches)
-        hidden, kind = [a[0] for a in inputs.args], torch.Tensor
+        run.begin()
         for i, path in enumerate(skel.layer_paths()):
             if progress:
                 progress("compare layers", i, skel.num_layers)
             skel.load_part(path)
-            layer = skel.module.get_submodule(path)
-            if observe is not None:
-                observe(path, layer)
-            outs = [layer(h, *a[1:], **kw) for h, a, kw in zip(hidden, inputs.args, inputs.kwargs)]
+            run.step(path)
             skel.drop_part(path)
             release_freed()
-            kind = tuple if isinstance(outs[0], (tuple, list)) else torch.Tensor
-            hidden = [o[0] if isinstance(o, (tuple, list)) else o for o in outs]
-        return [logits.cpu() for logits in _tail(skel, batches, hidden, kind)]
+        return run.logits()
     finally:
         skel.drop_part(None)
 
@@ -91,18 +124,26 @@ def _tail(skel: Skeleton, batches: list[torch.Tensor], hidden: list[torch.Tensor
         setattr(parent, leaf, stack)
 
 
-def compare_models(source: Skeleton, output: Skeleton, *, evaluation: torch.Tensor | None, seed: int,
-                   what: str, progress=None, observe: tuple | None = None) -> dict:
-    """Source and output side by side, one decoder layer of each at a time, on held-out tokens
-    (up to 8 rows of the evaluation text when given, else random ids from `seed`): the measured
-    change (`compare_logits`), with both perplexities on the evaluation text. `observe`: one
-    `streamed_logits` observer for the source and one for the output."""
+def check_batches(source: Skeleton, evaluation: torch.Tensor | None, seed: int) -> list[torch.Tensor]:
+    """The held-out tokens the comparison runs on, in batches of 2 rows: up to 8 rows of the
+    evaluation text when given, else random ids from `seed`."""
     from moeconv.verify import check_inputs
     vocab = getattr(source.config, "vocab_size", None) or source.module.get_input_embeddings().num_embeddings
     inputs = evaluation[:8] if evaluation is not None else check_inputs(vocab, seed + 1)
-    batches = list(inputs.split(2))
+    return list(inputs.split(2))
+
+
+def compare_models(source: Skeleton, output: Skeleton, *, evaluation: torch.Tensor | None, seed: int,
+                   what: str, progress=None, observe: tuple | None = None,
+                   reference: list[torch.Tensor] | None = None) -> dict:
+    """Source and output side by side, one decoder layer of each at a time, on held-out tokens
+    (`check_batches`): the measured change (`compare_logits`), with both perplexities on the
+    evaluation text. `observe`: one `streamed_logits` observer for the source and one for the
+    output. `reference`: the source's logits on those batches, computed already (a `LayerByLayer`
+    run during a sweep); the source is then not read again."""
+    batches = check_batches(source, evaluation, seed)
     observe_src, observe_out = observe or (None, None)
-    ref = streamed_logits(source, batches, progress, observe_src)
+    ref = reference if reference is not None else streamed_logits(source, batches, progress, observe_src)
     got = streamed_logits(output, batches, progress, observe_out)
     result = compare_logits(ref, got, tolerance=None, what=what)
     result["inputs"] = "eval text" if evaluation is not None else "random tokens"
