@@ -2,7 +2,7 @@
 
     python scripts/bench_streaming.py [--layers 4,32] [--hidden 1024 --intermediate 2816 --experts 8]
         [--vocab 32000] [--shard-size 256MB] [--commands quantize-int8,sparsify-wanda,…]
-        [--calib-samples 8 --calib-seq-len 64] [--timeout 3600] [--out-dir DIR --keep] [--json FILE]
+        [--calib-samples 8 --calib-seq-len 64] [--timeout 3600] [--repeat N] [--out-dir DIR --keep] [--json FILE]
 
     # a small shape (46 / 59 MB checkpoints): ~10 minutes on 2 busy cores, mostly start-up costs
     python scripts/bench_streaming.py --layers 2,4 --hidden 256 --intermediate 512
@@ -42,6 +42,9 @@ Targets (issue #16), each marked met / NOT MET in the table and the JSON:
 
 A command that fails (non-zero exit, killed, timed out) is reported with its one-line error, and
 its ratios are "n/a"; the benchmark goes on. Nothing is hard-coded: every figure is measured here.
+
+Before each child the benchmark calls `sync`, so no child's writes wait on the write-back of the
+previous child's output (the floor writes a whole checkpoint just before the commands run).
 
 How RSS is measured: `ru_maxrss` of a child counts the address space it inherited when it was
 forked (Linux saves the old mm's high-water mark at exec), so a parent that has imported torch
@@ -121,6 +124,8 @@ class Measurement:
     timed_out: bool = False
     error: str | None = None
     out_bytes: int | None = None
+    runs: list[dict] | None = None  # with --repeat: each run's wall, peak RSS and anonymous peak
+
 
     @property
     def ok(self) -> bool:
@@ -469,27 +474,55 @@ def run_child_helper(mode: str, args: list[str], timeout: float | None, log_dir:
 
 
 def bench_depth(layers: int, *, ckpt: Path, work: Path, commands: list[str], values: dict,
-                shard_size: str, timeout: float | None, log=print) -> dict[str, Measurement]:
-    """The floor, then every command in `commands`, on the checkpoint `ckpt` of depth `layers`.
-    Each output is measured (bytes on disk) and removed. Returns {"floor" | command: Measurement}."""
-    results: dict[str, Measurement] = {}
+                shard_size: str, timeout: float | None, log=print, repeat: int = 1) -> dict[str, Measurement]:
+    """The floor, then every command in `commands`, on the checkpoint `ckpt` of depth `layers`,
+    the whole round `repeat` times. Each output is measured (bytes on disk) and removed. Returns
+    {"floor" | command: Measurement} (`median_run` of the repeats)."""
+    runs: dict[str, list[Measurement]] = {}
     todo = ["floor"] + (["floor-int8"] if FLOOR_COMMAND in commands else []) + commands
     outputs = work / "outputs"
     outputs.mkdir(exist_ok=True)
-    for name in todo:
-        out = outputs / f"{name}-L{layers}"
-        _remove_output(out)
-        logs = work / "logs" / f"{name}-L{layers}"
-        if name in ("floor", "floor-int8"):
-            m = run_child_helper(name.replace("-", "_"), [str(ckpt), str(out), shard_size], timeout, logs)
-        else:
-            m = measure(command_argv(name, dict(values, src=str(ckpt), out=str(out))), timeout=timeout, log_dir=logs)
-        m.out_bytes = dir_bytes(out) if out.exists() else None
-        _remove_output(out)
-        results[name] = m
-        state = "ok" if m.ok else f"FAILED ({m.error})"
-        log(f"  L{layers:<3} {name:<19} wall {m.wall_s:8.1f} s  peak RSS {m.max_rss_kib / 1024:8.0f} MiB  {state}")
-    return results
+    for _ in range(repeat):
+        for name in todo:
+            out = outputs / f"{name}-L{layers}"
+            _remove_output(out)
+            # every child starts with no dirty pages left by the one before: the floor writes the
+            # whole checkpoint, and the next command's writes waited on its write-back
+            os.sync()
+            logs = work / "logs" / f"{name}-L{layers}"
+            if name in ("floor", "floor-int8"):
+                m = run_child_helper(name.replace("-", "_"), [str(ckpt), str(out), shard_size], timeout, logs)
+            else:
+                m = measure(command_argv(name, dict(values, src=str(ckpt), out=str(out))), timeout=timeout,
+                            log_dir=logs)
+            m.out_bytes = dir_bytes(out) if out.exists() else None
+            _remove_output(out)
+            runs.setdefault(name, []).append(m)
+            state = "ok" if m.ok else f"FAILED ({m.error})"
+            log(f"  L{layers:<3} {name:<19} wall {m.wall_s:8.1f} s  peak RSS {m.max_rss_kib / 1024:8.0f} MiB  {state}")
+    return {name: median_run(ms) for name, ms in runs.items()}
+
+
+def median_run(ms: list[Measurement]) -> Measurement:
+    """One measurement standing for repeated runs of a command: the first failed run if any failed;
+    else the first run with the median wall time, peak RSS and anonymous peak of all runs (each its
+    own median: one slow run does not pick the RSS), with every run's figures in `runs`. The peak
+    RSS of one command varies between runs by more than its growth with depth (a 16-layer
+    sparsegpt: 1134 and 1495 MiB), so one run per depth cannot judge a 1.3x ratio."""
+    failed = [m for m in ms if not m.ok]
+    if failed or len(ms) == 1:
+        return failed[0] if failed else ms[0]
+
+    def median(xs):
+        xs = sorted(xs)
+        mid = len(xs) // 2
+        return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+    anon = [m.anon_peak_kib for m in ms if m.anon_peak_kib is not None]
+    return Measurement(ms[0].argv, 0, median([m.wall_s for m in ms]), int(median([m.max_rss_kib for m in ms])),
+                       median([m.cpu_s for m in ms]), anon_peak_kib=int(median(anon)) if anon else None,
+                       out_bytes=ms[0].out_bytes,
+                       runs=[{"wall_s": m.wall_s, "max_rss_kib": m.max_rss_kib, "anon_peak_kib": m.anon_peak_kib}
+                             for m in ms])
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -562,6 +595,12 @@ def format_table(results: dict[int, dict[str, Measurement]], summary: dict, shal
         lines.append(f"{FLOOR_COMMAND} at {d}: {_num(row['floor_ratio'], '.2f')}x the read+write floor, "
                      f"{_num(row['int8_floor_ratio'], '.2f')}x floor-int8 (read, bitsandbytes int8 of every "
                      "matrix, write; no model, no checks)")
+    spread = [(L, n, m.runs) for L, per in results.items() for n, m in per.items() if m.runs]
+    if spread:
+        lines.append("")
+        lines.append("medians of repeated runs; each run's peak RSS (MiB):")
+        lines += [f"  L{L:<3} {n:<19} " + ", ".join(f"{r['max_rss_kib'] / 1024:.0f}" for r in runs)
+                  for L, n, runs in spread]
     failures = [(L, n, m.error) for L, per in results.items() for n, m in per.items() if not m.ok]
     if failures:
         lines.append("")
@@ -588,6 +627,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--calib-samples", type=int, default=8)
     ap.add_argument("--calib-seq-len", type=int, default=64)
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per child process")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs of every command (and floor) per depth; the table gives the medians and each "
+                         "run's peak RSS (one command's peak varies from run to run)")
     ap.add_argument("--wall-target", type=float, default=None,
                     help=f"wall(deep)/wall(shallow) target (default {WALL_TARGET_PER_DEPTH} × the depth ratio)")
     ap.add_argument("--out-dir", type=Path, default=None, help="work directory (default: a new temp dir)")
@@ -606,6 +648,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [c for c in a.command_list if c not in COMMANDS]
     if unknown:
         ap.error(f"--commands: unknown {', '.join(unknown)}; choose from {', '.join(COMMANDS)}")
+    if a.repeat < 1:
+        ap.error(f"--repeat: expected at least 1, got {a.repeat}")
     if a.keep_experts is None:
         a.keep_experts = max(a.top_k, a.experts * 3 // 4)
     return a
@@ -659,7 +703,8 @@ def run_benchmark(a: argparse.Namespace, log=print) -> dict:
                 if not tm.ok:
                     log(f"  tokenizing the calibration text for run-recipe failed: {tm.error}")
             measurements[layers] = bench_depth(layers, ckpt=ckpt, work=work, commands=a.command_list, values=values,
-                                               shard_size=a.shard_size, timeout=a.timeout, log=log)
+                                               shard_size=a.shard_size, timeout=a.timeout, log=log,
+                                               repeat=a.repeat)
         summary = summarize(measurements, shallow, deep, wall_target)
         result["measurements"] = {L: {n: asdict(m) for n, m in per.items()} for L, per in measurements.items()}
         result["summary"] = summary

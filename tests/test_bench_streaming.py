@@ -144,3 +144,17 @@ def test_parse_size_matches_moeconv():
     from moeconv.units import parse_size
     for text in ("256MB", "5GB", "2GiB", "1000", "150KB", "1.5GB"):
         assert bench.parse_size(text) == parse_size(text)
+
+
+def test_repeated_runs_are_judged_by_their_medians():
+    """Each figure is its own median over the runs; a failed run fails the command; every run's
+    peak RSS is listed under the table."""
+    runs = [_m(1000, 12), _m(1400, 10), _m(1100, 30)]
+    m = bench.median_run(runs)
+    assert (m.max_rss_kib, m.wall_s) == (1100 * 1024, 12) and len(m.runs) == 3
+    assert bench.median_run([_m(1000, 1), _m(1000, 1, rc=2)]).rc == 2
+    assert bench.median_run([_m(900, 3)]).runs is None
+    results = {4: {"floor": _m(400, 5), "sparsify-wanda": m}, 32: {"floor": _m(400, 20),
+                                                                   "sparsify-wanda": bench.median_run(runs)}}
+    table = bench.format_table(results, bench.summarize(results, 4, 32, wall_target=10.0), 4, 32)
+    assert "L32  sparsify-wanda      1000, 1400, 1100" in table
