@@ -213,9 +213,9 @@ class _PruneJob(LayerJob):
         chosen = {p for p, _ in self.blocks}
         inner = [(p, b) for p, b in _blocks_in(layer, path) if p in chosen]
         if inner:
-            captured = _capture(inner, forward)
+            captured = _capture(inner, forward, self.ctx, self.cfg.max_tokens)
             for full_path, block in inner:
-                x = _subsample(captured[full_path], self.cfg.max_tokens)
+                x = captured[full_path]
                 obs = (observe_block(block, _subsample(x, _output_budget(block)))
                        if self.cfg.criterion == "reconstruction" else None)
                 self.scores[full_path] = expert_scores(block, x, obs)[self.cfg.criterion]
@@ -233,10 +233,10 @@ class _PruneJob(LayerJob):
         inner = [(p, b) for p, b in _blocks_in(layer, path) if p in budget_of]
         if not inner:
             return
-        captured = _capture(inner, forward)
+        captured = _capture(inner, forward, self.ctx, self.cfg.max_tokens)
         for full_path, block in inner:
             self.visited.add(full_path)
-            x = _subsample(captured[full_path], self.cfg.max_tokens)
+            x = captured[full_path]
             rows, lrow, warn = self.owner._prune_block(full_path, block, x, budget_of[full_path])
             self.expert_rows.extend(rows)
             self.layer_rows.append(lrow)
@@ -476,13 +476,37 @@ def _blocks_in(layer: nn.Module, path: str) -> list[tuple[str, MoEBlock]]:
     return [(f"{path}.{name}" if name else path, m) for name, m in layer.named_modules() if isinstance(m, MoEBlock)]
 
 
-def _capture(inner, forward) -> dict[str, torch.Tensor]:
-    """Every input row each block sees while `forward()` runs (cloned out of inference mode, so
-    the router re-calibration may differentiate through them)."""
-    got: dict[str, list[torch.Tensor]] = {p: [] for p, _ in inner}
-    with observe_inputs(dict(inner), lambda name, x: got[name].append(x)):
-        forward()
-    return {p: torch.cat(v).clone() for p, v in got.items()}
+def _capture(inner, forward, ctx: Context, limit: int) -> dict[str, torch.Tensor]:
+    """The input rows each block sees while `forward()` runs, `_subsample`d to `limit` (cloned
+    out of inference mode, so the router re-calibration may differentiate through them). The
+    rows are gathered in the run's hidden-state stores (`ctx.hidden_store()`: within the sweep's
+    activation budget, spilled beyond it), not in RAM whole: a block sees every calibration token,
+    and only `limit` of them are kept."""
+    stores = {p: ctx.hidden_store() for p, _ in inner}
+    try:
+        with observe_inputs(dict(inner), lambda name, x: stores[name].append(x)):
+            forward()
+        return {p: _subsample_store(store, limit) for p, store in stores.items()}
+    finally:
+        for store in stores.values():
+            store.release()
+
+
+def _subsample_store(store, limit: int) -> torch.Tensor:
+    """`_subsample(torch.cat(list(store)), limit).clone()`, reading one batch at a time."""
+    rows = [store.shape(i)[0] for i in range(len(store))]
+    total = sum(rows)
+    if total <= limit:
+        return torch.cat(list(store)).clone()
+    idx = torch.arange(limit) * total // limit  # `_subsample`'s evenly spaced rows
+    pieces, start = [], 0
+    for i, n in enumerate(rows):
+        local = idx[(idx >= start) & (idx < start + n)] - start
+        if local.numel():
+            batch = store[i]
+            pieces.append(batch.index_select(0, local.to(batch.device)))
+        start += n
+    return torch.cat(pieces).clone()
 
 
 def _subsample(x: torch.Tensor, limit: int) -> torch.Tensor:

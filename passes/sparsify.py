@@ -365,7 +365,7 @@ class _Job(LayerJob):
         layer_fallback = []
         for bpath, block in blocks:
             inputs = seen.block_inputs[bpath]
-            total = sum(x.shape[0] for x in inputs)
+            total = sum(inputs.shape(i)[0] for i in range(len(inputs)))  # spilled batches are not read
             need = max(1, math.ceil(self.cfg.min_coverage * total))
             for e, expert in enumerate(block.experts):
                 names = self._expert_names(bpath, e, mine)

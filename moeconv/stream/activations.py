@@ -70,6 +70,11 @@ class HiddenStates:
         item = self._items[i]
         return item.read() if isinstance(item, _Spilled) else item
 
+    def shape(self, i: int) -> tuple[int, ...]:
+        """Batch `i`'s shape, read from memory or the spill record (never from the file)."""
+        item = self._items[i]
+        return tuple(item.shape)
+
     def append(self, t: torch.Tensor) -> None:
         nbytes = t.numel() * t.element_size()
         b = self.budget

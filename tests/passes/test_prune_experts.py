@@ -250,3 +250,24 @@ def test_budget_refusals_on_the_toy(fields, message):
 def test_invalid_configs_are_refused_at_construction(fields):
     with pytest.raises(ConfigError):
         PruneExperts(**fields)
+
+
+def test_captured_rows_are_subsampled_batch_by_batch_as_from_the_whole(tmp_path):
+    """`_subsample_store` keeps the rows `_subsample` keeps of all the rows concatenated, in order,
+    bit for bit, reading one stored batch at a time, whether the batches sit in memory or were
+    spilled to files."""
+    from moeconv.stream.activations import HiddenStates
+    from passes.prune_experts import _subsample, _subsample_store
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 8, generator=g).to(torch.bfloat16) for n in (5, 17, 1, 9, 30)]
+    whole = torch.cat(batches)
+    for budget in (None, 0):
+        store = HiddenStates() if budget is None else HiddenStates(budget, tmp_path / f"s{budget}")
+        for b in batches:
+            store.append(b)
+        for limit in (1, 7, 31, 62, 100):
+            got = _subsample_store(store, limit)
+            assert torch.equal(got, _subsample(whole, limit)), (budget, limit)
+            assert got.data_ptr() not in {b.data_ptr() for b in batches}  # a copy of its own
+        assert store.shape(1) == (17, 8)
+        store.release()
