@@ -44,6 +44,7 @@ from moeconv.report import PassReport
 from moeconv.selectors import Selection, Selectors, absent_note
 from moeconv.sparse_cuda import speed_note
 from moeconv.sparsity import SparsityPattern, check_pattern, zero_count
+from moeconv.stream.allocator import release_freed
 from moeconv.state import ModelState
 from moeconv.hessian import InputStats
 from moeconv.stream.activations import HiddenStates
@@ -470,6 +471,12 @@ class _Job(LayerJob):
                         self._apply(n, mine[n], nw[r0:r0 + r], u["h"], source[n], damp=d, error_num=num,
                                     error_den=stats.energy.get(n))
                         r0 += r
+                del new, damp, row_error, w, h
+                # the batch's freed temporaries back to the system now, not at the layer's end:
+                # otherwise the allocator's free space grew ~130 MB a layer inside the layer's work
+                # (hidden 1024, 8 experts), and with it the peak (measured: 2834 -> 2958 MiB over 4
+                # layers; flat at 2681 MiB with this, for ~1.7 s more per layer)
+                release_freed()
 
     def _apply(self, name: str, m: nn.Module, new: torch.Tensor, h: torch.Tensor | None, source: str, damp=None,
                error_num: torch.Tensor | None = None, error_den: torch.Tensor | None = None) -> None:
