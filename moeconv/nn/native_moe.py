@@ -22,11 +22,11 @@ from moeconv.nn.moe import MoEBlock, RoutingConfig
 class GatedExpert(nn.Module):
     """`down_proj(act_fn(gate_proj(x)) * up_proj(x))`: one expert of a native HF MoE block."""
 
-    def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, dtype=None):
+    def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, dtype=None, device=None):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype, device=device)
         self.act_fn = act_fn
 
     def forward(self, x):
@@ -47,9 +47,15 @@ def moeblock_from_hf(m: nn.Module) -> MoEBlock:
     top_k = int(getattr(gate, "top_k", None) or getattr(m, "top_k"))
     renorm = bool(getattr(gate, "norm_topk_prob", True))  # Mixtral's router always renormalises
     dtype = experts.gate_up_proj.dtype
+    # built where the fused parameters are: a streamed skeleton's are on `meta`, and building its
+    # experts in real memory first (5.8 MB a matrix at Mixtral-like shapes, freed at once) left the
+    # allocator's heap fragmented to ~140 MB per layer of free space that later layers' work then
+    # touched page by page, so a run's peak depended on the heap's layout (measured: 1.04-1.41 GB
+    # for the same 12-layer recipe)
+    device = experts.gate_up_proj.device
     built = []
     for e in range(n):
-        ex = GatedExpert(h, inter, experts.act_fn, dtype=dtype)
+        ex = GatedExpert(h, inter, experts.act_fn, dtype=dtype, device=device)
         with torch.no_grad():
             ex.gate_proj.weight.copy_(experts.gate_up_proj[e, :inter])
             ex.up_proj.weight.copy_(experts.gate_up_proj[e, inter:])

@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+from contextlib import contextmanager
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
@@ -42,11 +43,38 @@ def release_freed() -> None:
         trim(0)
 
 
-def fixed_mmap_threshold(threshold: int = 128 * 1024) -> bool:
+DEFAULT_MMAP_THRESHOLD = 128 * 1024
+_fixed: int | None = None  # the threshold this process last fixed (glibc has no call that reads it)
+
+
+def fixed_mmap_threshold(threshold: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     """Serve every allocation of at least `threshold` bytes with its own mapping (returned to the
     system when freed). Returns whether the allocator took the setting (glibc on Linux only)."""
+    global _fixed
     mallopt = getattr(_LIBC, "mallopt", None)  # not glibc (musl has no mallopt): nothing to set
-    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold))) if mallopt is not None else False
+    took = bool(mallopt(M_MMAP_THRESHOLD, int(threshold))) if mallopt is not None else False
+    if took:
+        _fixed = int(threshold)
+    return took
+
+
+@contextmanager
+def untouched_allocations_mapped():
+    """While active, allocations of 128 KiB and more get mappings of their own; afterwards the
+    threshold a job fixed before (if any) is back. For building modules whose parameters are
+    allocated and dropped at once, never touched (`parameters_on_meta`): served from the heap
+    under glibc's dynamic threshold, those blocks, interleaved with the small allocations that
+    stay, fragmented it by the model's size (24 GB of heap free space after opening a 181-layer,
+    26 GB Mixtral skeleton, measured with `mallinfo2`); a streamed layer's work then reuses that
+    free space page by page and holds what it touched until the layer ends, so the peak depended
+    on the heap's layout. Mapped, they cost an `mmap`/`munmap` pair and leave nothing behind."""
+    before = _fixed
+    fixed_mmap_threshold(DEFAULT_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if before is not None and before != DEFAULT_MMAP_THRESHOLD:
+            fixed_mmap_threshold(before)
 
 
 KERNEL_CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"  # oneDNN's own cache of compiled kernels
@@ -73,7 +101,7 @@ def bounded_kernel_cache(capacity: int = KERNEL_CACHE_CAPACITY) -> None:
     os.environ.setdefault(IDEEP_CACHE_VARIABLE, str(max(1, int(capacity))))
 
 
-def prepare_streaming(mmap_threshold: int = 128 * 1024) -> None:
+def prepare_streaming(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD) -> None:
     """What a streamed job sets for its process before it reads a layer, so memory stays flat
     with depth: freed layers go back to the system (`fixed_mmap_threshold`), and oneDNN keeps a
     bounded number of kernels (`bounded_kernel_cache`)."""

@@ -34,12 +34,16 @@ from moeconv.io.transformers_io import model_class
 from moeconv.nn.native_moe import linearise_native_moe
 from moeconv.nn.quantized import rebuild
 from moeconv.state import ModelState, SourceInfo
+from moeconv.stream.allocator import untouched_allocations_mapped
 
 
 @contextmanager
 def parameters_on_meta():
     """Build modules with every parameter on `meta` and every buffer real (non-persistent buffers
-    such as rotary frequency tables are computed by constructors, never stored in checkpoints)."""
+    such as rotary frequency tables are computed by constructors, never stored in checkpoints).
+    A constructor still allocates each parameter before it is moved to `meta`; those blocks are
+    never touched and are mapped on their own (`untouched_allocations_mapped`), so building a
+    skeleton leaves no heap behind, whatever the model's size."""
     register = nn.Module.register_parameter
 
     def on_meta(self, name, param):
@@ -48,7 +52,8 @@ def parameters_on_meta():
         register(self, name, param)
     nn.Module.register_parameter = on_meta
     try:
-        yield
+        with untouched_allocations_mapped():
+            yield
     finally:
         nn.Module.register_parameter = register
 
