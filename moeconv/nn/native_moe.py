@@ -47,11 +47,8 @@ def moeblock_from_hf(m: nn.Module) -> MoEBlock:
     top_k = int(getattr(gate, "top_k", None) or getattr(m, "top_k"))
     renorm = bool(getattr(gate, "norm_topk_prob", True))  # Mixtral's router always renormalises
     dtype = experts.gate_up_proj.dtype
-    # built where the fused parameters are: a streamed skeleton's are on `meta`, and building its
-    # experts in real memory first (5.8 MB a matrix at Mixtral-like shapes, freed at once) left the
-    # allocator's heap fragmented to ~140 MB per layer of free space that later layers' work then
-    # touched page by page, so a run's peak depended on the heap's layout (measured: 1.04-1.41 GB
-    # for the same 12-layer recipe)
+    # built where the fused parameters are: a skeleton's are on `meta`, so its experts are never
+    # allocated (why that matters for a streamed run: `moeconv.stream.allocator.untouched_allocations_mapped`)
     device = experts.gate_up_proj.device
     built = []
     for e in range(n):
