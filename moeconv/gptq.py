@@ -61,7 +61,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, args, *, dampening: float = DAM
     scale = zp = None
     for i1 in range(0, cols, BLOCK):
         i2 = min(i1 + BLOCK, cols)
-        err = torch.zeros(batch, i2 - i1, rows)
+        err = torch.zeros(batch, i2 - i1, rows, device=Wt.device)
         for j in range(i1, i2):
             if j % group == 0:
                 g = Wt[:, j:j + group]  # (B, group, rows)

@@ -1,9 +1,13 @@
 """`--device cpu|cuda` on the streamed routes (quantize, sparsify, prune-experts, run): the option is
 checked at the edge (one line, exit 2, nothing written, no tensor read), `--device cpu` writes the
 default's bytes, the memory plan counts what sits on the GPU apart from host memory, and on a CUDA
-GPU the same recipes run one decoder layer at a time on it (those tests skip without one)."""
+GPU the same recipes run one decoder layer at a time on it. Without a GPU those tests run on one
+emulated on the CPU (`emulated_cuda`: device placement, host reads and GPU memory are checked,
+speed and CUDA's own kernels are not)."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import sys
 from pathlib import Path
@@ -17,13 +21,18 @@ from moeconv.cli import app
 from moeconv.errors import ConfigError, MemoryPlanError
 from moeconv.io.safetensors_io import SourceCheckpoint
 from moeconv.stream.skeleton import Skeleton
+from tests.stream.emulated_cuda import emulated_cuda
 from tests.stream.test_stream import _mixtral
 
 ROOT = Path(__file__).resolve().parents[2]
 CALIB = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(1))
 RECIPE = ("steps:\n  - pass: prune-experts\n    keep: 3\n  - pass: sparsify\n    method: wanda\n"
           "  - pass: quantize\n    method: int8\n")
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+
+
+def on_gpu():
+    """Where the CUDA tests run: the GPU torch sees, else one emulated on the CPU."""
+    return contextlib.nullcontext() if torch.cuda.is_available() else emulated_cuda()
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +185,37 @@ def test_the_device_benchmark_says_it_needs_a_gpu(capsys):
 
 # ---- on a CUDA GPU ----------------------------------------------------------------------------
 
+# Without a real GPU the deep runs below go through the emulator, which runs every op through
+# Python: minutes each, so they are `slow` there; the small-model test next covers the default run
+ON_EMULATION_SLOW = [] if torch.cuda.is_available() else [pytest.mark.slow]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a real CUDA GPU is present (tested below)")
+@pytest.mark.parametrize("command", ["quantize", "sparsify", "prune-experts", "run"])
+def test_on_an_emulated_gpu_each_command_writes_the_cpu_runs_bytes_within_its_gpu_plan(command, src, tmp_path):
+    """`--device cuda` on a GPU emulated with CPU kernels: every tensor a step makes meets the
+    layer on the GPU (a CPU tensor in a GPU op is torch's device error there), and with the same
+    kernels the output is the CPU run's, byte for byte, with the same check. The GPU's peak
+    stays within what the memory plan put on it, and nothing is left on it at the end."""
+    r = CliRunner().invoke(app, _argv(command, src, tmp_path / "cpu"))
+    assert r.exit_code == 0, r.output
+    with emulated_cuda() as gpu:
+        base = torch.cuda.memory_allocated()
+        r = CliRunner().invoke(app, _argv(command, src, tmp_path / "gpu") + ["--device", "cuda"])
+        assert r.exit_code == 0, r.output
+        gc.collect()
+        left = torch.cuda.memory_allocated() - base
+        peak = gpu.peak - base
+    cpu, emu = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("cpu", "gpu"))
+    assert emu["memory_plan"]["device"] == "cuda" and cpu["memory_plan"]["device"] == "cpu"
+    assert _files(tmp_path / "gpu") == _files(tmp_path / "cpu")
+    assert emu["verification"] == cpu["verification"]
+    planned = sum(emu["memory_plan"]["on_device"].values())
+    assert 0 < peak <= planned, f"GPU peak {peak} B > planned {planned} B"
+    assert left == 0, f"{left} B left on the GPU"
+
+
+
 @pytest.fixture(scope="module")
 def deep_src(tmp_path_factory):
     """An 8-layer synthetic bf16 Mixtral (hidden 512, 4 experts of 1024; ~14 MB a layer), deep
@@ -226,8 +266,7 @@ def _warm_up_cuda() -> None:
     torch.cuda.empty_cache()
 
 
-@CUDA
-@pytest.mark.parametrize("command", ["quantize", "sparsify", "run"])
+@pytest.mark.parametrize("command", [pytest.param(c, marks=ON_EMULATION_SLOW) for c in ("quantize", "sparsify", "run")])
 def test_cuda_runs_the_recipe_one_layer_at_a_time_close_to_the_cpu_run(command, deep_src, tmp_path):
     """quantize int8, sparsify wanda and prune-experts → sparsify → quantize, with `--device cuda`:
     the same output layout as on the CPU and a measured change close to the CPU run's. Not equal:
@@ -239,12 +278,13 @@ def test_cuda_runs_the_recipe_one_layer_at_a_time_close_to_the_cpu_run(command, 
     one layer of each model in the check; the model is twice that."""
     r = CliRunner().invoke(app, _deep_argv(command, deep_src, tmp_path / "cpu"))
     assert r.exit_code == 0, r.output
-    _warm_up_cuda()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    r = CliRunner().invoke(app, _deep_argv(command, deep_src, tmp_path / "gpu") + ["--device", "cuda"])
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    with on_gpu():
+        _warm_up_cuda()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        r = CliRunner().invoke(app, _deep_argv(command, deep_src, tmp_path / "gpu") + ["--device", "cuda"])
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
     assert r.exit_code == 0, r.output
     cpu, gpu = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("cpu", "gpu"))
     assert gpu["route"]["route"] == "streaming" and gpu["memory_plan"]["device"] == "cuda"
