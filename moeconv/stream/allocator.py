@@ -16,7 +16,8 @@ import os
 import sys
 from contextlib import contextmanager
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers
+M_TRIM_THRESHOLD = -1
 
 
 def _libc():
@@ -101,12 +102,25 @@ def bounded_kernel_cache(capacity: int = KERNEL_CACHE_CAPACITY) -> None:
     os.environ.setdefault(IDEEP_CACHE_VARIABLE, str(max(1, int(capacity))))
 
 
-def prepare_streaming(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD) -> None:
+def heap_top_kept(trim_threshold: int) -> bool:
+    """Let a `free` leave up to `trim_threshold` bytes unused at the top of the heap instead of
+    handing them back to the system at once (glibc's `M_TRIM_THRESHOLD`; 128 KiB once the mmap
+    threshold is fixed). For a job that frees and allocates the same large temporaries matrix
+    after matrix and calls `release_freed` at every layer's end: the heap is reused within the
+    layer rather than faulted in afresh for each matrix, and the layer's end still returns it.
+    Returns whether the allocator took the setting (glibc on Linux only)."""
+    mallopt = getattr(_LIBC, "mallopt", None)
+    return bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold))) if mallopt is not None else False
+
+
+def prepare_streaming(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD, trim_threshold: int | None = None) -> None:
     """What a streamed job sets for its process before it reads a layer, so memory stays flat
     with depth: freed layers go back to the system (`fixed_mmap_threshold`), and oneDNN keeps a
-    bounded number of kernels (`bounded_kernel_cache`)."""
+    bounded number of kernels (`bounded_kernel_cache`). `trim_threshold`: see `heap_top_kept`."""
     bounded_kernel_cache()
     fixed_mmap_threshold(mmap_threshold)
+    if trim_threshold is not None:
+        heap_top_kept(trim_threshold)
 
 
 LARGE_BYTES = 256 * 2**20

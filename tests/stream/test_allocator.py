@@ -70,7 +70,7 @@ def test_ideeps_cache_is_never_set_to_zero(monkeypatch):
 
 
 # Heap (glibc `mallinfo2().arena`) grown by building modules the way a skeleton does, in a process
-# whose mmap threshold a job fixed at 8 MB first (as the streamed quantize does): `patched` moves
+# whose mmap threshold a job fixed at 8 MB first (the streamed quantize fixes 32 MB): `patched` moves
 # each parameter to meta as it is registered (the allocation dropped untouched, as before),
 # `skeleton` uses `parameters_on_meta`. Then whether the job's threshold is back: a 4 MB block
 # freed and allocated again comes from the heap under it. (glibc's dynamic threshold gives the
@@ -122,3 +122,30 @@ def test_building_a_skeleton_leaves_no_heap_behind_and_the_jobs_threshold_holds_
     grown, reused = _heap("skeleton")
     assert grown < 10
     assert reused >= 3.5  # the 4 MB block came from the heap: the job's 8 MB threshold holds again
+
+
+HEAP_TOP_PROBE = """
+import json, torch
+from moeconv.stream.allocator import fixed_mmap_threshold, heap_top_kept, release_freed
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+fixed_mmap_threshold(32 * 2**20)  # as the streamed quantize: a 12 MB temporary comes from the heap
+assert heap_top_kept(64 * 2**20)
+base, grown = rss(), 0
+for _ in range(20):  # a layer's matrices, one after another
+    t = torch.ones(3 * 2**20)  # 12 MB, touched
+    del t
+    grown = max(grown, rss() - base)
+release_freed()  # the layer's end
+print(json.dumps({"grown": grown, "released": rss() - base}))
+"""
+
+
+def test_a_kept_heap_top_is_reused_within_the_layer_and_returned_at_its_end():
+    """`heap_top_kept` (the streamed quantize's setting): twenty 12 MB temporaries made and freed
+    one after another hold at most two of them in the process (reused, not accumulated), and
+    `release_freed` at the layer's end hands them back."""
+    r = subprocess.run([sys.executable, "-c", HEAP_TOP_PROBE], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["grown"] <= 2 * 12 * 2**20 + 4 * 2**20, got
+    assert got["released"] < 2 * 2**20, got
