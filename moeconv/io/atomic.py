@@ -41,8 +41,10 @@ def atomic_output_dir(out: Path, *, force: bool = False, inputs: tuple[Path, ...
         _remove_stale(parent, out.name)
         tmp = parent / f".{out.name}{TMP_MARK}{os.getpid()}"
         _remove(tmp)
-        _mkdir(tmp)
         try:
+            # made inside the try: a Ctrl-C the moment the directory exists (the first sign of a
+            # run that a supervisor or a test watches for) still removes it
+            _mkdir(tmp)
             yield tmp
             _publish(tmp, out, force)
         except BaseException:

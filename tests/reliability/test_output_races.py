@@ -125,6 +125,23 @@ def test_a_failure_at_the_final_rename_cleans_up(tmp_path, monkeypatch):
     assert siblings(out) == []
 
 
+def test_an_interrupt_the_moment_the_temporary_exists_cleans_up(tmp_path, monkeypatch):
+    """SIGINT lands between bytecodes: right after the temporary directory is made, before any
+    work, it must still be removed (the full suite once caught a Ctrl-C test there under load)."""
+    from moeconv.io import atomic
+    out = tmp_path / "out"
+    made = atomic._mkdir
+
+    def then_interrupted(path):
+        made(path)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(atomic, "_mkdir", then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output_dir(out):
+            pass
+    assert siblings(out) == [] and not out.exists()
+
+
 @pytest.mark.parametrize("case", ["too-long", "parent-is-file", "not-utf8", "parent-missing"])
 def test_unusable_out_paths_are_one_line(case, good, tmp_path):
     work = tmp_path / "w"
