@@ -92,9 +92,9 @@ def quantize_streamed(src, out, cfg: QuantizeConfig, *, force: bool = False, sha
 # bitsandbytes' int8 quantization of a 2816x1024 expert matrix makes its fp16 copy (5.8 MB) and
 # float32 temporaries (11.5 MB); mapped on their own under an 8 MB threshold, and with the top
 # of the heap handed back at frees (glibc's trim threshold), each was faulted in again for
-# every matrix: 15-22 s of system time in the 32-layer run. Served from the heap, kept until the layer ends (`release_freed`): the 32-layer
-# bench quantize (4.7 GB bf16 Mixtral) took 31.9-34.7 s against 37.4-43.1 s, at the same
-# ~840 MB peak (3 runs each, alternated).
+# every matrix: 15-22 s of system time in the 32-layer run. Served from the heap, kept until
+# the layer ends (`release_freed`): the 32-layer bench quantize (4.7 GB bf16 Mixtral) took
+# 31.9-34.7 s against 37.4-43.1 s, at the same ~840 MB peak (3 runs each, alternated).
 QUANTIZE_MMAP_THRESHOLD = 32 * 2**20
 QUANTIZE_TRIM_THRESHOLD = 64 * 2**20
 

@@ -104,10 +104,11 @@ def bounded_kernel_cache(capacity: int = KERNEL_CACHE_CAPACITY) -> None:
 
 def heap_top_kept(trim_threshold: int) -> bool:
     """Let a `free` leave up to `trim_threshold` bytes unused at the top of the heap instead of
-    handing them back to the system at once (glibc's `M_TRIM_THRESHOLD`: 128 KiB by default, and
-    no longer moved by glibc once the mmap threshold is fixed). For a job that frees and allocates the same large temporaries matrix
-    after matrix and calls `release_freed` at every layer's end: the heap is reused within the
-    layer rather than faulted in afresh for each matrix, and the layer's end still returns it.
+    handing them back to the system at once (glibc's `M_TRIM_THRESHOLD`: 128 KiB by default, no
+    longer moved by glibc once the mmap threshold is fixed). For a job that frees and allocates
+    the same large temporaries matrix after matrix and calls `release_freed` at every layer's
+    end: the heap is reused within the layer rather than faulted in afresh for each matrix, and
+    the layer's end still returns it.
     Returns whether the allocator took the setting (glibc on Linux only)."""
     mallopt = getattr(_LIBC, "mallopt", None)
     return bool(mallopt(M_TRIM_THRESHOLD, int(trim_threshold))) if mallopt is not None else False

@@ -18,9 +18,9 @@ plan said. Inside `emulated_cuda()`:
   `torch.cuda.max_memory_allocated()` does on a real GPU.
 
 What it is not: a GPU. Autograd is not emulated (GPU tensors never require grad: the streamed
-routes run under `torch.no_grad()`). Results are the CPU kernels' (bit for bit the CPU run's where no random
-numbers are drawn on the device), nothing runs faster, and CUDA-only kernels (semi-structured
-sparse matmul, CUDA events) are not there. On a machine with a real GPU, the tests use that.
+routes run under `torch.no_grad()`). Results are the CPU kernels' (bit for bit the CPU run's
+where no random numbers are drawn on the device), nothing runs faster, and CUDA-only kernels
+(semi-structured sparse matmul, CUDA events) are not there. On a machine with a real GPU, the tests use that.
 """
 from __future__ import annotations
 
@@ -92,6 +92,11 @@ class _Emulator(TorchDispatchMode):
             return self.adopted.get(id(x))
         return None
 
+    def host(self, x):
+        """`x` as the CPU kernels take it: its data when it is on the emulated GPU, else itself."""
+        d = self.data(x)
+        return x if d is None else d
+
     # ---- memory -------------------------------------------------------------------------------
     def _hold(self, holder: torch.Tensor, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
@@ -141,11 +146,7 @@ class _Emulator(TorchDispatchMode):
                 if isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dim() > 0:
                     raise RuntimeError("Expected all tensors to be on the same device, but found at least two "
                                        f"devices, cuda:0 and cpu! (emulated CUDA: {func})")
-
-        def unwrap(x):
-            d = self.data(x)
-            return x if d is None else d
-        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        out = func(*tree_map(self.host, args), **tree_map(self.host, kwargs))
         if wanted is not None:
             to_gpu = wanted.type == "cuda"
         elif func in (aten.copy_.default, aten._copy_from.default):
@@ -193,9 +194,10 @@ class _Moves(TorchFunctionMode):
             if device is not None:
                 return self._move(args[0], torch.device(device), dtype, memory_format)
             return func(*args, **kwargs)
-        if func in _FROM_DATA and _device_of(kwargs) is not None and _device_of(kwargs).type == "cuda":
+        wanted = _device_of(kwargs) if func in _FROM_DATA else None
+        if wanted is not None and wanted.type == "cuda":
             # these build their tensor with torch's modes switched off: built on the CPU, then moved
-            out = func(*tree_map(self._host, args), **{**kwargs, "device": CPU})
+            out = func(*tree_map(self.emu.host, args), **{**kwargs, "device": CPU})
             if args and type(args[0]) is torch.Tensor and out.untyped_storage().data_ptr() == \
                     args[0].untyped_storage().data_ptr():
                 out = out.clone()  # a CPU tensor given to the GPU is copied there
@@ -231,12 +233,8 @@ class _Moves(TorchFunctionMode):
                 raise
         # A binding that takes a CUDA device guard before dispatching (indexing, `new_*`): the
         # same call on the data, its tensors handed back on the GPU
-        out = func(*tree_map(self._host, args), **tree_map(self._host, kwargs))
+        out = func(*tree_map(self.emu.host, args), **tree_map(self.emu.host, kwargs))
         return tree_map(lambda x: self.emu.wrap(x) if type(x) is torch.Tensor else x, out)
-
-    def _host(self, x):
-        d = self.emu.data(x)
-        return x if d is None else d
 
     def _move(self, t: torch.Tensor, device: torch.device, dtype, memory_format=None):
         data = self.emu.data(t)

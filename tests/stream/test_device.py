@@ -185,11 +185,6 @@ def test_the_device_benchmark_says_it_needs_a_gpu(capsys):
 
 # ---- on a CUDA GPU ----------------------------------------------------------------------------
 
-# Without a real GPU the deep runs below go through the emulator, which runs every op through
-# Python: minutes each, so they are `slow` there; the small-model test next covers the default run
-ON_EMULATION_SLOW = [] if torch.cuda.is_available() else [pytest.mark.slow]
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a real CUDA GPU is present (tested below)")
 @pytest.mark.parametrize("command", ["quantize", "sparsify", "prune-experts", "run"])
 def test_on_an_emulated_gpu_each_command_writes_the_cpu_runs_bytes_within_its_gpu_plan(command, src, tmp_path):
@@ -214,6 +209,10 @@ def test_on_an_emulated_gpu_each_command_writes_the_cpu_runs_bytes_within_its_gp
     assert 0 < peak <= planned, f"GPU peak {peak} B > planned {planned} B"
     assert left == 0, f"{left} B left on the GPU"
 
+
+# Without a real GPU the deep runs below go through the emulator, which runs every op through
+# Python: minutes each, so they are `slow` there; the small-model test above covers the default run
+ON_EMULATION_SLOW = [] if torch.cuda.is_available() else [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
