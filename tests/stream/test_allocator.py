@@ -117,8 +117,10 @@ def _heap(how: str) -> list[float]:
 def test_building_a_skeleton_leaves_no_heap_behind_and_the_jobs_threshold_holds_after():
     """100 parameters of 2 MB allocated and dropped untouched: from the heap, interleaved with
     the small allocations that stay, they fragment it by their total; mapped, by nothing."""
-    fragmented, _ = _heap("patched")
-    assert fragmented > 150  # the probe reproduces what the skeleton avoids
+    # the probe reproduces what the skeleton avoids; glibc does so in only some processes (12 of
+    # 20 measured: in the others the imports left free space the build fills without growing
+    # the heap), so the premise is that one of five does
+    assert any(_heap("patched")[0] > 150 for _ in range(5))
     grown, reused = _heap("skeleton")
     assert grown < 10
     assert reused >= 3.5  # the 4 MB block came from the heap: the job's 8 MB threshold holds again
