@@ -4,7 +4,7 @@ A layer-by-layer sweep knows a decoder layer's output tensors only once the laye
 must free them before the next layer is read; a safetensors file needs its header (every name and
 size) before its data. So each part (a decoder layer, the parts outside the layers) is written as
 its own shard the moment it is final, and `finish` names the shards `model-0000i-of-0000N`,
-writes the index and config, and re-reads every tensor (names, shapes, dtypes, SHA-256) as
+writes the index and config, and re-reads every tensor (names, shapes, dtypes, checksum) as
 `write_checkpoint` does. Memory: one part's tensors, whatever the model's depth.
 
 The tensors may be on any device (a sweep on a GPU hands over the GPU's tensors): each is copied

@@ -3,10 +3,10 @@ tensors whose bytes already sit verbatim in a file copied by the kernel, and eve
 back and compared with the bytes produced.
 
 Why not `write_checkpoint`: an upcycled checkpoint is mostly copies (eight experts of one dense
-FFN are eight copies of its bytes). Written from memory and checked with SHA-256 (once while
-writing, once on the re-read), a 1.4 GB Llama to 8 experts took 94 s against 8 s for a plain copy
-of the output; the kernel copies file to file as `cp` does (7x less CPU than read/write for the
-same bytes), and a read-back compared with memcmp needs no digest on either side.
+FFN are eight copies of its bytes). Written from memory and checked with SHA-256 (the checksum
+then; once while writing, once on the re-read), a 1.4 GB Llama to 8 experts took 94 s against 8 s
+for a plain copy of the output; the kernel copies file to file as `cp` does (7x less CPU than
+read/write for the same bytes), and a read-back compared with memcmp needs no digest on either side.
 """
 from __future__ import annotations
 

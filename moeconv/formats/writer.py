@@ -1,5 +1,5 @@
 """Writing a checkpoint directory: sharded safetensors streamed tensor by tensor, then re-read
-and checked (names, shapes, dtypes, SHA-256)."""
+and checked (names, shapes, dtypes, checksum)."""
 from __future__ import annotations
 
 import json

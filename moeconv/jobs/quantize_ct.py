@@ -5,7 +5,7 @@ Checks, in order: the source is a float Hugging Face causal LM (dense, or an MoE
 transformers has: Mixtral, Qwen2-MoE, Qwen3-MoE) and not already quantized; every targeted
 matrix's width fits the group. Then round-to-nearest in memory (`compressed_tensors_io`), the
 output error against the float model measured (relative max |Δlogits|, KL, top-1), the compressed
-tensors written under the family's own names and re-read with SHA-256, and the directory loaded
+tensors written under the family's own names and re-read and checksummed, and the directory loaded
 with `transformers.AutoModelForCausalLM.from_pretrained`: no missing or unexpected weight, its
 logits equal to the in-memory quantized model's (relative ≤ 1e-5), its routers bit-identical to
 the source's. vLLM (GPU) is the serving engine the format is for; it is not run here.

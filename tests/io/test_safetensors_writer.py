@@ -1,10 +1,9 @@
 """The streaming shard writer and its read-back (moeconv/io/safetensors_io.py): the file is what
-`safetensors` reads, the checksums are each tensor's SHA-256, the read-back hashes what is on disk
+`safetensors` reads, the checksums are each tensor's XXH3-128, the read-back hashes what is on disk
 (in pieces, on several threads) and catches a flipped byte or a truncated file."""
-import hashlib
-
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load_file
 
 from moeconv.errors import VerificationError
@@ -25,7 +24,7 @@ def test_written_shard_reads_back_with_checksums_of_each_tensor(tmp_path):
     assert list(got) == list(tensors)  # nothing lost, nothing added
     for n, t in tensors.items():
         assert torch.equal(got[n], t)
-        assert sums[n] == hashlib.sha256(tensor_bytes(t)).hexdigest()
+        assert sums[n] == xxhash.xxh3_128_hexdigest(tensor_bytes(t))  # the library's own digest
     verify_written(tmp_path, specs, sums)
 
 
@@ -37,11 +36,11 @@ def test_verification_reads_every_tensor_through_reused_buffers(tmp_path):
     specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     sums = write_shard(tmp_path / "model.safetensors", specs, lambda s: tensors[s.name])
     ckpt = SourceCheckpoint(tmp_path)
-    assert ckpt.sha256("big", bytearray(4096)) == sums["big"]  # 400 kB through a 4 kB buffer
+    assert ckpt.checksum("big", bytearray(4096)) == sums["big"]  # 400 kB through a 4 kB buffer
     raw = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(raw[:-100])
     with pytest.raises(InputError, match="truncated"):
-        ckpt.sha256("small", bytearray(4096))
+        ckpt.checksum("small", bytearray(4096))
 
 
 def test_wrong_tensor_is_refused_and_a_corrupted_file_fails_verification(tmp_path):

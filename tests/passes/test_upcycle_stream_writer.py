@@ -26,7 +26,7 @@ def _model_files(out: Path) -> dict[str, bytes]:
 
 
 def _with_main_writer(monkeypatch):
-    """The job writes with `write_checkpoint` (SHA-256 checked, every byte from memory)."""
+    """The job writes with `write_checkpoint` (checksummed, every byte from memory)."""
     import moeconv.jobs.upcycle as job
 
     def main_writer(out_dir, source, config, *, shard_bytes, on_tensor=None):
