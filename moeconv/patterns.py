@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Iterable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -71,10 +71,12 @@ class FfnSite:
         return asdict(self)
 
 
-def find_ffn_sites(model: nn.Module, *, require: bool = True) -> list[FfnSite]:
-    """Every FFN of `model`, in module order. Raises `NoFfnFoundError` if none and `require`."""
+def find_ffn_sites(model: nn.Module, *, require: bool = True, skip: Iterable[str] = ()) -> list[FfnSite]:
+    """Every FFN of `model`, in module order. Raises `NoFfnFoundError` if none and `require`.
+    `skip`: paths of modules not looked into (each is one opaque call where it is used): no site
+    is found inside them."""
     sites: dict[str, FfnSite] = {}
-    for island in trace_forest(model):
+    for island in trace_forest(model, opaque=skip):
         for site in _match_island(model, island):
             sites.setdefault(site.path, site)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}

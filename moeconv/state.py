@@ -48,11 +48,14 @@ class ModelState:
 
     # ---- derived facts -------------------------------------------------------------------
     def ffn_sites(self):
-        """Dense FFN sites: FFNs inside MoE layers (the experts themselves) are not sites."""
+        """Dense FFN sites: FFNs inside MoE layers (the experts themselves) are not sites, and the
+        search does not look inside MoE layers at all."""
         from moeconv.patterns import find_ffn_sites
         moe_paths = [p for p, _ in self.moe_blocks()]
-        return [s for s in find_ffn_sites(self.module, require=False)
-                if not any(s.path == p or s.path.startswith(p + ".") or p == "" for p in moe_paths)]
+        if "" in moe_paths:
+            return []
+        return [s for s in find_ffn_sites(self.module, require=False, skip=moe_paths)
+                if not any(s.path == p or s.path.startswith(p + ".") for p in moe_paths)]
 
     def moe_blocks(self) -> list[tuple[str, nn.Module]]:
         """Every MoE layer: moeconv's `MoEBlock` and native HF sparse-MoE blocks (router + experts)."""

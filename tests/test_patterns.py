@@ -509,3 +509,26 @@ def test_tiny_hf_layer_count_follows_config():
     sites = find_ffn_sites(tiny_hf("qwen2", num_hidden_layers=3, intermediate_size=48))
     assert [s.path for s in sites] == [f"model.layers.{i}.mlp" for i in range(3)]
     assert {s.intermediate_size for s in sites} == {48}
+
+
+def test_skipped_modules_are_not_looked_into_and_the_other_sites_are_the_same():
+    """`skip` (what `ModelState.ffn_sites` passes: the MoE blocks) hides the sites inside those
+    modules and no other: a Qwen3-MoE with a dense first layer keeps exactly its dense FFN."""
+    import transformers
+
+    from moeconv.nn.native_moe import linearise_native_moe
+    from moeconv.state import ModelState
+    cfg = transformers.Qwen3MoeConfig(vocab_size=64, hidden_size=16, intermediate_size=24, moe_intermediate_size=8,
+                                      num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                      num_experts=3, num_experts_per_tok=2, decoder_sparse_step=1,
+                                      mlp_only_layers=[0, 2])
+    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
+    moe = linearise_native_moe(model)
+    assert moe == ["model.layers.1.mlp"]
+    every = find_ffn_sites(model)
+    inside = [s for s in every if s.path.startswith("model.layers.1.mlp.")]
+    assert len(inside) == 3  # the experts are FFNs when looked into
+    skipped = find_ffn_sites(model, skip=moe)
+    assert skipped == [s for s in every if s not in inside]
+    assert [s.path for s in skipped] == ["model.layers.0.mlp", "model.layers.2.mlp"]
+    assert ModelState(model, cfg).ffn_sites() == skipped

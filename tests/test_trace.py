@@ -155,6 +155,16 @@ def test_trace_forest_builtin_gpt_size_check_makes_root_untraceable():
     assert [i.path for i in trace_forest(model)] == ["h.0", "h.1"]
 
 
+def test_trace_forest_keeps_opaque_modules_whole():
+    """An `opaque` module is one leaf call where it is used, and no island lies inside it."""
+    cfg = gpt.GPTConfig(n_embd=H)
+    model = nn.Sequential(gpt.Block(cfg), gpt.Block(cfg)).eval()
+    (island,) = trace_forest(model, opaque=["1.mlp"])
+    assert "1.mlp" in island.leaf_paths and "0.mlp.c_fc" in island.leaf_paths
+    assert not any(p.startswith("1.mlp.") for p in island.leaf_paths)
+    assert trace_forest(model, opaque=[""]) == []
+
+
 def test_trace_forest_untraceable_root_falls_back_to_children():
     model = RootBranchy().eval()
     islands = trace_forest(model)
