@@ -143,3 +143,26 @@ def test_numbers_are_formatted_for_people():
     assert fmt_float(1093.1382) == "1,093" and fmt_float(0.012345) == "0.0123" and fmt_float(3.2e-7) == "3.2e-7"
     assert fmt_float(0.0) == "0" and fmt_pct(0.9375) == "93.8%" and fmt_pct(1.0) == "100%"
     assert fmt_change(20.07, 20.1) == "20.07 → 20.1 (+0.1%)"
+
+
+def test_sparsity_plot_needs_sparsity_and_deep_models_keep_their_plots_readable():
+    """Rounding's ~0.2% of zeros is no sparsity to plot; 1% is. A 32-layer model's expert-load
+    title sits just above its panels (not inches away), and its layer axis is thinned."""
+    from moeconv import report_plots
+    layers = [f"model.layers.{i}" for i in range(32)]
+    flat = {"layer_sparsity": {k: 0.002 for k in layers}}
+    assert report_plots.layer_sparsity({}, flat["layer_sparsity"], {}) is None
+    assert report_plots.layer_sparsity({}, {k: 0.01 for k in layers}, {}) is not None
+    ticks, labels = report_plots._thinned(list(range(32)), [str(i) for i in range(32)])
+    assert labels == [str(i) for i in range(0, 32, 2)] and ticks == list(range(0, 32, 2))
+    load = {f"{k}.mlp": [1, 2, 3, 4, 5, 6, 7, 8] for k in layers}
+    _, png = report_plots.expert_load(load, load)
+    img = _decode(png.split(",", 1)[1])
+    rows = [(img[r, :, :3] < 0.5).any() for r in range(img.shape[0])]  # rows holding dark ink
+    first_ink, title_end = rows.index(True), None
+    for r in range(first_ink, len(rows)):
+        if not rows[r]:
+            title_end = r
+            break
+    gap = rows.index(True, title_end) - title_end  # blank rows between the title and what follows
+    assert gap < 0.2 * 90  # under 0.2 inch at the report's 90 dpi (was ~2 inches)
