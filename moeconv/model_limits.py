@@ -143,11 +143,17 @@ def check_sequences(limits: ModelLimits, samples: int, seq_len: int, *, seq_len_
     else:
         seq_text = f"{what} sequences of {seq_len} tokens ({_SEQ_FLAGS}) are"
         label = f"{samples} {what} sequences of {seq_len} tokens ({_SEQ_FLAGS})"
+    check_positions(limits, seq_len, seq_text)
+    check_activations(limits, samples, seq_len, label, ConfigError, rows_per_forward=rows_per_forward,
+                       training=training)
+
+
+def check_positions(limits: ModelLimits, seq_len: int, seq_text: str) -> None:
+    """Refuse (ConfigError) `seq_len` beyond the model's position table; `seq_text` names it
+    ("--calib-seq-len 100000 is")."""
     if limits.max_positions is not None and seq_len > limits.max_positions:
         raise ConfigError(f"{seq_text} longer than the {limits.max_positions} positions {limits.name} accepts "
                           f"({limits.position_key} in its config); use at most {limits.max_positions}")
-    check_activations(limits, samples, seq_len, label, ConfigError, rows_per_forward=rows_per_forward,
-                       training=training)
 
 
 _SEQ_FLAGS = "--seq-len / --calib-seq-len / --eval-seq-len"

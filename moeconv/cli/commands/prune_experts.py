@@ -115,6 +115,11 @@ def _planned_load(src: str, p, calib: Path, samples: int, seq_len: int, max_memo
     is refused (exit 2, one line) before any tensor is read."""
     from moeconv import load
     from moeconv.memory_plan import calibration_size, plan_and_check
+    from moeconv.model_limits import check_positions, model_limits
+    # a text's sequence length beyond the model's positions is named as the cause, not as the
+    # memory its activations would need (token-id files keep their own rows, checked on reading)
+    if seq_len is not None and Path(calib).suffix not in (".safetensors", ".pt"):
+        check_positions(model_limits(src), seq_len, f"--calib-seq-len {seq_len} is")
     tokens, seq = calibration_size(calib, samples, seq_len)
     plan = plan_and_check(src, [p], max_memory=max_memory, calib_tokens=tokens, calib_seq_len=seq, route=route,
                           device=device, flags={"calib": "--calib-samples / --calib-seq-len"})
