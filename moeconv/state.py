@@ -51,11 +51,7 @@ class ModelState:
         """Dense FFN sites: FFNs inside MoE layers (the experts themselves) are not sites, and the
         search does not look inside MoE layers at all."""
         from moeconv.patterns import find_ffn_sites
-        moe_paths = [p for p, _ in self.moe_blocks()]
-        if "" in moe_paths:
-            return []
-        return [s for s in find_ffn_sites(self.module, require=False, skip=moe_paths)
-                if not any(s.path == p or s.path.startswith(p + ".") for p in moe_paths)]
+        return find_ffn_sites(self.module, require=False, skip=[p for p, _ in self.moe_blocks()])
 
     def moe_blocks(self) -> list[tuple[str, nn.Module]]:
         """Every MoE layer: moeconv's `MoEBlock` and native HF sparse-MoE blocks (router + experts)."""
