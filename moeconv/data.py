@@ -21,7 +21,7 @@ import torch
 
 from moeconv.errors import ConfigError, InputError
 from moeconv.io.config_checks import format_bytes
-from moeconv.model_limits import ModelLimits, check_activations, check_sequences, model_limits
+from moeconv.model_limits import check_sequences, check_token_rows, model_limits
 
 DEFAULT_SEQ_LEN = 128                  # calibration sequence length when none is asked for
 CHARS_PER_TOKEN = 16                   # text read per requested token (first try; grows ×4 if short)
@@ -208,7 +208,7 @@ def calibration_tokens(path: Path, model_source, *, num_samples: int = 32, seq_l
     seq_len = _positive_int(seq_len, seq_len_flag or f"the {what} sequence length", 2)
     if path.suffix in (".safetensors", ".pt"):
         ids = read_token_tensor(path, what, dims=(2,), max_rows=num_samples)
-        _check_token_rows(path, limits, ids)
+        check_token_rows(limits, path, *ids.shape)
         check_token_ids(ids, limits.vocab_size, str(path), model=limits.name)
         return ids
     need = num_samples * seq_len
@@ -230,16 +230,6 @@ def calibration_tokens(path: Path, model_source, *, num_samples: int = 32, seq_l
     ids = ids[: n * seq_len].reshape(n, seq_len)
     check_token_ids(ids, limits.vocab_size, f"{path} (tokenized for {limits.name})", model=limits.name)
     return ids
-
-
-def _check_token_rows(path: Path, limits: ModelLimits, ids: torch.Tensor) -> None:
-    rows, width = ids.shape
-    if width < 2:
-        raise InputError(f"{path}: rows of {width} token id(s); calibration needs at least 2 per row")
-    if limits.max_positions is not None and width > limits.max_positions:
-        raise InputError(f"{path}: rows of {width} token ids are longer than the {limits.max_positions} positions "
-                         f"{limits.name} accepts ({limits.position_key} in its config)")
-    check_activations(limits, rows, width, f"{path}: {rows} rows of {width} token ids", InputError)
 
 
 def _tokenizer(model_source):

@@ -765,16 +765,30 @@ def gpu_memory_free() -> int | None:
     return int(free)
 
 
-def calibration_size(path, num_samples: int | None, seq_len: int | None) -> tuple[int, int]:
-    """(tokens, sequence length) that `moeconv.data.calibration_tokens(path, …, num_samples,
+def calibration_size(path, num_samples: int | None, seq_len: int | None, model=None) -> tuple[int, int]:
+    """(tokens, sequence length) that `moeconv.data.calibration_tokens(path, model, …, num_samples,
     seq_len)` will give at most: a safetensors token-id file's shape is read from its header
-    (rows up to `num_samples`), anything else is `num_samples × seq_len`."""
+    (rows up to `num_samples`), anything else is `num_samples × seq_len`. Given the `model`, the
+    checks `calibration_tokens` makes of that shape are made here, from headers alone, so that a
+    plan never prices what the model cannot take: a sequence longer than its positions, or
+    activations over the machine's limit, named by --calib-samples / --calib-seq-len (or the
+    token-id file)."""
     from moeconv.data import DEFAULT_SEQ_LEN
-    samples, seq = num_samples or 32, seq_len or DEFAULT_SEQ_LEN
-    shape = _safetensors_shape(Path(path)) if str(path).endswith(".safetensors") else None
+    from moeconv.model_limits import check_sequences, check_token_rows, model_limits
+    limits = model_limits(model) if model is not None else None
+    samples = num_samples or 32
+    if seq_len is None:  # calibration_tokens' default: DEFAULT_SEQ_LEN, or the model's positions if fewer
+        seq_len = min(DEFAULT_SEQ_LEN, (limits and limits.max_positions) or DEFAULT_SEQ_LEN)
+    suffix = Path(path).suffix
+    shape = _safetensors_shape(Path(path)) if suffix == ".safetensors" else None
     if shape is not None and len(shape) == 2:
-        return min(samples, shape[0]) * shape[1], shape[1]
-    return samples * seq, seq
+        rows, width = min(samples, shape[0]), shape[1]
+        if limits is not None:
+            check_token_rows(limits, path, rows, width)
+        return rows * width, width
+    if limits is not None and suffix not in (".safetensors", ".pt"):  # text: token-id files keep their own rows
+        check_sequences(limits, samples, seq_len, seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
+    return samples * seq_len, seq_len
 
 
 def _safetensors_shape(path: Path) -> list[int] | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from moeconv.errors import ConfigError
+from moeconv.errors import ConfigError, InputError
 from moeconv.io.config_checks import format_bytes, total_memory
 from moeconv.io.json_files import json_object_or_none
 
@@ -154,6 +154,17 @@ def check_positions(limits: ModelLimits, seq_len: int, seq_text: str) -> None:
     if limits.max_positions is not None and seq_len > limits.max_positions:
         raise ConfigError(f"{seq_text} longer than the {limits.max_positions} positions {limits.name} accepts "
                           f"({limits.position_key} in its config); use at most {limits.max_positions}")
+
+
+def check_token_rows(limits: ModelLimits, path, rows: int, width: int) -> None:
+    """Refuse (InputError, naming the file) `rows` token-id rows of `width` ids the model cannot
+    take: fewer than 2 ids, more than its positions, or activations over the machine's limit."""
+    if width < 2:
+        raise InputError(f"{path}: rows of {width} token id(s); calibration needs at least 2 per row")
+    if limits.max_positions is not None and width > limits.max_positions:
+        raise InputError(f"{path}: rows of {width} token ids are longer than the {limits.max_positions} positions "
+                         f"{limits.name} accepts ({limits.position_key} in its config)")
+    check_activations(limits, rows, width, f"{path}: {rows} rows of {width} token ids", InputError)
 
 
 _SEQ_FLAGS = "--seq-len / --calib-seq-len / --eval-seq-len"

@@ -42,7 +42,9 @@ def work(tmp_path_factory):
     save_file({"ids": torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))}, ids)
     recipe = root / "recipe.yaml"
     recipe.write_text("steps:\n  - pass: sparsify\n    method: magnitude\n")
-    return {"root": root, "src": _tiny_mixtral(root / "mixtral"), "ids": ids, "recipe": recipe}
+    wanda = root / "wanda.yaml"
+    wanda.write_text("steps:\n  - pass: sparsify\n    method: wanda\n")
+    return {"root": root, "src": _tiny_mixtral(root / "mixtral"), "ids": ids, "recipe": recipe, "wanda_recipe": wanda}
 
 
 def _header_only_mixtral(path: Path, layers: int, *, hidden=1024, inter=3584, experts=8, vocab=32000) -> Path:
@@ -193,6 +195,47 @@ def test_every_command_refuses_a_plan_over_max_memory_in_one_line(work, tmp_path
     assert "\n" not in err, err
     assert err.startswith("error: needs about ") and "(--max-memory 1MB)" in err and "fix: " in err, err
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+CALIBRATED = {
+    "sparsify": lambda w, out: ["sparsify", w["src"], out, "--method", "wanda"],
+    "prune-experts": lambda w, out: ["prune-experts", w["src"], out, "--keep", "3"],
+    "run": lambda w, out: ["run", w["wanda_recipe"], "--model", w["src"], "--out", out],
+}
+
+
+@pytest.mark.parametrize("data", ["text", "token-ids"])
+@pytest.mark.parametrize("command", list(CALIBRATED))
+def test_sequences_longer_than_the_positions_are_named_before_the_plan(work, tmp_path, monkeypatch, command, data):
+    """A calibration sequence the model cannot take (its 64 positions) is the cause named, in one
+    line, before the plan prices its activations and before any tensor is read: not the memory
+    100000-token rows would need."""
+    from safetensors.torch import save_file
+    _no_tensor_reads(monkeypatch)
+    if data == "text":
+        calib = tmp_path / "data.txt"
+        calib.write_text("w1 w2 w3\n\n" * 50)
+        flags, names = ["--calib-seq-len", "100000"], ("--calib-seq-len 100000", "64 positions")
+    else:
+        calib = tmp_path / "wide.safetensors"
+        save_file({"ids": torch.zeros(2, 100_000, dtype=torch.int64)}, str(calib))
+        flags, names = [], ("wide.safetensors: rows of 100000 token ids", "64 positions")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, [*map(str, CALIBRATED[command](work, out)), "--calib", str(calib),
+                                 "--calib-samples", "2", *flags])
+    assert r.exit_code == 2, (r.output, r.exception)
+    err = r.stderr.strip()
+    assert "\n" not in err and all(n in err for n in names) and "max_position_embeddings" in err, err
+    assert "needs about" not in err, err
+    assert not out.exists()
+
+
+def test_the_default_calibration_length_is_the_models_positions_when_fewer(work):
+    from moeconv.data import DEFAULT_SEQ_LEN
+    from moeconv.memory_plan import calibration_size
+    assert DEFAULT_SEQ_LEN > 64
+    assert calibration_size(work["root"] / "data.txt", 4, None, model=work["src"]) == (4 * 64, 64)
+    assert calibration_size(work["root"] / "data.txt", 4, None) == (4 * DEFAULT_SEQ_LEN, DEFAULT_SEQ_LEN)
 
 
 def test_whole_model_passes_say_so_and_fixes_follow_the_largest_part(work):

@@ -214,6 +214,20 @@ def test_rows_longer_than_the_position_table(fx, tmp_path):
         assert "wide.safetensors" in err and "100000" in err and f"{POSITIONS} positions" in err, err
 
 
+def test_the_default_sequence_length_fits_the_model(fx, tmp_path):
+    """Without --calib-seq-len, sparsify (256 tokens a row) and prune-experts (128) calibrate on
+    rows of the model's 64 positions instead of refusing a length nobody asked for."""
+    argv = {"sparsify": ["sparsify", fx["moe"], "{out}", "--method", "wanda", "--calib", fx["data"],
+                         "--num-samples", "2"],
+            "prune-experts": ["prune-experts", fx["moe"], "{out}", "--keep", "2", "--calib", fx["data"],
+                              "--calib-samples", "2"]}
+    for command, args in argv.items():
+        out = tmp_path / command
+        result, _ = _invoke([str(out) if a == "{out}" else a for a in args])
+        assert result.exit_code == 0, (command, result.output, repr(result.exception))
+        assert (out / "report.json").is_file()
+
+
 # ---- sequence lengths (separate processes: memory and time are what is at stake) ----------------
 SEQ_CASES = {
     "sparsify": ("--calib-seq-len", lambda fx, out: ["sparsify", fx["moe"], out, "--method", "wanda", "--calib",

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         merge: bool = typer.Option(False, "--merge", help="Fold removed experts into their most similar kept expert instead of dropping them."),
         recalibrate_router: bool = typer.Option(False, "--recalibrate-router", help="Router-only distillation against the unpruned layer outputs."),
         calib_samples: int = calib_samples_option(32),
-        calib_seq_len: int = calib_seq_len_option(128),
+        calib_seq_len: Optional[int] = calib_seq_len_option(),
         max_tokens: int = typer.Option(8192, "--max-tokens", help="Calibration tokens per layer used for scoring."),
         recalib_steps: int = typer.Option(100, "--recalib-steps", help="Optimiser steps per layer for --recalibrate-router."),
         seed: int = seed_option("Seed for the held-out split and the check inputs."),
@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
                              targets=targets or None, ignore=ignore or [], merge=merge,
                              recalibrate_router=recalibrate_router, max_tokens=max_tokens,
                              recalib_steps=recalib_steps, seed=seed)
-            if calib_samples < 1 or calib_seq_len < 2:
+            if calib_samples < 1 or (calib_seq_len is not None and calib_seq_len < 2):
                 raise ConfigError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
             stream_device(device)  # before anything is read
             check_new_output(out_dir, force=force)
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         cli._run(go)
 
 
-def _prune(src: str, out_dir: Path, p, calib: Path, samples: int, seq_len: int, max_memory: str | None, seed: int,
+def _prune(src: str, out_dir: Path, p, calib: Path, samples: int, seq_len: int | None, max_memory: str | None, seed: int,
            force: bool, device: str = "cpu", offload_dir: Path | None = None) -> dict:
     """Run the pass on the route `moeconv.jobs.routes` picks (streamed for a safetensors
     checkpoint; `device` cuda and `offload_dir` on that route only); returns the report."""
@@ -109,18 +109,13 @@ def _prune(src: str, out_dir: Path, p, calib: Path, samples: int, seq_len: int, 
                           extra_report=extra)
 
 
-def _planned_load(src: str, p, calib: Path, samples: int, seq_len: int, max_memory: str | None, route: str,
+def _planned_load(src: str, p, calib: Path, samples: int, seq_len: int | None, max_memory: str | None, route: str,
                   device: str = "cpu"):
     """(the run's memory plan, the loaded model or, streamed, its skeleton): a plan over --max-memory
     is refused (exit 2, one line) before any tensor is read."""
     from moeconv import load
     from moeconv.memory_plan import calibration_size, plan_and_check
-    from moeconv.model_limits import check_positions, model_limits
-    # a text's sequence length beyond the model's positions is named as the cause, not as the
-    # memory its activations would need (token-id files keep their own rows, checked on reading)
-    if seq_len is not None and Path(calib).suffix not in (".safetensors", ".pt"):
-        check_positions(model_limits(src), seq_len, f"--calib-seq-len {seq_len} is")
-    tokens, seq = calibration_size(calib, samples, seq_len)
+    tokens, seq = calibration_size(calib, samples, seq_len, model=src)  # refuses rows the model cannot take
     plan = plan_and_check(src, [p], max_memory=max_memory, calib_tokens=tokens, calib_seq_len=seq, route=route,
                           device=device, flags={"calib": "--calib-samples / --calib-seq-len"})
     if route == "streaming":

@@ -89,11 +89,12 @@ class _Calibration:
     seq_len: Optional[int]
     given: bool
 
-    def size(self) -> tuple[int | None, int | None]:
-        """(tokens, sequence length) the run will calibrate on, from the file's header at most."""
+    def size(self, model: str) -> tuple[int | None, int | None]:
+        """(tokens, sequence length) the run will calibrate on, from the file's header at most;
+        rows longer than `model`'s positions are refused, as the cause."""
         from moeconv.memory_plan import calibration_size
         if self.file is not None:
-            return calibration_size(self.file, self.samples, self.seq_len)
+            return calibration_size(self.file, self.samples, self.seq_len, model=model)
         if self.given:
             from moeconv.data import DEFAULT_SEQ_LEN
             seq = self.seq_len or DEFAULT_SEQ_LEN
@@ -137,7 +138,7 @@ def _plan_recipe(recipe: Path, model: str | None, calib: _Calibration, overrides
         from moeconv import cli, load
         from moeconv.memory_plan import check_plan, parse_max_memory, plan_memory
         limit = parse_max_memory(max_memory)
-        tokens, seq = calib.size()  # headers only
+        tokens, seq = calib.size(model)  # headers only
         memory = plan_memory(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS,
                              processes=processes)
         render_memory(cli.out, memory)
@@ -256,7 +257,7 @@ def _memory_plan(model: str, passes: list, calib: _Calibration, max_memory: str 
     from moeconv import cli
     from moeconv.memory_plan import check_plan, parse_max_memory, plan_memory, plan_streaming
     limit = parse_max_memory(max_memory)
-    tokens, seq = calib.size()
+    tokens, seq = calib.size(model)
     if route == "streaming":
         plan = plan_streaming(model, passes, calib_tokens=tokens, calib_seq_len=seq, flags=RECIPE_FLAGS, device=device)
     else:

@@ -14,6 +14,10 @@ from moeconv.cli.common import (offload_dir_option, calib_option, calib_samples_
                                 force_option, ignore_option, max_memory_option, seed_option, shard_size_option,
                                 targets_option)
 
+# sparsify's calibration rows are longer than the other commands' (moeconv.data.DEFAULT_SEQ_LEN):
+# SparseGPT's Hessians want many tokens per expert; a model with fewer positions gets its own count
+DEFAULT_CALIB_SEQ_LEN = 256
+
 
 def register(app: typer.Typer) -> None:
     app.command("sparsify")(sparsify)
@@ -29,7 +33,8 @@ def sparsify(
     calib: Optional[Path] = calib_option("Calibration text (.txt / .jsonl 'text') or token ids (.safetensors / .pt). "
                                          "Required by --method wanda and sparsegpt (the default)."),
     calib_samples: int = calib_samples_option(64, "--num-samples"),
-    calib_seq_len: int = calib_seq_len_option(256, "--seq-len"),
+    calib_seq_len: Optional[int] = calib_seq_len_option(
+        None, "--seq-len", show_default=f"{DEFAULT_CALIB_SEQ_LEN}, or the model's context if shorter"),
     dampening: float = typer.Option(0.01, "--dampening", help="SparseGPT Hessian dampening, relative to mean(diag H)."),
     block_size: int = typer.Option(128, "--block-size", help="SparseGPT lazy-update block (a multiple of M)."),
     min_coverage: float = typer.Option(0.01, "--min-coverage", help="Experts receiving fewer than this fraction of a "
@@ -67,7 +72,7 @@ class SparsifyArgs:
     method: str
     calib: Optional[Path]
     calib_samples: int
-    calib_seq_len: int
+    calib_seq_len: Optional[int]
     dampening: float
     block_size: int
     min_coverage: float
@@ -81,6 +86,17 @@ class SparsifyArgs:
     max_memory: Optional[str]
     device: str
     offload_dir: Optional[Path]
+
+
+def _with_seq_len(a: SparsifyArgs) -> SparsifyArgs:
+    """`a` with --calib-seq-len set: given, or DEFAULT_CALIB_SEQ_LEN, or the model's positions if
+    fewer (read from its config; a default the model cannot take is never refused)."""
+    if a.calib_seq_len is not None:
+        return a
+    from dataclasses import replace
+    from moeconv.model_limits import model_limits
+    positions = model_limits(a.src).max_positions
+    return replace(a, calib_seq_len=min(DEFAULT_CALIB_SEQ_LEN, positions or DEFAULT_CALIB_SEQ_LEN))
 
 
 def _sparsify_pass(a: SparsifyArgs):
@@ -135,30 +151,19 @@ def _calibration(a: SparsifyArgs):
                               seq_len_flag="--calib-seq-len", samples_flag="--calib-samples")
 
 
-def _refuse_over(a: SparsifyArgs, plan) -> None:
-    """The plan against --max-memory; when it is over, calibration data the model cannot take at
-    all (a sequence longer than its positions) is named instead, as the cause."""
-    from moeconv.errors import MemoryPlanError
-    from moeconv.memory_plan import refuse_over
-    try:
-        refuse_over(plan, a.max_memory)
-    except MemoryPlanError:
-        _calibration(a)  # raises the precise refusal when the data is the problem
-        raise
-
-
 def _memory_plan(a: SparsifyArgs, p, route: str):
     """The run's memory plan; the streamed route's is refused here (exit 2, one line) when it
-    exceeds --max-memory, the in-memory route's once its calibration data is read (`refuse_over`)."""
+    exceeds --max-memory, the in-memory route's by the caller, before any weight is read."""
     from moeconv.memory_plan import calibration_size, plan_memory, plan_streaming, refuse_over
-    tokens, seq = calibration_size(a.calib, a.calib_samples, a.calib_seq_len) if a.calib is not None else (None, None)
+    # calibration_size refuses rows the model cannot take, naming them rather than their memory
+    tokens, seq = (calibration_size(a.calib, a.calib_samples, a.calib_seq_len, model=a.src)
+                   if a.calib is not None else (None, None))
     if route == "streaming" and a.method == "magnitude":
         return refuse_over(plan_streaming(a.src, device=a.device), a.max_memory)
     if route == "streaming":
         plan = plan_streaming(a.src, [p], calib_tokens=tokens, calib_seq_len=seq, device=a.device,
                               flags={"calib": "--calib-samples / --calib-seq-len", "method": "--method magnitude"})
-        _refuse_over(a, plan)
-        return plan
+        return refuse_over(plan, a.max_memory)
     return plan_memory(a.src, [p], calib_tokens=tokens, calib_seq_len=seq,
                        flags={"calib": "--calib-samples / --calib-seq-len", "method": "--method magnitude"})
 
@@ -182,6 +187,7 @@ def _run_sparsify(a: SparsifyArgs) -> None:
     from moeconv.jobs.pipeline_job import run_to_dir
     from moeconv.progress import Progress
     from moeconv.stream.skeleton import stream_device
+    a = _with_seq_len(a)
     p, shard_bytes = _sparsify_pass(a)
     stream_device(a.device)  # before anything is read
     check_seed(a.seed)  # before any loading: it reaches every generator of the run
@@ -189,6 +195,7 @@ def _run_sparsify(a: SparsifyArgs) -> None:
     if not str(a.src).startswith("builtin:") and ".py" not in str(a.src) and not Path(a.src).exists():
         raise InputError(f"{a.src}: no such file or directory")
     from moeconv.jobs.routes import choose_route, refuse_off_route
+    from moeconv.memory_plan import refuse_over
     route, why = choose_route(a.src, "sparsify", method=a.method, passes=[p], calibrated=a.calib is not None)
     refuse_off_route(a.device, route, why)
     plan = _memory_plan(a, p, route)  # from the headers: no tensor is read
@@ -198,7 +205,7 @@ def _run_sparsify(a: SparsifyArgs) -> None:
         spill = activation_spill(plan, a.max_memory, a.offload_dir)
         run = _run_streamed if a.method == "magnitude" else _run_streamed_layers
         return render_sparsify(cli.out, run(a, p, shard_bytes, report_extra, spill))
-    _refuse_over(a, plan)  # before any weight is read
+    refuse_over(plan, a.max_memory)  # before any weight is read
     state = load(a.src)  # a broken model is named as such, not as "no tokenizer for the calibration text"
     calibration = _calibration(a)
     extra = _compressed_output(p, shard_bytes) if a.compressed else None
