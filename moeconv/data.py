@@ -204,7 +204,7 @@ def calibration_tokens(path: Path, model_source, *, num_samples: int = 32, seq_l
     num_samples = _positive_int(num_samples, samples_flag or f"the number of {what} samples", 1)
     limits = model_limits(model_source)
     if seq_len is None:
-        seq_len = min(DEFAULT_SEQ_LEN, limits.max_positions or DEFAULT_SEQ_LEN)
+        seq_len = limits.seq_len(DEFAULT_SEQ_LEN)
     seq_len = _positive_int(seq_len, seq_len_flag or f"the {what} sequence length", 2)
     if path.suffix in (".safetensors", ".pt"):
         ids = read_token_tensor(path, what, dims=(2,), max_rows=num_samples)

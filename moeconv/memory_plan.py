@@ -778,7 +778,7 @@ def calibration_size(path, num_samples: int | None, seq_len: int | None, model=N
     limits = model_limits(model) if model is not None else None
     samples = num_samples or 32
     if seq_len is None:  # calibration_tokens' default: DEFAULT_SEQ_LEN, or the model's positions if fewer
-        seq_len = min(DEFAULT_SEQ_LEN, (limits and limits.max_positions) or DEFAULT_SEQ_LEN)
+        seq_len = limits.seq_len(DEFAULT_SEQ_LEN) if limits is not None else DEFAULT_SEQ_LEN
     suffix = Path(path).suffix
     shape = _safetensors_shape(Path(path)) if suffix == ".safetensors" else None
     if shape is not None and len(shape) == 2:

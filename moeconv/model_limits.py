@@ -30,6 +30,10 @@ class ModelLimits:
     layers: int | None = None
     position_key: str = "max_position_embeddings"
 
+    def seq_len(self, preferred: int) -> int:
+        """`preferred` tokens a row, or the model's positions if fewer: a default it can take."""
+        return min(preferred, self.max_positions or preferred)
+
 
 _KEYS = {
     "vocab_size": ("vocab_size", "n_vocab"),

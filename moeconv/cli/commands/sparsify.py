@@ -95,8 +95,7 @@ def _with_seq_len(a: SparsifyArgs) -> SparsifyArgs:
         return a
     from dataclasses import replace
     from moeconv.model_limits import model_limits
-    positions = model_limits(a.src).max_positions
-    return replace(a, calib_seq_len=min(DEFAULT_CALIB_SEQ_LEN, positions or DEFAULT_CALIB_SEQ_LEN))
+    return replace(a, calib_seq_len=model_limits(a.src).seq_len(DEFAULT_CALIB_SEQ_LEN))
 
 
 def _sparsify_pass(a: SparsifyArgs):
